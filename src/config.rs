@@ -1,0 +1,614 @@
+//! The plugin's network configuration: decoded from stdin, then validated field by field.
+//! Field names follow ../shared/config.md; validation never touches the node.
+
+use crate::cni;
+use crate::error::{code, Error, Result};
+use serde::Deserialize;
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/cni/bridge-nat";
+pub const DEFAULT_LOG_FILE: &str = "/var/log/bridge-nat.log";
+pub const DEFAULT_LOCK_TIMEOUT_MS: u64 = 20_000;
+pub const DEFAULT_RULE_PRIORITY: u32 = 100;
+/// Bits no other common component owns: kube-proxy uses 0x4000/0x8000, portmap 0x2000,
+/// Calico 0xffff0000.
+pub const DEFAULT_MARK_MASK: u32 = 0x1fff;
+
+// ---------------------------------------------------------------- raw, as decoded
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct RawConf {
+    #[serde(default)]
+    cni_version: String,
+    #[serde(default)]
+    name: String,
+    #[serde(rename = "type", default)]
+    plugin_type: String,
+    prev_result: Option<serde_json::Value>,
+    #[serde(default)]
+    runtime_config: RawRuntimeConfig,
+    bridge: Option<String>,
+    masquerade: Option<bool>,
+    routing: Option<RawRouting>,
+    #[serde(default)]
+    port_forwarding: RawPortForwarding,
+    log_file: Option<String>,
+    log_level: Option<String>,
+    state_dir: Option<String>,
+    lock_timeout_ms: Option<u64>,
+    iptables: Option<String>,
+    mark_mask: Option<RawMark>,
+    #[serde(rename = "cni.dev/valid-attachments")]
+    valid_attachments: Option<Vec<RawAttachment>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct RawRuntimeConfig {
+    #[serde(default)]
+    port_mappings: Vec<RawPortMapping>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawPortMapping {
+    host_port: i64,
+    container_port: i64,
+    #[serde(default)]
+    protocol: String,
+    #[serde(default, rename = "hostIP")]
+    host_ip: String,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct RawPortForwarding {
+    #[serde(default)]
+    rules: Vec<RawRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawRule {
+    #[serde(default)]
+    name: String,
+    host_port: i64,
+    #[serde(default, rename = "destIP")]
+    dest_ip: String,
+    dest_port: i64,
+    #[serde(default)]
+    protocol: String,
+    routing: Option<RawRuleRouting>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawRouting {
+    enabled: Option<bool>,
+    table_id: Option<i64>,
+    table_name: Option<String>,
+    fwmark: Option<RawMark>,
+    rule_priority: Option<i64>,
+    outbound: Option<RawOutbound>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawRuleRouting {
+    fwmark: Option<RawMark>,
+    table_id: Option<i64>,
+    table_name: Option<String>,
+    outbound: Option<RawOutbound>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawOutbound {
+    #[serde(default)]
+    interface: String,
+    #[serde(default)]
+    gateway: String,
+    #[serde(default)]
+    use_default_route: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawMark {
+    Number(i64),
+    Text(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawAttachment {
+    #[serde(rename = "containerID")]
+    container_id: String,
+    #[serde(default)]
+    ifname: String,
+}
+
+// ---------------------------------------------------------------- validated
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outbound {
+    pub interface: String,
+    pub gateway: Option<IpAddr>,
+    pub use_default_route: bool,
+}
+
+/// A routing table with its own default route, selected by a mark.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteSpec {
+    pub fwmark: u32,
+    pub table_id: u32,
+    pub table_name: Option<String>,
+    pub outbound: Outbound,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GlobalRouting {
+    pub table_id: u32,
+    pub table_name: Option<String>,
+    pub fwmark: Option<u32>,
+    pub rule_priority: u32,
+    pub outbound: Outbound,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortRule {
+    pub name: String,
+    pub host_port: u16,
+    pub dest_ip: Option<IpAddr>,
+    pub dest_port: u16,
+    pub protocol: Protocol,
+    pub routing: Option<RouteSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortMapping {
+    pub host_port: u16,
+    pub container_port: u16,
+    pub protocol: Protocol,
+    pub host_ip: Option<IpAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, Deserialize)]
+pub struct AttachmentId {
+    pub network: String,
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    pub ifname: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub log_file: PathBuf,
+    pub log_level: log::LevelFilter,
+    pub state_dir: PathBuf,
+    pub lock_timeout: Duration,
+    /// `iptables`, `iptables-legacy`, `iptables-nft`, or an absolute path to one of them.
+    pub iptables: String,
+    pub mark_mask: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            log_file: PathBuf::from(DEFAULT_LOG_FILE),
+            log_level: log::LevelFilter::Info,
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            lock_timeout: Duration::from_millis(DEFAULT_LOCK_TIMEOUT_MS),
+            iptables: "iptables".into(),
+            mark_mask: DEFAULT_MARK_MASK,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NetConf {
+    pub cni_version: String,
+    pub name: String,
+    pub bridge: Option<String>,
+    pub masquerade: bool,
+    /// None when the block is absent or `enabled` is false.
+    pub routing: Option<GlobalRouting>,
+    pub rules: Vec<PortRule>,
+    pub port_mappings: Vec<PortMapping>,
+    pub settings: Settings,
+    pub prev_result: Option<serde_json::Value>,
+    /// GC only: the attachments the runtime still knows.
+    pub valid_attachments: Option<Vec<AttachmentId>>,
+}
+
+impl NetConf {
+    /// Enough of a config for DEL to work from the record when the rest no longer validates.
+    pub fn for_cleanup(name: String, settings: Settings) -> Result<NetConf> {
+        validate_network_name(&name)?;
+        Ok(NetConf {
+            cni_version: String::new(),
+            name,
+            bridge: None,
+            masquerade: true,
+            routing: None,
+            rules: Vec::new(),
+            port_mappings: Vec::new(),
+            settings,
+            prev_result: None,
+            valid_attachments: None,
+        })
+    }
+}
+
+/// Decode stdin. Only structure and types are checked here; `validate` checks meaning.
+pub fn decode(stdin: &[u8]) -> Result<NetConfDraft> {
+    let de = &mut serde_json::Deserializer::from_slice(stdin);
+    let raw: RawConf = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        Error::new(code::DECODE, format!("network config: field {path}: {inner}"))
+    })?;
+    Ok(NetConfDraft { raw })
+}
+
+/// Decoded but not yet validated. The version is readable early so errors can carry it.
+pub struct NetConfDraft {
+    raw: RawConf,
+}
+
+impl NetConfDraft {
+    pub fn cni_version(&self) -> &str {
+        &self.raw.cni_version
+    }
+
+    /// Settings alone (logging, state, lock): DEL uses them even when the rest is invalid.
+    pub fn settings(&self) -> Result<Settings> {
+        validate_settings(&self.raw)
+    }
+
+    pub fn network_name(&self) -> &str {
+        &self.raw.name
+    }
+
+    pub fn validate(self) -> Result<NetConf> {
+        validate(self.raw)
+    }
+}
+
+fn invalid(msg: String) -> Error {
+    Error::invalid_config(msg)
+}
+
+fn validate(raw: RawConf) -> Result<NetConf> {
+    validate_network_name(&raw.name)?;
+    if raw.plugin_type != "bridge-nat" && !raw.plugin_type.is_empty() {
+        log::debug!("running as type {:?}", raw.plugin_type);
+    }
+    let settings = validate_settings(&raw)?;
+    if let Some(b) = &raw.bridge {
+        cni::validate_ifname(b).map_err(|e| invalid(format!("bridge: {}", e.msg)))?;
+    }
+    let routing = match &raw.routing {
+        Some(r) if r.enabled.unwrap_or(true) => Some(validate_global_routing(r, settings.mark_mask)?),
+        _ => None,
+    };
+    let rules = raw
+        .port_forwarding
+        .rules
+        .iter()
+        .enumerate()
+        .map(|(i, r)| validate_rule(r, settings.mark_mask).map_err(|e| e.context(format!("portForwarding.rules[{i}]"))))
+        .collect::<Result<Vec<_>>>()?;
+    let port_mappings = raw
+        .runtime_config
+        .port_mappings
+        .iter()
+        .enumerate()
+        .map(|(i, m)| validate_mapping(m).map_err(|e| e.context(format!("runtimeConfig.portMappings[{i}]"))))
+        .collect::<Result<Vec<_>>>()?;
+    check_unique_host_ports(&rules, &port_mappings)?;
+    check_unique_marks_and_tables(routing.as_ref(), &rules)?;
+    let valid_attachments = raw.valid_attachments.map(|list| {
+        list.into_iter()
+            .map(|a| AttachmentId {
+                network: raw.name.clone(),
+                container_id: a.container_id,
+                ifname: a.ifname,
+            })
+            .collect()
+    });
+    Ok(NetConf {
+        cni_version: raw.cni_version,
+        name: raw.name,
+        bridge: raw.bridge,
+        masquerade: raw.masquerade.unwrap_or(true),
+        routing,
+        rules,
+        port_mappings,
+        settings,
+        prev_result: raw.prev_result,
+        valid_attachments,
+    })
+}
+
+/// The spec's rule for network names; it also makes them safe as file names.
+fn validate_network_name(name: &str) -> Result<()> {
+    let mut chars = name.chars();
+    let ok = matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "name: {name:?} must start with a letter or digit and hold only letters, digits, '_', '.' and '-'"
+        )))
+    }
+}
+
+fn validate_settings(raw: &RawConf) -> Result<Settings> {
+    let mut s = Settings::default();
+    if let Some(f) = raw.log_file.as_deref().filter(|f| !f.is_empty()) {
+        s.log_file = absolute_path("logFile", f)?;
+    }
+    if let Some(level) = raw.log_level.as_deref().filter(|l| !l.is_empty()) {
+        s.log_level = level
+            .parse()
+            .map_err(|_| invalid(format!("logLevel: {level:?} is not one of off, error, warn, info, debug, trace")))?;
+    }
+    if let Some(d) = raw.state_dir.as_deref().filter(|d| !d.is_empty()) {
+        s.state_dir = absolute_path("stateDir", d)?;
+    }
+    if let Some(ms) = raw.lock_timeout_ms {
+        if !(1..=300_000).contains(&ms) {
+            return Err(invalid(format!("lockTimeoutMs: {ms} is outside 1-300000")));
+        }
+        s.lock_timeout = Duration::from_millis(ms);
+    }
+    if let Some(ipt) = raw.iptables.as_deref().filter(|i| !i.is_empty()) {
+        let base = ipt.rsplit('/').next().unwrap_or(ipt);
+        if !["iptables", "iptables-legacy", "iptables-nft"].contains(&base) || (ipt.contains('/') && !ipt.starts_with('/')) {
+            return Err(invalid(format!(
+                "iptables: {ipt:?} must be iptables, iptables-legacy or iptables-nft, optionally as an absolute path"
+            )));
+        }
+        s.iptables = ipt.to_string();
+    }
+    if let Some(m) = &raw.mark_mask {
+        let mask = parse_mark("markMask", m)?;
+        if mask == 0 {
+            return Err(invalid("markMask: must not be 0".into()));
+        }
+        s.mark_mask = mask;
+    }
+    Ok(s)
+}
+
+fn absolute_path(field: &str, p: &str) -> Result<PathBuf> {
+    if !p.starts_with('/') || p.contains('\0') {
+        return Err(invalid(format!("{field}: {p:?} must be an absolute path")));
+    }
+    Ok(PathBuf::from(p))
+}
+
+fn parse_mark(field: &str, m: &RawMark) -> Result<u32> {
+    let parsed = match m {
+        RawMark::Number(n) => u32::try_from(*n).ok(),
+        RawMark::Text(t) => {
+            let t = t.trim();
+            match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+                Some(hex) => u32::from_str_radix(hex, 16).ok(),
+                None => t.parse::<u32>().ok(),
+            }
+        }
+    };
+    parsed.ok_or_else(|| invalid(format!("{field}: {m:?} is not a 32-bit mark (hex \"0x65\" or decimal)")))
+}
+
+fn validate_fwmark(field: &str, m: &RawMark, mask: u32) -> Result<u32> {
+    let mark = parse_mark(field, m)?;
+    if mark == 0 {
+        return Err(invalid(format!("{field}: must not be 0 (0 means unmarked)")));
+    }
+    if mark & !mask != 0 {
+        return Err(invalid(format!(
+            "{field}: {mark:#x} has bits outside markMask {mask:#x} (bits owned by kube-proxy, portmap or Calico)"
+        )));
+    }
+    Ok(mark)
+}
+
+fn validate_port(field: &str, p: i64) -> Result<u16> {
+    match u16::try_from(p) {
+        Ok(port) if port != 0 => Ok(port),
+        _ => Err(invalid(format!("{field}: {p} is outside 1-65535"))),
+    }
+}
+
+fn validate_protocol(p: &str) -> Result<Protocol> {
+    match p.to_ascii_lowercase().as_str() {
+        "" | "tcp" => Ok(Protocol::Tcp),
+        "udp" => Ok(Protocol::Udp),
+        "sctp" => Ok(Protocol::Sctp),
+        _ => Err(invalid(format!("protocol: {p:?} is not tcp, udp or sctp"))),
+    }
+}
+
+fn validate_ip(field: &str, s: &str) -> Result<Option<IpAddr>> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .map_err(|_| invalid(format!("{field}: {s:?} is not an IP address")))
+}
+
+fn validate_table_id(field: &str, id: Option<i64>) -> Result<u32> {
+    match id {
+        Some(id @ 1..=252) => Ok(id as u32),
+        Some(id) => Err(invalid(format!("{field}: {id} is outside 1-252"))),
+        None => Err(invalid(format!("{field}: is required"))),
+    }
+}
+
+/// Names iproute2 can register and resolve: not a number, not a reserved table, no spaces.
+fn validate_table_name(field: &str, name: &Option<String>) -> Result<Option<String>> {
+    let Some(name) = name.as_deref().filter(|n| !n.is_empty()) else {
+        return Ok(None);
+    };
+    let mut chars = name.chars();
+    let ok = name.len() <= 64
+        && matches!(chars.next(), Some(c) if c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        && !["local", "main", "default", "unspec"].contains(&name);
+    if ok {
+        Ok(Some(name.to_string()))
+    } else {
+        Err(invalid(format!(
+            "{field}: {name:?} must start with a letter, hold only letters, digits, '_', '-' and '.', \
+             be at most 64 bytes and not be local, main, default or unspec"
+        )))
+    }
+}
+
+fn validate_outbound(field: &str, o: &Option<RawOutbound>) -> Result<Outbound> {
+    let Some(o) = o else {
+        return Err(invalid(format!("{field}: is required")));
+    };
+    cni::validate_ifname(&o.interface).map_err(|e| invalid(format!("{field}.interface: {}", e.msg)))?;
+    Ok(Outbound {
+        interface: o.interface.clone(),
+        gateway: validate_ip(&format!("{field}.gateway"), &o.gateway)?,
+        use_default_route: o.use_default_route,
+    })
+}
+
+fn validate_global_routing(r: &RawRouting, mask: u32) -> Result<GlobalRouting> {
+    let rule_priority = match r.rule_priority {
+        None => DEFAULT_RULE_PRIORITY,
+        Some(p @ 1..=32755) => p as u32,
+        Some(p) => return Err(invalid(format!("routing.rulePriority: {p} is outside 1-32755"))),
+    };
+    Ok(GlobalRouting {
+        table_id: validate_table_id("routing.tableId", r.table_id)?,
+        table_name: validate_table_name("routing.tableName", &r.table_name)?,
+        fwmark: r.fwmark.as_ref().map(|m| validate_fwmark("routing.fwmark", m, mask)).transpose()?,
+        rule_priority,
+        outbound: validate_outbound("routing.outbound", &r.outbound)?,
+    })
+}
+
+fn validate_rule(r: &RawRule, mask: u32) -> Result<PortRule> {
+    let routing = match &r.routing {
+        None => None,
+        Some(rr) => Some(RouteSpec {
+            fwmark: match &rr.fwmark {
+                Some(m) => validate_fwmark("routing.fwmark", m, mask)?,
+                None => return Err(invalid("routing.fwmark: is required".into())),
+            },
+            table_id: validate_table_id("routing.tableId", rr.table_id)?,
+            table_name: validate_table_name("routing.tableName", &rr.table_name)?,
+            outbound: validate_outbound("routing.outbound", &rr.outbound)?,
+        }),
+    };
+    Ok(PortRule {
+        name: r.name.clone(),
+        host_port: validate_port("hostPort", r.host_port)?,
+        dest_ip: validate_ip("destIP", &r.dest_ip)?,
+        dest_port: validate_port("destPort", r.dest_port)?,
+        protocol: validate_protocol(&r.protocol)?,
+        routing,
+    })
+}
+
+fn validate_mapping(m: &RawPortMapping) -> Result<PortMapping> {
+    Ok(PortMapping {
+        host_port: validate_port("hostPort", m.host_port)?,
+        container_port: validate_port("containerPort", m.container_port)?,
+        protocol: validate_protocol(&m.protocol)?,
+        host_ip: validate_ip("hostIP", &m.host_ip)?.filter(|ip| !ip.is_unspecified()),
+    })
+}
+
+fn check_unique_host_ports(rules: &[PortRule], mappings: &[PortMapping]) -> Result<()> {
+    let mut seen: HashMap<(u16, Protocol, Option<IpAddr>), String> = HashMap::new();
+    let claims = rules
+        .iter()
+        .enumerate()
+        .map(|(i, r)| ((r.host_port, r.protocol, None), format!("portForwarding.rules[{i}] ({:?})", r.name)))
+        .chain(mappings.iter().enumerate().map(|(i, m)| {
+            ((m.host_port, m.protocol, m.host_ip), format!("runtimeConfig.portMappings[{i}]"))
+        }));
+    for (key, who) in claims {
+        let clash = seen
+            .iter()
+            .find(|((port, proto, ip), _)| *port == key.0 && *proto == key.1 && (ip.is_none() || key.2.is_none() || *ip == key.2));
+        if let Some((_, other)) = clash {
+            return Err(invalid(format!(
+                "{who}: host port {}/{} is already claimed by {other}",
+                key.0,
+                key.1.as_str()
+            )));
+        }
+        seen.insert(key, who);
+    }
+    Ok(())
+}
+
+fn check_unique_marks_and_tables(global: Option<&GlobalRouting>, rules: &[PortRule]) -> Result<()> {
+    let mut marks: HashMap<u32, String> = HashMap::new();
+    let mut tables: HashMap<u32, String> = HashMap::new();
+    let mut names: HashSet<(String, u32)> = HashSet::new();
+    let mut claim_name = |name: &Option<String>, id: u32, who: &str| -> Result<()> {
+        if let Some(n) = name {
+            if let Some((_, other_id)) = names.iter().find(|(m, i)| m == n && *i != id) {
+                return Err(invalid(format!("{who}.tableName: {n:?} already names table {other_id}")));
+            }
+            names.insert((n.clone(), id));
+        }
+        Ok(())
+    };
+    if let Some(g) = global {
+        tables.insert(g.table_id, "routing".into());
+        if let Some(m) = g.fwmark {
+            marks.insert(m, "routing".into());
+        }
+        claim_name(&g.table_name, g.table_id, "routing")?;
+    }
+    for (i, r) in rules.iter().enumerate() {
+        let Some(rs) = &r.routing else { continue };
+        let who = format!("portForwarding.rules[{i}].routing");
+        if let Some(other) = marks.insert(rs.fwmark, who.clone()) {
+            return Err(invalid(format!("{who}.fwmark: {:#x} is already used by {other}", rs.fwmark)));
+        }
+        if let Some(other) = tables.insert(rs.table_id, who.clone()) {
+            return Err(invalid(format!("{who}.tableId: {} is already used by {other}", rs.table_id)));
+        }
+        claim_name(&rs.table_name, rs.table_id, &who)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

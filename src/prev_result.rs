@@ -1,0 +1,173 @@
+//! What the plugins before us set up, read from prevResult (0.3.x, 0.4.0 and 1.x shapes alike).
+//! The raw JSON is kept by the caller and printed back unchanged; this only extracts facts.
+
+use crate::error::{code, Error, Result};
+use ipnetwork::IpNetwork;
+use serde::Deserialize;
+use std::net::IpAddr;
+
+#[derive(Debug, Deserialize)]
+struct RawResult {
+    #[serde(default)]
+    interfaces: Vec<RawInterface>,
+    #[serde(default)]
+    ips: Vec<RawIp>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawInterface {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    sandbox: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawIp {
+    address: String,
+    #[serde(default)]
+    gateway: Option<String>,
+    interface: Option<usize>,
+}
+
+/// One address of the attachment, with the subnet it lives in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PodAddress {
+    pub ip: IpAddr,
+    pub subnet: IpNetwork,
+    pub gateway: Option<IpAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attachment {
+    /// Host-side bridge the pod hangs off.
+    pub bridge: String,
+    pub addresses: Vec<PodAddress>,
+}
+
+impl Attachment {
+    pub fn ipv4(&self) -> impl Iterator<Item = &PodAddress> {
+        self.addresses.iter().filter(|a| a.ip.is_ipv4())
+    }
+
+    pub fn owns(&self, ip: IpAddr) -> bool {
+        self.addresses.iter().any(|a| a.ip == ip)
+    }
+
+    pub fn subnet_containing(&self, ip: IpAddr) -> Option<IpNetwork> {
+        self.addresses.iter().map(|a| a.subnet).find(|s| s.contains(ip))
+    }
+}
+
+fn bad(msg: String) -> Error {
+    Error::new(code::INVALID_CONFIG, format!("prevResult: {msg}"))
+}
+
+/// Extract the attachment from prevResult. `bridge_override` is the config's `bridge` field.
+pub fn parse(prev: &serde_json::Value, bridge_override: Option<&str>) -> Result<Attachment> {
+    let raw: RawResult = serde_json::from_value(prev.clone()).map_err(|e| bad(format!("cannot decode: {e}")))?;
+    // The bridge plugin lists the bridge first, then the host veth, then the container side.
+    let bridge = match bridge_override {
+        Some(b) => b.to_string(),
+        None => raw
+            .interfaces
+            .iter()
+            .find(|i| i.sandbox.is_empty() && !i.name.is_empty())
+            .map(|i| i.name.clone())
+            .ok_or_else(|| {
+                bad("no host-side interface to find the bridge by; set \"bridge\" in the config or put bridge-nat after the bridge plugin".into())
+            })?,
+    };
+    let mut addresses = Vec::new();
+    for (i, ip) in raw.ips.iter().enumerate() {
+        // Addresses on host-side interfaces (if any plugin reported them) are not the pod's.
+        if let Some(idx) = ip.interface {
+            let iface = raw
+                .interfaces
+                .get(idx)
+                .ok_or_else(|| bad(format!("ips[{i}].interface: index {idx} has no interface")))?;
+            if iface.sandbox.is_empty() {
+                continue;
+            }
+        }
+        let net: IpNetwork = ip
+            .address
+            .parse()
+            .map_err(|_| bad(format!("ips[{i}].address: {:?} is not an address with prefix", ip.address)))?;
+        let gateway = match ip.gateway.as_deref().filter(|g| !g.is_empty()) {
+            Some(g) => Some(g.parse().map_err(|_| bad(format!("ips[{i}].gateway: {g:?} is not an IP address")))?),
+            None => None,
+        };
+        let subnet = IpNetwork::new(net.network(), net.prefix()).expect("prefix came from a valid network");
+        addresses.push(PodAddress { ip: net.ip(), subnet, gateway });
+    }
+    if addresses.is_empty() {
+        return Err(bad(
+            "no pod address; bridge-nat must come after an IPAM-using plugin such as bridge with host-local".into(),
+        ));
+    }
+    Ok(Attachment { bridge, addresses })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn bridge_result_031() -> serde_json::Value {
+        json!({
+            "cniVersion": "0.3.1",
+            "interfaces": [
+                {"name": "dind-br0", "mac": "aa:bb:cc:dd:ee:ff"},
+                {"name": "veth1234", "mac": "aa:bb:cc:dd:ee:01"},
+                {"name": "net1", "mac": "aa:bb:cc:dd:ee:02", "sandbox": "/var/run/netns/pod"}
+            ],
+            "ips": [{"version": "4", "interface": 2, "address": "10.20.0.10/24", "gateway": "10.20.0.1"}],
+            "dns": {}
+        })
+    }
+
+    #[test]
+    fn finds_bridge_address_subnet_and_gateway() {
+        let a = parse(&bridge_result_031(), None).unwrap();
+        assert_eq!(a.bridge, "dind-br0");
+        assert_eq!(a.addresses.len(), 1);
+        assert_eq!(a.addresses[0].ip, "10.20.0.10".parse::<IpAddr>().unwrap());
+        assert_eq!(a.addresses[0].subnet, "10.20.0.0/24".parse::<IpNetwork>().unwrap());
+        assert_eq!(a.addresses[0].gateway, Some("10.20.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn config_bridge_overrides_and_v6_is_kept() {
+        let mut r = bridge_result_031();
+        r["ips"].as_array_mut().unwrap().push(json!({"interface": 2, "address": "fd00::10/64"}));
+        let a = parse(&r, Some("br9")).unwrap();
+        assert_eq!(a.bridge, "br9");
+        assert_eq!(a.addresses[1].subnet.to_string(), "fd00::/64");
+        assert_eq!(a.ipv4().count(), 1);
+    }
+
+    #[test]
+    fn host_side_addresses_are_not_the_pods() {
+        let mut r = bridge_result_031();
+        r["ips"].as_array_mut().unwrap().push(json!({"interface": 0, "address": "10.20.0.1/24"}));
+        assert_eq!(parse(&r, None).unwrap().addresses.len(), 1);
+    }
+
+    #[test]
+    fn no_addresses_is_a_clear_error() {
+        let e = parse(&json!({"cniVersion": "1.0.0", "interfaces": [{"name": "br"}], "ips": []}), None).unwrap_err();
+        assert_eq!(e.code, 7);
+        assert!(e.msg.contains("no pod address"), "{}", e.msg);
+    }
+
+    #[test]
+    fn bad_interface_index_and_address_are_named() {
+        let mut r = bridge_result_031();
+        r["ips"][0]["interface"] = json!(7);
+        assert!(parse(&r, None).unwrap_err().msg.contains("ips[0].interface"));
+        let mut r = bridge_result_031();
+        r["ips"][0]["address"] = json!("10.20.0.10");
+        assert!(parse(&r, None).unwrap_err().msg.contains("ips[0].address"));
+    }
+}
