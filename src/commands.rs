@@ -6,7 +6,9 @@ use crate::config::{AttachmentId, NetConf};
 use crate::error::{code, Context, Error, Result};
 use crate::firewall::iptables::Iptables;
 use crate::firewall::{self, Current, Family, Rule};
-use crate::plan::{self, Sysctl};
+use crate::config::Protocol;
+use crate::conntrack::{self, UdpFlow};
+use crate::plan::{self, HostPort, Sysctl};
 use crate::prev_result;
 use crate::state::{Record, Status, Store};
 use std::collections::BTreeSet;
@@ -101,6 +103,7 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<serde_json::Value> {
     rec.status = Status::Applied;
     node.store.save(&rec).context("record result")?;
     mark_applied(&node.store, &live, &id);
+    clear_udp_conntrack(&planned.host_ports);
     log::info!(
         "added: {} forwards, {} rules ({} shared with other attachments)",
         planned.forwards.len(),
@@ -154,6 +157,7 @@ pub fn del(conf: &NetConf, env: &Env) -> Result<()> {
         node.converge(believed, &desired, &families)
             .context(format!("del {}", plan::describe(&id)))?;
         mark_applied(&node.store, &live, &id);
+        clear_udp_conntrack(&rec.host_ports);
         log::info!("removed {} rules ({} kept for other attachments)", rec.rules.len(), rec.rules.iter().filter(|r| desired.contains(r)).count());
     } else {
         log::info!("record of {} is from an earlier boot: nothing on the node to remove", plan::describe(&id));
@@ -236,6 +240,23 @@ pub fn status(conf: &NetConf) -> Result<()> {
     let node = Node::open(conf).map_err(|e| Error::new(code::NOT_AVAILABLE, e.msg))?;
     let _lock = node.store.lock(conf.settings.lock_timeout)?;
     node.fw.usable()
+}
+
+/// Flows to these host ports may be pinned to an old pod (or to no pod) by conntrack.
+fn clear_udp_conntrack(host_ports: &[HostPort]) {
+    let flows: Vec<UdpFlow> = host_ports
+        .iter()
+        .filter(|h| h.protocol == Protocol::Udp)
+        .map(|h| UdpFlow { port: h.port, dst: h.host_ip })
+        .collect();
+    for v6 in [false, true] {
+        let of_family: Vec<UdpFlow> = flows.iter().copied().filter(|f| f.dst.is_none_or(|d| d.is_ipv6() == v6)).collect();
+        match conntrack::clear_udp(v6, &of_family) {
+            Ok(0) => {}
+            Ok(n) => log::info!("cleared {n} stale UDP conntrack entries"),
+            Err(e) => log::warn!("clear UDP conntrack entries: {e}"),
+        }
+    }
 }
 
 fn apply_sysctls(sysctls: &[Sysctl]) -> Result<()> {

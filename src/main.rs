@@ -4,6 +4,7 @@
 mod cni;
 mod commands;
 mod config;
+mod conntrack;
 mod error;
 mod firewall;
 mod logging;

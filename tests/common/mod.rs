@@ -1,0 +1,550 @@
+//! Shared harness for the root-only integration tests.
+//!
+//! Every test builds its own "node" network namespace (plus pod and peer
+//! namespaces) and drives the `bridge-nat` binary through `tests/driver`, a
+//! small CNI runtime on top of libcni. Nothing here touches the root
+//! namespace's firewall, routes or rules.
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// Where Debian's golang-github-appc-cni-dev installs libcni.
+const GOPATH: &str = "/usr/share/gocode";
+/// Debian's containernetworking-plugins (bridge, host-local, portmap, ...).
+const SYSTEM_CNI_DIR: &str = "/usr/lib/cni";
+/// Pod subnet handed out by the seed conflist's host-local IPAM.
+pub const POD_SUBNET: &str = "10.20.0.0/24";
+pub const POD_GATEWAY: &str = "10.20.0.1";
+pub const BRIDGE: &str = "dind-br0";
+pub const NETWORK_NAME: &str = "dind";
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+fn unique(prefix: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}-{}-{n}", std::process::id())
+}
+
+/// True when the tests may run. Outside CI a non-root run is skipped with a
+/// note; in CI (`CI=true`) it is a hard failure so root-only coverage can't
+/// silently disappear.
+pub fn require_root() -> bool {
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let euid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        .and_then(|id| id.parse::<u32>().ok());
+    if euid == Some(0) {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("root-only test cannot run in CI: it needs root to create network namespaces");
+    }
+    eprintln!("skipping: this test needs root (network namespaces, iptables)");
+    false
+}
+
+/// Directory holding the `bridge-nat` binary cargo built for this test run.
+pub fn plugin_bin_dir() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_bridge-nat"))
+        .parent()
+        .expect("bridge-nat binary has a parent directory")
+        .to_path_buf()
+}
+
+/// CNI_PATH for the driver: our plugin first, then Debian's plugins.
+pub fn cni_path() -> String {
+    format!("{}:{SYSTEM_CNI_DIR}", plugin_bin_dir().display())
+}
+
+/// Builds `tests/driver/cni-driver` once per process and returns its path.
+///
+/// The binary is built under a process-unique name and renamed into place,
+/// so concurrently running test binaries never see (or exec) a partial file.
+pub fn driver() -> PathBuf {
+    static DRIVER: OnceLock<PathBuf> = OnceLock::new();
+    DRIVER.get_or_init(build_driver).clone()
+}
+
+fn build_driver() -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/driver");
+    let out = src.join("cni-driver");
+    let tmp = src.join(format!(".cni-driver.{}.tmp", std::process::id()));
+    let libcni = Path::new(GOPATH).join("src/github.com/containernetworking/cni/libcni");
+    assert!(
+        libcni.is_dir(),
+        "libcni not found at {} (apt-get install golang-github-appc-cni-dev)",
+        libcni.display()
+    );
+    let gocache = std::env::var_os("GOCACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_TARGET_TMPDIR")).join("go-build"));
+    let result = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&tmp)
+        .arg(".")
+        .current_dir(&src)
+        .env("GOPATH", GOPATH)
+        .env("GO111MODULE", "off")
+        .env("GOFLAGS", "")
+        .env("GOCACHE", gocache)
+        .output();
+    let output = match result {
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            panic!("`go` not found: the test driver needs it (apt-get install golang-go)")
+        }
+        Err(e) => panic!("cannot run `go build`: {e}"),
+        Ok(o) => o,
+    };
+    if !output.status.success() {
+        let _ = fs::remove_file(&tmp);
+        panic!(
+            "building tests/driver failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    fs::rename(&tmp, &out).expect("install cni-driver");
+    out
+}
+
+/// Polls `cond` every 20ms until it holds or `timeout` passes.
+pub fn wait_for(mut cond: impl FnMut() -> bool, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+fn describe(what: &str, out: &Output) -> String {
+    format!(
+        "{what}: {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Runs `ip ARGS` in the current (root) namespace and panics on failure.
+/// Only used for namespace management and `ip -n NS ...`.
+fn ip(args: &[&str]) {
+    let out = run(Command::new("ip").args(args));
+    assert!(
+        out.status.success(),
+        "{}",
+        describe(&format!("ip {}", args.join(" ")), &out)
+    );
+}
+
+/// A named network namespace, deleted (with everything running in it) on drop.
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    pub fn new(prefix: &str) -> Netns {
+        let name = unique(prefix);
+        // A leftover from a crashed run that had the same pid.
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        ip(&["netns", "add", &name]);
+        let ns = Netns { name };
+        ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn path(&self) -> PathBuf {
+        Path::new("/var/run/netns").join(&self.name)
+    }
+
+    /// Runs a command inside the namespace.
+    pub fn exec(&self, args: &[&str]) -> Output {
+        run(Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args))
+    }
+
+    /// Runs `sh -c script` inside the namespace.
+    pub fn sh(&self, script: &str) -> Output {
+        self.exec(&["sh", "-c", script])
+    }
+
+    /// Starts `sh -c script` in the background (stdio to /dev/null), e.g. a
+    /// server. It is killed and reaped when the returned guard drops.
+    pub fn spawn(&self, script: &str) -> Background {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.name, "sh", "-c", script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn [{}] {script}: {e}", self.name));
+        Background(child)
+    }
+
+    /// Like [`Netns::sh`] but panics on failure; returns stdout.
+    pub fn sh_ok(&self, script: &str) -> String {
+        let out = self.sh(script);
+        assert!(
+            out.status.success(),
+            "{}",
+            describe(&format!("[{}] {script}", self.name), &out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Ok(out) = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+        {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-9", pid]).output();
+            }
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// A background process started by [`Netns::spawn`]; killed on drop.
+pub struct Background(pub Child);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Connects `a` and `b` with a veth pair, addresses both ends ("" = none)
+/// and brings them up. IPv6 addresses skip DAD so they are usable at once.
+pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str, a_addr: &str, b_addr: &str) {
+    ip(&[
+        "-n",
+        a.name(),
+        "link",
+        "add",
+        a_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_if,
+        "netns",
+        b.name(),
+    ]);
+    for (ns, ifname, addr) in [(a, a_if, a_addr), (b, b_if, b_addr)] {
+        if !addr.is_empty() {
+            let mut args = vec!["-n", ns.name(), "addr", "add", addr, "dev", ifname];
+            if addr.contains(':') {
+                args.push("nodad");
+            }
+            ip(&args);
+        }
+        ip(&["-n", ns.name(), "link", "set", ifname, "up"]);
+    }
+}
+
+/// What one `cni-driver` invocation produced.
+#[derive(Debug)]
+pub struct DriverOutput {
+    pub status_ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+    /// stdout parsed as JSON (the ADD result, VERSION info or a CNI error).
+    pub json: Option<Value>,
+}
+
+impl DriverOutput {
+    fn from_output(out: Output) -> DriverOutput {
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        DriverOutput {
+            status_ok: out.status.success(),
+            json: serde_json::from_str(stdout.trim()).ok(),
+            stdout,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Panics with everything the driver printed unless it succeeded.
+    #[track_caller]
+    pub fn assert_ok(&self, what: &str) -> &Self {
+        assert!(
+            self.status_ok,
+            "{what} failed\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+
+    /// The `ips[].address` entries of an ADD result.
+    pub fn addresses(&self) -> Vec<String> {
+        let ips = self
+            .json
+            .as_ref()
+            .and_then(|j| j["ips"].as_array().cloned());
+        ips.unwrap_or_default()
+            .iter()
+            .filter_map(|ip| ip["address"].as_str().map(str::to_owned))
+            .collect()
+    }
+}
+
+/// The CNI error code of a failed invocation (`None` on success).
+pub fn error_code(out: &DriverOutput) -> Option<i64> {
+    if out.status_ok {
+        return None;
+    }
+    out.json.as_ref().and_then(|j| j["code"].as_i64())
+}
+
+/// The seed conflist: Debian's bridge + host-local (allocations stored in
+/// `ipam_data_dir`), followed by the given bridge-nat entry.
+pub fn conflist(version: &str, ipam_data_dir: &Path, bridge_nat_entry: Value) -> Value {
+    json!({
+        "cniVersion": version,
+        "name": NETWORK_NAME,
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": BRIDGE,
+                "isGateway": true,
+                "ipMasq": false,
+                "hairpinMode": true,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{
+                        "subnet": POD_SUBNET,
+                        "rangeStart": "10.20.0.10",
+                        "rangeEnd": "10.20.0.50",
+                        "gateway": POD_GATEWAY
+                    }]],
+                    // The test pods have no other interface: replies need a way back via the bridge.
+                    "routes": [{ "dst": "0.0.0.0/0" }],
+                    "dataDir": ipam_data_dir
+                }
+            },
+            bridge_nat_entry
+        ]
+    })
+}
+
+/// A simulated host: its own network namespace plus a scratch directory
+/// for plugin state, logs, the libcni cache, IPAM data and conflists.
+/// The directory is kept when the test panics, to inspect the log.
+pub struct Node {
+    pub ns: Netns,
+    dir: PathBuf,
+}
+
+impl Node {
+    pub fn new() -> Node {
+        let ns = Netns::new("bn-node");
+        let dir = std::env::temp_dir().join(unique("bridge-nat-test"));
+        fs::create_dir_all(&dir).expect("create node temp dir");
+        Node { ns, dir }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    pub fn log_file(&self) -> PathBuf {
+        self.dir.join("bridge-nat.log")
+    }
+
+    pub fn cache_dir(&self) -> PathBuf {
+        self.dir.join("cni-cache")
+    }
+
+    pub fn ipam_dir(&self) -> PathBuf {
+        self.dir.join("ipam")
+    }
+
+    /// The plugin's log so far (empty if it has not written one).
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_file()).unwrap_or_default()
+    }
+
+    /// Minimal bridge-nat entry pointing state and log into this node.
+    pub fn bridge_nat_entry(&self) -> Value {
+        json!({
+            "type": "bridge-nat",
+            "stateDir": self.state_dir(),
+            "logFile": self.log_file(),
+        })
+    }
+
+    /// [`conflist`] with host-local's data kept in this node's directory.
+    pub fn conflist(&self, version: &str, bridge_nat_entry: Value) -> Value {
+        conflist(version, &self.ipam_dir(), bridge_nat_entry)
+    }
+
+    /// Writes a conflist into the node directory and returns its path.
+    pub fn write_conflist(&self, conflist: &Value) -> PathBuf {
+        let path = self.dir.join(format!("{}.conflist", unique("net")));
+        let text = serde_json::to_string_pretty(conflist).expect("serialize conflist");
+        fs::write(&path, text).expect("write conflist");
+        path
+    }
+
+    /// A pod namespace (not wired up; ADD does that).
+    pub fn add_pod(&self, name: &str) -> Netns {
+        Netns::new(&format!("bn-{name}"))
+    }
+
+    /// veth between this node and `other`, see [`veth`].
+    pub fn veth_to(
+        &self,
+        other: &Netns,
+        node_if: &str,
+        other_if: &str,
+        node_addr: &str,
+        other_addr: &str,
+    ) {
+        veth(&self.ns, node_if, other, other_if, node_addr, other_addr);
+    }
+
+    /// Runs `cni-driver ARGS` inside the node namespace with CNI_PATH set.
+    pub fn driver(&self, args: &[&str]) -> DriverOutput {
+        let out = run(Command::new("ip")
+            .args(["netns", "exec", self.ns.name()])
+            .arg(driver())
+            .args(args)
+            .env("CNI_PATH", cni_path()));
+        DriverOutput::from_output(out)
+    }
+
+    /// `cni-driver CMD` (add/check/del) for `pod`; `extra` is appended
+    /// (e.g. `["--port-mappings", "[...]"]`).
+    pub fn cni(
+        &self,
+        cmd: &str,
+        conflist: &Path,
+        pod: &Netns,
+        container_id: &str,
+        ifname: &str,
+        extra: &[&str],
+    ) -> DriverOutput {
+        let conflist = conflist.to_string_lossy();
+        let netns = pod.path();
+        let netns = netns.to_string_lossy();
+        let cache = self.cache_dir();
+        let cache = cache.to_string_lossy();
+        let mut args = vec![
+            cmd,
+            "--conflist",
+            &conflist,
+            "--netns",
+            &netns,
+            "--container-id",
+            container_id,
+            "--ifname",
+            ifname,
+            "--cache-dir",
+            &cache,
+        ];
+        args.extend_from_slice(extra);
+        self.driver(&args)
+    }
+
+    /// GC with the given (containerID, ifname) attachments still valid.
+    pub fn cni_gc(&self, conflist: &Path, valid: &[(&str, &str)]) -> DriverOutput {
+        let valid: Vec<Value> = valid
+            .iter()
+            .map(|(id, ifname)| json!({"containerID": id, "ifname": ifname}))
+            .collect();
+        let valid = Value::Array(valid).to_string();
+        self.driver(&[
+            "gc",
+            "--conflist",
+            &conflist.to_string_lossy(),
+            "--valid",
+            &valid,
+        ])
+    }
+
+    pub fn cni_status(&self, conflist: &Path) -> DriverOutput {
+        self.driver(&["status", "--conflist", &conflist.to_string_lossy()])
+    }
+
+    /// Firewall, policy rules and routes of the node, normalised so two
+    /// snapshots compare equal when nothing changed (comments, counters and
+    /// IPv6 link-local routes are dropped).
+    pub fn snapshot(&self) -> String {
+        let mut snap = String::new();
+        for cmd in ["iptables-save", "ip6tables-save"] {
+            snap += &format!("### {cmd}\n");
+            for line in self.ns.sh_ok(cmd).lines().filter(|l| !l.starts_with('#')) {
+                snap += strip_counters(line);
+                snap.push('\n');
+            }
+        }
+        for cmd in [
+            "ip rule",
+            "ip -6 rule",
+            "ip -4 route show table all",
+            "ip -6 route show table all",
+        ] {
+            snap += &format!("### {cmd}\n");
+            // Link-local routes come and go with DAD timing; they are noise.
+            for line in self.ns.sh_ok(cmd).lines().filter(|l| !l.contains("fe80:")) {
+                snap += line;
+                snap.push('\n');
+            }
+        }
+        snap
+    }
+}
+
+/// ":CHAIN POLICY [packets:bytes]" -> ":CHAIN POLICY".
+fn strip_counters(line: &str) -> &str {
+    match line.rfind(" [") {
+        Some(i) if line.starts_with(':') && line.ends_with(']') => &line[..i],
+        _ => line,
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "keeping node directory {} (log: {})",
+                self.dir.display(),
+                self.log_file().display()
+            );
+        } else {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
