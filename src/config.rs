@@ -134,7 +134,9 @@ struct RawAttachment {
 
 // ---------------------------------------------------------------- validated
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
@@ -152,7 +154,8 @@ impl Protocol {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Outbound {
     pub interface: String,
     pub gateway: Option<IpAddr>,
@@ -264,11 +267,20 @@ impl NetConf {
 
 /// Decode stdin. Only structure and types are checked here; `validate` checks meaning.
 pub fn decode(stdin: &[u8]) -> Result<NetConfDraft> {
+    if stdin.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(Error::new(
+            code::DECODE,
+            "network config: stdin must be a JSON object",
+        ));
+    }
     let de = &mut serde_json::Deserializer::from_slice(stdin);
     let raw: RawConf = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        Error::new(code::DECODE, format!("network config: field {path}: {inner}"))
+        Error::new(
+            code::DECODE,
+            format!("network config: field {path}: {inner}"),
+        )
     })?;
     Ok(NetConfDraft { raw })
 }
@@ -311,7 +323,9 @@ fn validate(raw: RawConf) -> Result<NetConf> {
         cni::validate_ifname(b).map_err(|e| invalid(format!("bridge: {}", e.msg)))?;
     }
     let routing = match &raw.routing {
-        Some(r) if r.enabled.unwrap_or(true) => Some(validate_global_routing(r, settings.mark_mask)?),
+        Some(r) if r.enabled.unwrap_or(true) => {
+            Some(validate_global_routing(r, settings.mark_mask)?)
+        }
         _ => None,
     };
     let rules = raw
@@ -319,14 +333,19 @@ fn validate(raw: RawConf) -> Result<NetConf> {
         .rules
         .iter()
         .enumerate()
-        .map(|(i, r)| validate_rule(r, settings.mark_mask).map_err(|e| e.context(format!("portForwarding.rules[{i}]"))))
+        .map(|(i, r)| {
+            validate_rule(r, settings.mark_mask)
+                .map_err(|e| e.context(format!("portForwarding.rules[{i}]")))
+        })
         .collect::<Result<Vec<_>>>()?;
     let port_mappings = raw
         .runtime_config
         .port_mappings
         .iter()
         .enumerate()
-        .map(|(i, m)| validate_mapping(m).map_err(|e| e.context(format!("runtimeConfig.portMappings[{i}]"))))
+        .map(|(i, m)| {
+            validate_mapping(m).map_err(|e| e.context(format!("runtimeConfig.portMappings[{i}]")))
+        })
         .collect::<Result<Vec<_>>>()?;
     check_unique_host_ports(&rules, &port_mappings)?;
     check_unique_marks_and_tables(routing.as_ref(), &rules)?;
@@ -373,9 +392,11 @@ fn validate_settings(raw: &RawConf) -> Result<Settings> {
         s.log_file = absolute_path("logFile", f)?;
     }
     if let Some(level) = raw.log_level.as_deref().filter(|l| !l.is_empty()) {
-        s.log_level = level
-            .parse()
-            .map_err(|_| invalid(format!("logLevel: {level:?} is not one of off, error, warn, info, debug, trace")))?;
+        s.log_level = level.parse().map_err(|_| {
+            invalid(format!(
+                "logLevel: {level:?} is not one of off, error, warn, info, debug, trace"
+            ))
+        })?;
     }
     if let Some(d) = raw.state_dir.as_deref().filter(|d| !d.is_empty()) {
         s.state_dir = absolute_path("stateDir", d)?;
@@ -388,7 +409,9 @@ fn validate_settings(raw: &RawConf) -> Result<Settings> {
     }
     if let Some(ipt) = raw.iptables.as_deref().filter(|i| !i.is_empty()) {
         let base = ipt.rsplit('/').next().unwrap_or(ipt);
-        if !["iptables", "iptables-legacy", "iptables-nft"].contains(&base) || (ipt.contains('/') && !ipt.starts_with('/')) {
+        if !["iptables", "iptables-legacy", "iptables-nft"].contains(&base)
+            || (ipt.contains('/') && !ipt.starts_with('/'))
+        {
             return Err(invalid(format!(
                 "iptables: {ipt:?} must be iptables, iptables-legacy or iptables-nft, optionally as an absolute path"
             )));
@@ -423,13 +446,23 @@ fn parse_mark(field: &str, m: &RawMark) -> Result<u32> {
             }
         }
     };
-    parsed.ok_or_else(|| invalid(format!("{field}: {m:?} is not a 32-bit mark (hex \"0x65\" or decimal)")))
+    let shown = match m {
+        RawMark::Number(n) => n.to_string(),
+        RawMark::Text(t) => format!("{t:?}"),
+    };
+    parsed.ok_or_else(|| {
+        invalid(format!(
+            "{field}: {shown} is not a 32-bit mark (hex \"0x65\" or decimal)"
+        ))
+    })
 }
 
 fn validate_fwmark(field: &str, m: &RawMark, mask: u32) -> Result<u32> {
     let mark = parse_mark(field, m)?;
     if mark == 0 {
-        return Err(invalid(format!("{field}: must not be 0 (0 means unmarked)")));
+        return Err(invalid(format!(
+            "{field}: must not be 0 (0 means unmarked)"
+        )));
     }
     if mark & !mask != 0 {
         return Err(invalid(format!(
@@ -496,7 +529,8 @@ fn validate_outbound(field: &str, o: &Option<RawOutbound>) -> Result<Outbound> {
     let Some(o) = o else {
         return Err(invalid(format!("{field}: is required")));
     };
-    cni::validate_ifname(&o.interface).map_err(|e| invalid(format!("{field}.interface: {}", e.msg)))?;
+    cni::validate_ifname(&o.interface)
+        .map_err(|e| invalid(format!("{field}.interface: {}", e.msg)))?;
     Ok(Outbound {
         interface: o.interface.clone(),
         gateway: validate_ip(&format!("{field}.gateway"), &o.gateway)?,
@@ -508,12 +542,20 @@ fn validate_global_routing(r: &RawRouting, mask: u32) -> Result<GlobalRouting> {
     let rule_priority = match r.rule_priority {
         None => DEFAULT_RULE_PRIORITY,
         Some(p @ 1..=32755) => p as u32,
-        Some(p) => return Err(invalid(format!("routing.rulePriority: {p} is outside 1-32755"))),
+        Some(p) => {
+            return Err(invalid(format!(
+                "routing.rulePriority: {p} is outside 1-32755"
+            )))
+        }
     };
     Ok(GlobalRouting {
         table_id: validate_table_id("routing.tableId", r.table_id)?,
         table_name: validate_table_name("routing.tableName", &r.table_name)?,
-        fwmark: r.fwmark.as_ref().map(|m| validate_fwmark("routing.fwmark", m, mask)).transpose()?,
+        fwmark: r
+            .fwmark
+            .as_ref()
+            .map(|m| validate_fwmark("routing.fwmark", m, mask))
+            .transpose()?,
         rule_priority,
         outbound: validate_outbound("routing.outbound", &r.outbound)?,
     })
@@ -556,14 +598,22 @@ fn check_unique_host_ports(rules: &[PortRule], mappings: &[PortMapping]) -> Resu
     let claims = rules
         .iter()
         .enumerate()
-        .map(|(i, r)| ((r.host_port, r.protocol, None), format!("portForwarding.rules[{i}] ({:?})", r.name)))
+        .map(|(i, r)| {
+            (
+                (r.host_port, r.protocol, None),
+                format!("portForwarding.rules[{i}] ({:?})", r.name),
+            )
+        })
         .chain(mappings.iter().enumerate().map(|(i, m)| {
-            ((m.host_port, m.protocol, m.host_ip), format!("runtimeConfig.portMappings[{i}]"))
+            (
+                (m.host_port, m.protocol, m.host_ip),
+                format!("runtimeConfig.portMappings[{i}]"),
+            )
         }));
     for (key, who) in claims {
-        let clash = seen
-            .iter()
-            .find(|((port, proto, ip), _)| *port == key.0 && *proto == key.1 && (ip.is_none() || key.2.is_none() || *ip == key.2));
+        let clash = seen.iter().find(|((port, proto, ip), _)| {
+            *port == key.0 && *proto == key.1 && (ip.is_none() || key.2.is_none() || *ip == key.2)
+        });
         if let Some((_, other)) = clash {
             return Err(invalid(format!(
                 "{who}: host port {}/{} is already claimed by {other}",
@@ -583,7 +633,9 @@ fn check_unique_marks_and_tables(global: Option<&GlobalRouting>, rules: &[PortRu
     let mut claim_name = |name: &Option<String>, id: u32, who: &str| -> Result<()> {
         if let Some(n) = name {
             if let Some((_, other_id)) = names.iter().find(|(m, i)| m == n && *i != id) {
-                return Err(invalid(format!("{who}.tableName: {n:?} already names table {other_id}")));
+                return Err(invalid(format!(
+                    "{who}.tableName: {n:?} already names table {other_id}"
+                )));
             }
             names.insert((n.clone(), id));
         }
@@ -600,10 +652,16 @@ fn check_unique_marks_and_tables(global: Option<&GlobalRouting>, rules: &[PortRu
         let Some(rs) = &r.routing else { continue };
         let who = format!("portForwarding.rules[{i}].routing");
         if let Some(other) = marks.insert(rs.fwmark, who.clone()) {
-            return Err(invalid(format!("{who}.fwmark: {:#x} is already used by {other}", rs.fwmark)));
+            return Err(invalid(format!(
+                "{who}.fwmark: {:#x} is already used by {other}",
+                rs.fwmark
+            )));
         }
         if let Some(other) = tables.insert(rs.table_id, who.clone()) {
-            return Err(invalid(format!("{who}.tableId: {} is already used by {other}", rs.table_id)));
+            return Err(invalid(format!(
+                "{who}.tableId: {} is already used by {other}",
+                rs.table_id
+            )));
         }
         claim_name(&rs.table_name, rs.table_id, &who)?;
     }

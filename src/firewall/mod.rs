@@ -28,7 +28,12 @@ pub struct Rule {
 
 impl Rule {
     pub fn new(family: Family, table: &str, chain: &str, spec: impl Into<String>) -> Rule {
-        Rule { family, table: table.into(), chain: chain.into(), spec: spec.into() }
+        Rule {
+            family,
+            table: table.into(),
+            chain: chain.into(),
+            spec: spec.into(),
+        }
     }
 
     /// Jumps from built-in chains go to the top, so an earlier DROP or RETURN cannot defeat them.
@@ -70,7 +75,10 @@ impl Current {
     pub fn from_rules<'a>(rules: impl IntoIterator<Item = &'a Rule>) -> Current {
         let rules: BTreeSet<&Rule> = rules.into_iter().collect();
         let chains = chains_used(rules.iter().copied());
-        Current { rules: rules.into_iter().cloned().collect(), chains }
+        Current {
+            rules: rules.into_iter().cloned().collect(),
+            chains,
+        }
     }
 }
 
@@ -129,11 +137,15 @@ pub fn diff(current: &Current, desired: &BTreeSet<Rule>) -> Transaction {
         lines(&mut tx, *f, t).push(format!(":{c} - [0:0]"));
     }
     let mut seen: BTreeSet<&Rule> = BTreeSet::new();
-    let (jumps, others): (Vec<&Rule>, Vec<&Rule>) = current.rules.iter().partition(|r| r.jump_target().is_some());
+    let (jumps, others): (Vec<&Rule>, Vec<&Rule>) = current
+        .rules
+        .iter()
+        .partition(|r| r.jump_target().is_some());
     // Jumps go first so that removed chains are no longer referenced.
     for r in jumps.into_iter().chain(others) {
         let keep = desired.contains(r) && seen.insert(r);
-        let chain_survives = !is_own_chain(&r.chain) || want_chains.contains(&(r.family, r.table.clone(), r.chain.clone()));
+        let chain_survives = !is_own_chain(&r.chain)
+            || want_chains.contains(&(r.family, r.table.clone(), r.chain.clone()));
         if !keep && chain_survives {
             lines(&mut tx, r.family, &r.table).push(format!("-D {} {}", r.chain, r.spec));
         }
@@ -143,9 +155,13 @@ pub fn diff(current: &Current, desired: &BTreeSet<Rule>) -> Transaction {
         let pos = if r.in_builtin_chain() { " 1" } else { "" };
         lines(&mut tx, r.family, &r.table).push(format!("{verb} {}{pos} {}", r.chain, r.spec));
     }
-    // A chain that goes is flushed by declaring it, then deleted.
-    for (f, t, c) in current.chains.difference(&want_chains) {
+    // Chains that go are all flushed (by declaring them) before any is deleted, since one of
+    // them may still jump to another.
+    let gone: Vec<_> = current.chains.difference(&want_chains).collect();
+    for (f, t, c) in &gone {
         lines(&mut tx, *f, t).push(format!(":{c} - [0:0]"));
+    }
+    for (f, t, c) in &gone {
         lines(&mut tx, *f, t).push(format!("-X {c}"));
     }
     tx.tables.retain(|_, l| !l.is_empty());
@@ -163,7 +179,8 @@ pub fn parse_save(family: Family, text: &str) -> Current {
         } else if let Some(decl) = line.strip_prefix(':') {
             let chain = decl.split_whitespace().next().unwrap_or("");
             if is_own_chain(chain) {
-                cur.chains.insert((family, table.clone(), chain.to_string()));
+                cur.chains
+                    .insert((family, table.clone(), chain.to_string()));
             }
         } else if let Some(rest) = line.strip_prefix("-A ") {
             let (chain, spec) = rest.split_once(' ').unwrap_or((rest, ""));
@@ -179,7 +196,9 @@ pub fn parse_save(family: Family, text: &str) -> Current {
 /// `iptables-save` quotes a comment only when it holds certain characters; ours never need it.
 fn unquote_comment(spec: &str) -> String {
     const KEY: &str = "--comment \"";
-    let Some(start) = spec.find(KEY) else { return spec.to_string() };
+    let Some(start) = spec.find(KEY) else {
+        return spec.to_string();
+    };
     let value_start = start + KEY.len();
     match spec[value_start..].find('"') {
         Some(len) if !spec[value_start..value_start + len].contains([' ', '\\']) => format!(
