@@ -27,12 +27,7 @@ impl Command {
             "VERSION" => Command::Version,
             "GC" => Command::Gc,
             "STATUS" => Command::Status,
-            other => {
-                return Err(Error::new(
-                    code::INVALID_ENV,
-                    format!("CNI_COMMAND: unknown command {other:?}"),
-                ))
-            }
+            other => return Err(Error::new(code::INVALID_ENV, format!("CNI_COMMAND: unknown command {other:?}"))),
         })
     }
 
@@ -143,20 +138,13 @@ pub fn check_version(cmd: Command, version: &str) -> Result<()> {
     if !is_supported(version) {
         return Err(Error::new(
             code::INCOMPATIBLE_VERSION,
-            format!(
-                "cniVersion {version:?} is not supported; supported: {}",
-                SUPPORTED_VERSIONS.join(", ")
-            ),
+            format!("cniVersion {version:?} is not supported; supported: {}", SUPPORTED_VERSIONS.join(", ")),
         ));
     }
     if !version_at_least(version, cmd.since()) {
         return Err(Error::new(
             code::INCOMPATIBLE_VERSION,
-            format!(
-                "{} is not defined for cniVersion {version}; it needs {} or later",
-                cmd.name(),
-                cmd.since()
-            ),
+            format!("{} is not defined for cniVersion {version}; it needs {} or later", cmd.name(), cmd.since()),
         ));
     }
     Ok(())
@@ -194,10 +182,7 @@ pub fn about() -> String {
 
 /// Parse `CNI_ARGS` (`K=V;K=V`).
 pub fn parse_args(args: &str) -> HashMap<String, String> {
-    args.split(';')
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+    args.split(';').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
 #[cfg(test)]

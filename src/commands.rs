@@ -2,14 +2,17 @@
 //! DEL, CHECK and GC work from the records, never from the runtime's memory.
 
 use crate::cni::Env;
-use crate::config::{AttachmentId, NetConf};
+use crate::config::{AttachmentId, NetConf, Protocol};
+use crate::conntrack::{self, UdpFlow};
 use crate::error::{code, Context, Error, Result};
 use crate::firewall::iptables::Iptables;
 use crate::firewall::{self, Current, Family, Rule};
-use crate::config::Protocol;
-use crate::conntrack::{self, UdpFlow};
-use crate::plan::{self, HostPort, Sysctl};
+use crate::plan::{self, HostPort, Plan, Sysctl};
 use crate::prev_result;
+use crate::routing::apply::{self as routes, Applied};
+use crate::routing::netlink::Netlink;
+use crate::routing::rt_tables::RtTables;
+use crate::routing::{IpRule, Route, TableSpec};
 use crate::state::{Record, Status, Store};
 use std::collections::BTreeSet;
 
@@ -26,9 +29,9 @@ impl Node {
         Ok(Node { store, fw })
     }
 
-    /// Take the node from `believed` to `desired`. The fast path trusts the records; when the
-    /// kernel disagrees (a flushed chain, a crashed call) the restore fails whole and we diff
-    /// against what `iptables-save` reports instead.
+    /// Take the node's firewall from `believed` to `desired`. The fast path trusts the records;
+    /// when the kernel disagrees (a flushed chain, a crashed call) the restore fails whole and we
+    /// diff against what `iptables-save` reports instead.
     fn converge(&self, believed: Option<Current>, desired: &BTreeSet<Rule>, families: &[Family]) -> Result<()> {
         if let Some(believed) = believed {
             match self.fw.apply(&firewall::diff(&believed, desired), families) {
@@ -37,9 +40,45 @@ impl Node {
             }
         }
         let actual = self.fw.read(families).context("read firewall")?;
-        self.fw
-            .apply(&firewall::diff(&actual, desired), families)
-            .context("apply firewall transaction")
+        self.fw.apply(&firewall::diff(&actual, desired), families).context("apply firewall transaction")
+    }
+}
+
+/// What a set of records needs from the node, merged: shared pieces appear once.
+#[derive(Default)]
+struct Needs {
+    rules: BTreeSet<Rule>,
+    ip_rules: BTreeSet<IpRule>,
+    tables: BTreeSet<TableSpec>,
+    routes: BTreeSet<Route>,
+}
+
+impl Needs {
+    fn of<'a>(records: impl Iterator<Item = &'a Record>) -> Needs {
+        let mut n = Needs::default();
+        for r in records {
+            n.rules.extend(r.rules.iter().cloned());
+            n.ip_rules.extend(r.ip_rules.iter().cloned());
+            n.tables.extend(r.tables.iter().cloned());
+            n.routes.extend(r.routes.iter().cloned());
+        }
+        n
+    }
+
+    fn table_names(&self) -> BTreeSet<(u32, String)> {
+        self.tables.iter().filter_map(|t| t.name.clone().map(|n| (t.id, n))).collect()
+    }
+
+    fn table_ids(&self) -> BTreeSet<u32> {
+        self.tables.iter().map(|t| t.id).collect()
+    }
+
+    /// The routing pieces `rec` holds that nobody in `self` needs any more.
+    fn routing_left_by(&self, rec: &Record) -> (BTreeSet<IpRule>, BTreeSet<Route>) {
+        let rules = rec.ip_rules.iter().filter(|r| !self.ip_rules.contains(r)).cloned().collect();
+        let used = self.table_ids();
+        let routes = rec.routes.iter().filter(|r| !used.contains(&r.table)).cloned().collect();
+        (rules, routes)
     }
 }
 
@@ -47,17 +86,29 @@ fn attachment_id(conf: &NetConf, env: &Env) -> AttachmentId {
     AttachmentId { network: conf.name.clone(), container_id: env.container_id.clone(), ifname: env.ifname.clone() }
 }
 
-fn union_rules<'a>(records: impl Iterator<Item = &'a Record>) -> BTreeSet<Rule> {
-    records.flat_map(|r| r.rules.iter().cloned()).collect()
-}
-
 fn all_families() -> Vec<Family> {
     vec![Family::Ipv4, Family::Ipv6]
 }
 
-/// Families touched by either state; ip6tables is only run when IPv6 rules exist or existed.
-fn families_for<'a>(a: impl Iterator<Item = &'a Rule>, b: impl Iterator<Item = &'a Rule>) -> Vec<Family> {
-    plan::families_of(a.chain(b))
+/// Families touched by either state; ip6tables only runs when IPv6 rules exist or existed.
+fn families_for(a: &BTreeSet<Rule>, b: &BTreeSet<Rule>) -> Vec<Family> {
+    plan::families_of(a.iter().chain(b.iter()))
+}
+
+fn trusted(live: &[&Record]) -> bool {
+    live.iter().all(|r| r.status == Status::Applied)
+}
+
+fn record_for(id: &AttachmentId, conf: &NetConf, planned: &Plan) -> Record {
+    let mut rec = Record::new(id.clone(), &conf.cni_version);
+    rec.bridge = planned.bridge.clone();
+    rec.addresses = planned.addresses.iter().map(|a| a.ip.to_string()).collect();
+    rec.host_ports = planned.host_ports.clone();
+    rec.rules = planned.rules.iter().cloned().collect();
+    rec.sysctls = planned.sysctls.clone();
+    rec.ip_rules = planned.routing.ip_rules.iter().cloned().collect();
+    rec.tables = planned.routing.tables.iter().cloned().collect();
+    rec
 }
 
 pub fn add(conf: &NetConf, env: &Env) -> Result<serde_json::Value> {
@@ -73,50 +124,79 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<serde_json::Value> {
     let _lock = node.store.lock(conf.settings.lock_timeout)?;
     let records = node.store.load_all()?;
     let live: Vec<&Record> = records.iter().filter(|r| r.is_live()).collect();
-    plan::check_host_ports(
-        &id,
-        &planned.host_ports,
-        live.iter().map(|r| (&r.id, r.host_ports.as_slice())),
-    )?;
+    plan::check_host_ports(&id, &planned.host_ports, live.iter().map(|r| (&r.id, r.host_ports.as_slice())))?;
     let old = live.iter().find(|r| r.id == id).copied();
-    let others = || live.iter().copied().filter(|r| r.id != id);
-    let before = union_rules(live.iter().copied());
-    let desired: BTreeSet<Rule> = union_rules(others()).into_iter().chain(planned.rules.iter().cloned()).collect();
-    let families = families_for(before.iter(), desired.iter());
+    let before = Needs::of(live.iter().copied());
+    let mut after = Needs::of(live.iter().copied().filter(|r| r.id != id));
+    after.rules.extend(planned.rules.iter().cloned());
+    after.ip_rules.extend(planned.routing.ip_rules.iter().cloned());
+    after.tables.extend(planned.routing.tables.iter().cloned());
     // A repeated ADD or a half-finished earlier call means the kernel, not the records, is the truth.
-    let trust_records = old.is_none() && live.iter().all(|r| r.status == Status::Applied);
-    let believed = trust_records.then(|| Current::from_rules(before.iter()));
+    let believed = (old.is_none() && trusted(&live)).then(|| Current::from_rules(before.rules.iter()));
 
-    let mut rec = Record::new(id.clone(), &conf.cni_version);
-    rec.bridge = planned.bridge.clone();
-    rec.addresses = planned.addresses.iter().map(|a| a.ip.to_string()).collect();
-    rec.host_ports = planned.host_ports.clone();
-    rec.rules = planned.rules.iter().cloned().collect();
-    rec.sysctls = planned.sysctls.clone();
+    let mut rec = record_for(&id, conf, &planned);
     node.store.save(&rec).context("record intent")?;
 
-    let applied = apply_sysctls(&planned.sysctls).and_then(|()| node.converge(believed, &desired, &families));
-    if let Err(e) = applied {
-        roll_back(&node, &before, old, &id);
-        return Err(e.context(format!("add {}", plan::describe(&id))));
+    let mut applied = Applied::default();
+    let result = apply_sysctls(&planned.sysctls)
+        .and_then(|()| node.converge(believed, &after.rules, &families_for(&before.rules, &after.rules)))
+        .and_then(|()| apply_routing(&planned, &after, &mut applied));
+    let my_routes = match result {
+        Ok(routes) => routes,
+        Err(e) => {
+            roll_back(&node, &before, old, &id, &applied);
+            return Err(e.context(format!("add {}", plan::describe(&id))));
+        }
+    };
+    rec.routes = my_routes.into_iter().collect();
+    if let Err(e) = RtTables::system().sync(&after.table_names()) {
+        log::warn!("register table names: {e}");
     }
     rec.status = Status::Applied;
     node.store.save(&rec).context("record result")?;
-    mark_applied(&node.store, &live, &id);
+    mark_applied(&node.store, &live, Some(&id));
     clear_udp_conntrack(&planned.host_ports);
     log::info!(
-        "added: {} forwards, {} rules ({} shared with other attachments)",
+        "added: {} forwards, {} firewall rules ({} already there for other attachments), {} ip rules, {} routes",
         planned.forwards.len(),
         planned.rules.len(),
-        planned.rules.iter().filter(|r| before.contains(r)).count()
+        planned.rules.iter().filter(|r| before.rules.contains(r)).count(),
+        rec.ip_rules.len(),
+        rec.routes.len()
     );
     Ok(prev.clone())
 }
 
+/// Gateway on the bridge, then every table and ip rule the node needs now. Returns the routes of
+/// this attachment's tables as installed.
+fn apply_routing(planned: &Plan, after: &Needs, applied: &mut Applied) -> Result<BTreeSet<Route>> {
+    let mut nl = Netlink::open()?;
+    if let Some(gw) = planned.gateway {
+        routes::ensure_gateway(&mut nl, &planned.bridge, gw).context("bridge gateway")?;
+    }
+    if after.ip_rules.is_empty() && after.tables.is_empty() {
+        return Ok(BTreeSet::new());
+    }
+    let (resolved, warnings) = routes::resolve_tables(&mut nl, &after.tables)?;
+    for w in warnings {
+        log::warn!("{w}; CHECK will report it until it is fixed");
+    }
+    routes::apply(&mut nl, &after.ip_rules, &resolved, applied).context("policy routing")?;
+    let mine: BTreeSet<u32> = planned.routing.tables.iter().map(|t| t.id).collect();
+    Ok(resolved.into_iter().filter(|r| mine.contains(&r.table)).collect())
+}
+
 /// Put the node and the record back as they were before a failed ADD.
-fn roll_back(node: &Node, before: &BTreeSet<Rule>, old: Option<&Record>, id: &AttachmentId) {
-    if let Err(e) = node.converge(None, before, &all_families()) {
-        log::error!("roll back after failed ADD: {e}");
+fn roll_back(node: &Node, before: &Needs, old: Option<&Record>, id: &AttachmentId, applied: &Applied) {
+    let added_rules: BTreeSet<IpRule> =
+        applied.rules.iter().filter(|r| !before.ip_rules.contains(r)).cloned().collect();
+    let used = before.table_ids();
+    let added_routes: BTreeSet<Route> = applied.routes.iter().filter(|r| !used.contains(&r.table)).cloned().collect();
+    if let Err(e) = Netlink::open().and_then(|mut nl| routes::remove(&mut nl, &added_rules, &added_routes)) {
+        log::error!("roll back routing after failed ADD: {e}");
+    }
+    if let Err(e) = node.converge(None, &before.rules, &all_families()) {
+        log::error!("roll back firewall after failed ADD: {e}");
     }
     let restored = match old {
         Some(r) => node.store.save(r),
@@ -128,8 +208,8 @@ fn roll_back(node: &Node, before: &BTreeSet<Rule>, old: Option<&Record>, id: &At
 }
 
 /// Records a reconcile has just made true are no longer in doubt.
-fn mark_applied(store: &Store, live: &[&Record], except: &AttachmentId) {
-    for r in live.iter().filter(|r| r.status == Status::Applying && &r.id != except) {
+fn mark_applied(store: &Store, live: &[&Record], except: Option<&AttachmentId>) {
+    for r in live.iter().filter(|r| r.status == Status::Applying && Some(&r.id) != except) {
         let mut r = (*r).clone();
         r.status = Status::Applied;
         if let Err(e) = store.save(&r) {
@@ -147,22 +227,35 @@ pub fn del(conf: &NetConf, env: &Env) -> Result<()> {
         log::info!("no record of {}: nothing to remove", plan::describe(&id));
         return Ok(());
     };
-    if rec.is_live() {
-        let live: Vec<&Record> = records.iter().filter(|r| r.is_live()).collect();
-        let before = union_rules(live.iter().copied());
-        let desired = union_rules(live.iter().copied().filter(|r| r.id != id));
-        let families = families_for(before.iter(), desired.iter());
-        let trust_records = live.iter().all(|r| r.status == Status::Applied);
-        let believed = trust_records.then(|| Current::from_rules(before.iter()));
-        node.converge(believed, &desired, &families)
-            .context(format!("del {}", plan::describe(&id)))?;
-        mark_applied(&node.store, &live, &id);
-        clear_udp_conntrack(&rec.host_ports);
-        log::info!("removed {} rules ({} kept for other attachments)", rec.rules.len(), rec.rules.iter().filter(|r| desired.contains(r)).count());
-    } else {
+    if !rec.is_live() {
         log::info!("record of {} is from an earlier boot: nothing on the node to remove", plan::describe(&id));
+        return node.store.remove(&id);
     }
-    node.store.remove(&id)
+    let live: Vec<&Record> = records.iter().filter(|r| r.is_live()).collect();
+    let before = Needs::of(live.iter().copied());
+    let after = Needs::of(live.iter().copied().filter(|r| r.id != id));
+    let (ip_rules, stale_routes) = after.routing_left_by(rec);
+    if !ip_rules.is_empty() || !stale_routes.is_empty() {
+        let mut nl = Netlink::open()?;
+        routes::remove(&mut nl, &ip_rules, &stale_routes).context("remove policy routing")?;
+    }
+    let believed = trusted(&live).then(|| Current::from_rules(before.rules.iter()));
+    node.converge(believed, &after.rules, &families_for(&before.rules, &after.rules))
+        .context(format!("del {}", plan::describe(&id)))?;
+    if let Err(e) = RtTables::system().sync(&after.table_names()) {
+        log::warn!("unregister table names: {e}");
+    }
+    node.store.remove(&id)?;
+    mark_applied(&node.store, &live, Some(&id));
+    clear_udp_conntrack(&rec.host_ports);
+    log::info!(
+        "removed {} firewall rules ({} kept for other attachments), {} ip rules, {} routes",
+        rec.rules.len(),
+        rec.rules.iter().filter(|r| after.rules.contains(r)).count(),
+        ip_rules.len(),
+        stale_routes.len()
+    );
+    Ok(())
 }
 
 pub fn check(conf: &NetConf, env: &Env) -> Result<()> {
@@ -191,13 +284,25 @@ pub fn check(conf: &NetConf, env: &Env) -> Result<()> {
     let actual = node.fw.read(&plan::families_of(rec.rules.iter())).context("read firewall")?;
     let present: BTreeSet<&Rule> = actual.rules.iter().collect();
     for r in rec.rules.iter().filter(|r| !present.contains(r)) {
-        problems.push(format!("missing rule: {r}"));
+        problems.push(format!("missing firewall rule: {r}"));
     }
     for s in &rec.sysctls {
         match std::fs::read_to_string(&s.path) {
             Ok(v) if v.trim() == s.value => {}
             Ok(v) => problems.push(format!("sysctl {} is {} instead of {}", s.path, v.trim(), s.value)),
             Err(e) => problems.push(format!("sysctl {} unreadable: {e}", s.path)),
+        }
+    }
+    let mut nl = Netlink::open()?;
+    let ip_rules: BTreeSet<IpRule> = rec.ip_rules.iter().cloned().collect();
+    let tables: BTreeSet<TableSpec> = rec.tables.iter().cloned().collect();
+    problems.extend(routes::check(&mut nl, &ip_rules, &tables)?);
+    let registered = RtTables::system().registered();
+    for t in &rec.tables {
+        if let Some(name) = &t.name {
+            if !registered.contains(&(t.id, name.clone())) {
+                problems.push(format!("table name {name} is not registered for table {}", t.id));
+            }
         }
     }
     if problems.is_empty() {
@@ -210,28 +315,31 @@ pub fn check(conf: &NetConf, env: &Env) -> Result<()> {
 }
 
 pub fn gc(conf: &NetConf) -> Result<()> {
-    let valid: BTreeSet<(String, String)> = conf
-        .valid_attachments
-        .iter()
-        .flatten()
-        .map(|a| (a.container_id.clone(), a.ifname.clone()))
-        .collect();
+    let valid: BTreeSet<(String, String)> =
+        conf.valid_attachments.iter().flatten().map(|a| (a.container_id.clone(), a.ifname.clone())).collect();
     let node = Node::open(conf)?;
     let _lock = node.store.lock(conf.settings.lock_timeout)?;
     let records = node.store.load_all()?;
-    let is_stale = |r: &Record| {
-        r.id.network == conf.name && !valid.contains(&(r.id.container_id.clone(), r.id.ifname.clone()))
-    };
+    let is_stale =
+        |r: &Record| r.id.network == conf.name && !valid.contains(&(r.id.container_id.clone(), r.id.ifname.clone()));
     let kept: Vec<&Record> = records.iter().filter(|r| r.is_live() && !is_stale(r)).collect();
-    let desired = union_rules(kept.iter().copied());
+    let after = Needs::of(kept.iter().copied());
+    let mut nl = Netlink::open()?;
+    for r in records.iter().filter(|r| r.is_live() && is_stale(r)) {
+        let (ip_rules, stale_routes) = after.routing_left_by(r);
+        routes::remove(&mut nl, &ip_rules, &stale_routes).context("gc policy routing")?;
+    }
     // GC always reads the kernel: it is the moment to undo whatever a crash or an admin left.
-    node.converge(None, &desired, &all_families()).context("gc")?;
+    node.converge(None, &after.rules, &all_families()).context("gc")?;
+    if let Err(e) = RtTables::system().sync(&after.table_names()) {
+        log::warn!("gc table names: {e}");
+    }
     let mut removed = 0;
     for r in records.iter().filter(|r| is_stale(r) || !r.is_live()) {
         node.store.remove(&r.id)?;
         removed += 1;
     }
-    mark_applied(&node.store, &kept, &AttachmentId { network: String::new(), container_id: String::new(), ifname: String::new() });
+    mark_applied(&node.store, &kept, None);
     log::info!("gc: removed {removed} stale attachment(s), kept {}", kept.len());
     Ok(())
 }
@@ -250,7 +358,8 @@ fn clear_udp_conntrack(host_ports: &[HostPort]) {
         .map(|h| UdpFlow { port: h.port, dst: h.host_ip })
         .collect();
     for v6 in [false, true] {
-        let of_family: Vec<UdpFlow> = flows.iter().copied().filter(|f| f.dst.is_none_or(|d| d.is_ipv6() == v6)).collect();
+        let of_family: Vec<UdpFlow> =
+            flows.iter().copied().filter(|f| f.dst.is_none_or(|d| d.is_ipv6() == v6)).collect();
         match conntrack::clear_udp(v6, &of_family) {
             Ok(0) => {}
             Ok(n) => log::info!("cleared {n} stale UDP conntrack entries"),
@@ -261,7 +370,14 @@ fn clear_udp_conntrack(host_ports: &[HostPort]) {
 
 fn apply_sysctls(sysctls: &[Sysctl]) -> Result<()> {
     for s in sysctls {
-        let current = std::fs::read_to_string(&s.path).map_err(|e| Error::io(format!("read sysctl {}", s.path), e))?;
+        let current = match std::fs::read_to_string(&s.path) {
+            Ok(v) => v,
+            Err(e) if !s.required && e.kind() == std::io::ErrorKind::NotFound => {
+                log::warn!("sysctl {} not there yet (interface absent?); CHECK will report it", s.path);
+                continue;
+            }
+            Err(e) => return Err(Error::io(format!("read sysctl {}", s.path), e)),
+        };
         if current.trim() != s.value {
             std::fs::write(&s.path, &s.value).map_err(|e| Error::io(format!("set sysctl {}", s.path), e))?;
         }

@@ -134,9 +134,7 @@ struct RawAttachment {
 
 // ---------------------------------------------------------------- validated
 
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
@@ -268,19 +266,13 @@ impl NetConf {
 /// Decode stdin. Only structure and types are checked here; `validate` checks meaning.
 pub fn decode(stdin: &[u8]) -> Result<NetConfDraft> {
     if stdin.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err(Error::new(
-            code::DECODE,
-            "network config: stdin must be a JSON object",
-        ));
+        return Err(Error::new(code::DECODE, "network config: stdin must be a JSON object"));
     }
     let de = &mut serde_json::Deserializer::from_slice(stdin);
     let raw: RawConf = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        Error::new(
-            code::DECODE,
-            format!("network config: field {path}: {inner}"),
-        )
+        Error::new(code::DECODE, format!("network config: field {path}: {inner}"))
     })?;
     Ok(NetConfDraft { raw })
 }
@@ -323,9 +315,7 @@ fn validate(raw: RawConf) -> Result<NetConf> {
         cni::validate_ifname(b).map_err(|e| invalid(format!("bridge: {}", e.msg)))?;
     }
     let routing = match &raw.routing {
-        Some(r) if r.enabled.unwrap_or(true) => {
-            Some(validate_global_routing(r, settings.mark_mask)?)
-        }
+        Some(r) if r.enabled.unwrap_or(true) => Some(validate_global_routing(r, settings.mark_mask)?),
         _ => None,
     };
     let rules = raw
@@ -333,29 +323,20 @@ fn validate(raw: RawConf) -> Result<NetConf> {
         .rules
         .iter()
         .enumerate()
-        .map(|(i, r)| {
-            validate_rule(r, settings.mark_mask)
-                .map_err(|e| e.context(format!("portForwarding.rules[{i}]")))
-        })
+        .map(|(i, r)| validate_rule(r, settings.mark_mask).map_err(|e| e.context(format!("portForwarding.rules[{i}]"))))
         .collect::<Result<Vec<_>>>()?;
     let port_mappings = raw
         .runtime_config
         .port_mappings
         .iter()
         .enumerate()
-        .map(|(i, m)| {
-            validate_mapping(m).map_err(|e| e.context(format!("runtimeConfig.portMappings[{i}]")))
-        })
+        .map(|(i, m)| validate_mapping(m).map_err(|e| e.context(format!("runtimeConfig.portMappings[{i}]"))))
         .collect::<Result<Vec<_>>>()?;
     check_unique_host_ports(&rules, &port_mappings)?;
     check_unique_marks_and_tables(routing.as_ref(), &rules)?;
     let valid_attachments = raw.valid_attachments.map(|list| {
         list.into_iter()
-            .map(|a| AttachmentId {
-                network: raw.name.clone(),
-                container_id: a.container_id,
-                ifname: a.ifname,
-            })
+            .map(|a| AttachmentId { network: raw.name.clone(), container_id: a.container_id, ifname: a.ifname })
             .collect()
     });
     Ok(NetConf {
@@ -392,11 +373,9 @@ fn validate_settings(raw: &RawConf) -> Result<Settings> {
         s.log_file = absolute_path("logFile", f)?;
     }
     if let Some(level) = raw.log_level.as_deref().filter(|l| !l.is_empty()) {
-        s.log_level = level.parse().map_err(|_| {
-            invalid(format!(
-                "logLevel: {level:?} is not one of off, error, warn, info, debug, trace"
-            ))
-        })?;
+        s.log_level = level
+            .parse()
+            .map_err(|_| invalid(format!("logLevel: {level:?} is not one of off, error, warn, info, debug, trace")))?;
     }
     if let Some(d) = raw.state_dir.as_deref().filter(|d| !d.is_empty()) {
         s.state_dir = absolute_path("stateDir", d)?;
@@ -450,19 +429,13 @@ fn parse_mark(field: &str, m: &RawMark) -> Result<u32> {
         RawMark::Number(n) => n.to_string(),
         RawMark::Text(t) => format!("{t:?}"),
     };
-    parsed.ok_or_else(|| {
-        invalid(format!(
-            "{field}: {shown} is not a 32-bit mark (hex \"0x65\" or decimal)"
-        ))
-    })
+    parsed.ok_or_else(|| invalid(format!("{field}: {shown} is not a 32-bit mark (hex \"0x65\" or decimal)")))
 }
 
 fn validate_fwmark(field: &str, m: &RawMark, mask: u32) -> Result<u32> {
     let mark = parse_mark(field, m)?;
     if mark == 0 {
-        return Err(invalid(format!(
-            "{field}: must not be 0 (0 means unmarked)"
-        )));
+        return Err(invalid(format!("{field}: must not be 0 (0 means unmarked)")));
     }
     if mark & !mask != 0 {
         return Err(invalid(format!(
@@ -492,9 +465,7 @@ fn validate_ip(field: &str, s: &str) -> Result<Option<IpAddr>> {
     if s.is_empty() {
         return Ok(None);
     }
-    s.parse()
-        .map(Some)
-        .map_err(|_| invalid(format!("{field}: {s:?} is not an IP address")))
+    s.parse().map(Some).map_err(|_| invalid(format!("{field}: {s:?} is not an IP address")))
 }
 
 fn validate_table_id(field: &str, id: Option<i64>) -> Result<u32> {
@@ -529,8 +500,7 @@ fn validate_outbound(field: &str, o: &Option<RawOutbound>) -> Result<Outbound> {
     let Some(o) = o else {
         return Err(invalid(format!("{field}: is required")));
     };
-    cni::validate_ifname(&o.interface)
-        .map_err(|e| invalid(format!("{field}.interface: {}", e.msg)))?;
+    cni::validate_ifname(&o.interface).map_err(|e| invalid(format!("{field}.interface: {}", e.msg)))?;
     Ok(Outbound {
         interface: o.interface.clone(),
         gateway: validate_ip(&format!("{field}.gateway"), &o.gateway)?,
@@ -542,20 +512,12 @@ fn validate_global_routing(r: &RawRouting, mask: u32) -> Result<GlobalRouting> {
     let rule_priority = match r.rule_priority {
         None => DEFAULT_RULE_PRIORITY,
         Some(p @ 1..=32755) => p as u32,
-        Some(p) => {
-            return Err(invalid(format!(
-                "routing.rulePriority: {p} is outside 1-32755"
-            )))
-        }
+        Some(p) => return Err(invalid(format!("routing.rulePriority: {p} is outside 1-32755"))),
     };
     Ok(GlobalRouting {
         table_id: validate_table_id("routing.tableId", r.table_id)?,
         table_name: validate_table_name("routing.tableName", &r.table_name)?,
-        fwmark: r
-            .fwmark
-            .as_ref()
-            .map(|m| validate_fwmark("routing.fwmark", m, mask))
-            .transpose()?,
+        fwmark: r.fwmark.as_ref().map(|m| validate_fwmark("routing.fwmark", m, mask)).transpose()?,
         rule_priority,
         outbound: validate_outbound("routing.outbound", &r.outbound)?,
     })
@@ -598,18 +560,13 @@ fn check_unique_host_ports(rules: &[PortRule], mappings: &[PortMapping]) -> Resu
     let claims = rules
         .iter()
         .enumerate()
-        .map(|(i, r)| {
-            (
-                (r.host_port, r.protocol, None),
-                format!("portForwarding.rules[{i}] ({:?})", r.name),
-            )
-        })
-        .chain(mappings.iter().enumerate().map(|(i, m)| {
-            (
-                (m.host_port, m.protocol, m.host_ip),
-                format!("runtimeConfig.portMappings[{i}]"),
-            )
-        }));
+        .map(|(i, r)| ((r.host_port, r.protocol, None), format!("portForwarding.rules[{i}] ({:?})", r.name)))
+        .chain(
+            mappings
+                .iter()
+                .enumerate()
+                .map(|(i, m)| ((m.host_port, m.protocol, m.host_ip), format!("runtimeConfig.portMappings[{i}]"))),
+        );
     for (key, who) in claims {
         let clash = seen.iter().find(|((port, proto, ip), _)| {
             *port == key.0 && *proto == key.1 && (ip.is_none() || key.2.is_none() || *ip == key.2)
@@ -633,9 +590,7 @@ fn check_unique_marks_and_tables(global: Option<&GlobalRouting>, rules: &[PortRu
     let mut claim_name = |name: &Option<String>, id: u32, who: &str| -> Result<()> {
         if let Some(n) = name {
             if let Some((_, other_id)) = names.iter().find(|(m, i)| m == n && *i != id) {
-                return Err(invalid(format!(
-                    "{who}.tableName: {n:?} already names table {other_id}"
-                )));
+                return Err(invalid(format!("{who}.tableName: {n:?} already names table {other_id}")));
             }
             names.insert((n.clone(), id));
         }
@@ -652,16 +607,10 @@ fn check_unique_marks_and_tables(global: Option<&GlobalRouting>, rules: &[PortRu
         let Some(rs) = &r.routing else { continue };
         let who = format!("portForwarding.rules[{i}].routing");
         if let Some(other) = marks.insert(rs.fwmark, who.clone()) {
-            return Err(invalid(format!(
-                "{who}.fwmark: {:#x} is already used by {other}",
-                rs.fwmark
-            )));
+            return Err(invalid(format!("{who}.fwmark: {:#x} is already used by {other}", rs.fwmark)));
         }
         if let Some(other) = tables.insert(rs.table_id, who.clone()) {
-            return Err(invalid(format!(
-                "{who}.tableId: {} is already used by {other}",
-                rs.table_id
-            )));
+            return Err(invalid(format!("{who}.tableId: {} is already used by {other}", rs.table_id)));
         }
         claim_name(&rs.table_name, rs.table_id, &who)?;
     }

@@ -72,11 +72,15 @@ pub fn clear_udp(family_v6: bool, flows: &[UdpFlow]) -> Result<usize> {
 }
 
 fn matches_any(orig: &[u8], flows: &[UdpFlow]) -> bool {
-    let Some(proto) = find_attr(orig, CTA_TUPLE_PROTO) else { return false };
+    let Some(proto) = find_attr(orig, CTA_TUPLE_PROTO) else {
+        return false;
+    };
     if find_attr(proto, CTA_PROTO_NUM).and_then(|p| p.first().copied()) != Some(IPPROTO_UDP) {
         return false;
     }
-    let Some(port) = find_attr(proto, CTA_PROTO_DST_PORT).and_then(|p| p.get(..2)).map(|b| u16::from_be_bytes([b[0], b[1]])) else {
+    let Some(port) =
+        find_attr(proto, CTA_PROTO_DST_PORT).and_then(|p| p.get(..2)).map(|b| u16::from_be_bytes([b[0], b[1]]))
+    else {
         return false;
     };
     let dst = find_attr(orig, CTA_TUPLE_IP).and_then(|ip| {
@@ -144,7 +148,9 @@ fn errno_error(what: &str) -> Error {
 impl Socket {
     fn open() -> Result<Socket> {
         // SAFETY: plain socket(2); the fd is owned immediately.
-        let fd = unsafe { nix::libc::socket(nix::libc::AF_NETLINK, nix::libc::SOCK_RAW | nix::libc::SOCK_CLOEXEC, NETLINK_NETFILTER) };
+        let fd = unsafe {
+            nix::libc::socket(nix::libc::AF_NETLINK, nix::libc::SOCK_RAW | nix::libc::SOCK_CLOEXEC, NETLINK_NETFILTER)
+        };
         if fd < 0 {
             return Err(errno_error("socket"));
         }
@@ -221,7 +227,11 @@ mod tests {
         let ip = nested(CTA_TUPLE_IP, &[raw_attr(1, &[10, 0, 0, 1]), raw_attr(CTA_IP_V4_DST, &dst)]);
         let pr = nested(
             CTA_TUPLE_PROTO,
-            &[raw_attr(CTA_PROTO_NUM, &[proto]), raw_attr(2, &5000u16.to_be_bytes()), raw_attr(CTA_PROTO_DST_PORT, &port.to_be_bytes())],
+            &[
+                raw_attr(CTA_PROTO_NUM, &[proto]),
+                raw_attr(2, &5000u16.to_be_bytes()),
+                raw_attr(CTA_PROTO_DST_PORT, &port.to_be_bytes()),
+            ],
         );
         [ip, pr].concat()
     }

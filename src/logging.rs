@@ -32,13 +32,7 @@ fn open(path: &Path) -> Option<File> {
     if let Some(dir) = path.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(path)
-        .ok()
+    OpenOptions::new().create(true).append(true).mode(0o600).custom_flags(nix::libc::O_NOFOLLOW).open(path).ok()
 }
 
 impl log::Log for FileLogger {
@@ -51,14 +45,8 @@ impl log::Log for FileLogger {
             return;
         }
         let prefix = self.prefix.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let line = format!(
-            "{} {:5} [{}] {}{}\n",
-            timestamp(),
-            record.level(),
-            std::process::id(),
-            prefix,
-            record.args()
-        );
+        let line =
+            format!("{} {:5} [{}] {}{}\n", timestamp(), record.level(), std::process::id(), prefix, record.args());
         let mut guard = self.file.lock().unwrap_or_else(|e| e.into_inner());
         match guard.as_mut() {
             Some(f) => {
@@ -82,13 +70,7 @@ fn timestamp() -> String {
     let secs = now.as_secs() as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        now.subsec_millis()
-    )
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z", rem / 3600, rem % 3600 / 60, rem % 60, now.subsec_millis())
 }
 
 /// Howard Hinnant's days-to-civil algorithm.

@@ -10,6 +10,7 @@ mod firewall;
 mod logging;
 mod plan;
 mod prev_result;
+mod routing;
 mod state;
 
 use cni::Command;
@@ -46,9 +47,7 @@ fn main() -> ExitCode {
 fn run(command: &str) -> std::result::Result<Option<serde_json::Value>, (Error, Option<String>)> {
     let cmd = Command::parse(command).map_err(|e| (e, None))?;
     let mut stdin = Vec::new();
-    std::io::stdin()
-        .read_to_end(&mut stdin)
-        .map_err(|e| (Error::io("read network config from stdin", e), None))?;
+    std::io::stdin().read_to_end(&mut stdin).map_err(|e| (Error::io("read network config from stdin", e), None))?;
     if cmd == Command::Version {
         let requested: Option<String> = serde_json::from_slice::<serde_json::Value>(&stdin)
             .ok()

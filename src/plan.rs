@@ -5,6 +5,8 @@ use crate::config::{AttachmentId, NetConf, Protocol};
 use crate::error::{code, Error, Result};
 use crate::firewall::{Family, Rule};
 use crate::prev_result::{Attachment, PodAddress};
+use crate::routing::{self, RoutingPlan};
+use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -53,6 +55,19 @@ pub struct Forward {
 pub struct Sysctl {
     pub path: String,
     pub value: String,
+    /// An uplink's setting may wait for the uplink to appear; the bridge's may not.
+    #[serde(default = "yes")]
+    pub required: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Sysctl {
+    fn required(path: String) -> Sysctl {
+        Sysctl { path, value: "1".into(), required: true }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +78,9 @@ pub struct Plan {
     pub host_ports: Vec<HostPort>,
     pub rules: BTreeSet<Rule>,
     pub sysctls: Vec<Sysctl>,
+    pub routing: RoutingPlan,
+    /// The bridge's gateway address with the subnet prefix, from prevResult.
+    pub gateway: Option<IpNetwork>,
 }
 
 impl Plan {
@@ -109,19 +127,33 @@ pub fn plan(conf: &NetConf, id: &AttachmentId, att: &Attachment) -> Result<Plan>
         }
         match family {
             Family::Ipv4 => {
-                sysctls.insert(Sysctl { path: "/proc/sys/net/ipv4/ip_forward".into(), value: "1".into() });
+                sysctls.insert(Sysctl::required("/proc/sys/net/ipv4/ip_forward".into()));
                 // Lets the node's own 127.0.0.1:hostPort be DNAT'd out of the bridge.
-                sysctls.insert(Sysctl {
-                    path: format!("/proc/sys/net/ipv4/conf/{}/route_localnet", att.bridge),
-                    value: "1".into(),
-                });
+                sysctls.insert(Sysctl::required(format!("/proc/sys/net/ipv4/conf/{}/route_localnet", att.bridge)));
             }
             Family::Ipv6 => {
-                sysctls.insert(Sysctl { path: "/proc/sys/net/ipv6/conf/all/forwarding".into(), value: "1".into() });
+                sysctls.insert(Sysctl::required("/proc/sys/net/ipv6/conf/all/forwarding".into()));
             }
         }
     }
+    let subnets: Vec<IpNetwork> = att.addresses.iter().filter(|a| a.ip.is_ipv4()).map(|a| a.subnet).collect();
+    let routing = routing::plan_routing(conf, id, &att.bridge, &subnets, &forwards);
+    rules.extend(routing.mangle.iter().cloned());
+    for uplink in &routing.uplinks {
+        // Strict rp_filter checks a marked connection's source against the mark's table.
+        sysctls.insert(Sysctl {
+            path: format!("/proc/sys/net/ipv4/conf/{uplink}/src_valid_mark"),
+            value: "1".into(),
+            required: false,
+        });
+    }
+    let gateway = att
+        .addresses
+        .iter()
+        .find_map(|a| a.gateway.filter(|g| g.is_ipv4()).and_then(|g| IpNetwork::new(g, a.subnet.prefix()).ok()));
     Ok(Plan {
+        routing,
+        gateway,
         bridge: att.bridge.clone(),
         addresses: att.addresses.clone(),
         forwards,
@@ -188,11 +220,7 @@ pub fn check_host_ports<'a>(
             if let Some(h) = held.iter().find(|h| h.overlaps(w)) {
                 return Err(Error::new(
                     code::PORT_CONFLICT,
-                    format!(
-                        "host port {w} for {} is already held as {h} by {}",
-                        describe(id),
-                        describe(other_id)
-                    ),
+                    format!("host port {w} for {} is already held as {h} by {}", describe(id), describe(other_id)),
                 ));
             }
         }
@@ -205,7 +233,7 @@ pub fn describe(id: &AttachmentId) -> String {
 }
 
 /// Comment text that says which attachment a rule belongs to; only characters that need no quoting.
-fn attachment_tag(id: &AttachmentId) -> String {
+pub(crate) fn attachment_tag(id: &AttachmentId) -> String {
     let ifname: String = id
         .ifname
         .chars()

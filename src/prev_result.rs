@@ -55,10 +55,7 @@ impl Attachment {
     }
 
     pub fn subnet_containing(&self, ip: IpAddr) -> Option<IpNetwork> {
-        self.addresses
-            .iter()
-            .map(|a| a.subnet)
-            .find(|s| s.contains(ip))
+        self.addresses.iter().map(|a| a.subnet).find(|s| s.contains(ip))
     }
 }
 
@@ -68,8 +65,7 @@ fn bad(msg: String) -> Error {
 
 /// Extract the attachment from prevResult. `bridge_override` is the config's `bridge` field.
 pub fn parse(prev: &serde_json::Value, bridge_override: Option<&str>) -> Result<Attachment> {
-    let raw: RawResult =
-        serde_json::from_value(prev.clone()).map_err(|e| bad(format!("cannot decode: {e}")))?;
+    let raw: RawResult = serde_json::from_value(prev.clone()).map_err(|e| bad(format!("cannot decode: {e}")))?;
     // The bridge plugin lists the bridge first, then the host veth, then the container side.
     let bridge = match bridge_override {
         Some(b) => b.to_string(),
@@ -98,26 +94,13 @@ pub fn parse(prev: &serde_json::Value, bridge_override: Option<&str>) -> Result<
             .filter(|a| a.contains('/'))
             .and_then(|a| a.parse().ok())
             .ok_or(())
-            .map_err(|_| {
-                bad(format!(
-                    "ips[{i}].address: {:?} is not an address with prefix",
-                    ip.address
-                ))
-            })?;
+            .map_err(|_| bad(format!("ips[{i}].address: {:?} is not an address with prefix", ip.address)))?;
         let gateway = match ip.gateway.as_deref().filter(|g| !g.is_empty()) {
-            Some(g) => Some(
-                g.parse()
-                    .map_err(|_| bad(format!("ips[{i}].gateway: {g:?} is not an IP address")))?,
-            ),
+            Some(g) => Some(g.parse().map_err(|_| bad(format!("ips[{i}].gateway: {g:?} is not an IP address")))?),
             None => None,
         };
-        let subnet =
-            IpNetwork::new(net.network(), net.prefix()).expect("prefix came from a valid network");
-        addresses.push(PodAddress {
-            ip: net.ip(),
-            subnet,
-            gateway,
-        });
+        let subnet = IpNetwork::new(net.network(), net.prefix()).expect("prefix came from a valid network");
+        addresses.push(PodAddress { ip: net.ip(), subnet, gateway });
     }
     if addresses.is_empty() {
         return Err(bad(
@@ -151,20 +134,14 @@ mod tests {
         assert_eq!(a.bridge, "dind-br0");
         assert_eq!(a.addresses.len(), 1);
         assert_eq!(a.addresses[0].ip, "10.20.0.10".parse::<IpAddr>().unwrap());
-        assert_eq!(
-            a.addresses[0].subnet,
-            "10.20.0.0/24".parse::<IpNetwork>().unwrap()
-        );
+        assert_eq!(a.addresses[0].subnet, "10.20.0.0/24".parse::<IpNetwork>().unwrap());
         assert_eq!(a.addresses[0].gateway, Some("10.20.0.1".parse().unwrap()));
     }
 
     #[test]
     fn config_bridge_overrides_and_v6_is_kept() {
         let mut r = bridge_result_031();
-        r["ips"]
-            .as_array_mut()
-            .unwrap()
-            .push(json!({"interface": 2, "address": "fd00::10/64"}));
+        r["ips"].as_array_mut().unwrap().push(json!({"interface": 2, "address": "fd00::10/64"}));
         let a = parse(&r, Some("br9")).unwrap();
         assert_eq!(a.bridge, "br9");
         assert_eq!(a.addresses[1].subnet.to_string(), "fd00::/64");
@@ -174,20 +151,13 @@ mod tests {
     #[test]
     fn host_side_addresses_are_not_the_pods() {
         let mut r = bridge_result_031();
-        r["ips"]
-            .as_array_mut()
-            .unwrap()
-            .push(json!({"interface": 0, "address": "10.20.0.1/24"}));
+        r["ips"].as_array_mut().unwrap().push(json!({"interface": 0, "address": "10.20.0.1/24"}));
         assert_eq!(parse(&r, None).unwrap().addresses.len(), 1);
     }
 
     #[test]
     fn no_addresses_is_a_clear_error() {
-        let e = parse(
-            &json!({"cniVersion": "1.0.0", "interfaces": [{"name": "br"}], "ips": []}),
-            None,
-        )
-        .unwrap_err();
+        let e = parse(&json!({"cniVersion": "1.0.0", "interfaces": [{"name": "br"}], "ips": []}), None).unwrap_err();
         assert_eq!(e.code, 7);
         assert!(e.msg.contains("no pod address"), "{}", e.msg);
     }
@@ -196,10 +166,7 @@ mod tests {
     fn bad_interface_index_and_address_are_named() {
         let mut r = bridge_result_031();
         r["ips"][0]["interface"] = json!(7);
-        assert!(parse(&r, None)
-            .unwrap_err()
-            .msg
-            .contains("ips[0].interface"));
+        assert!(parse(&r, None).unwrap_err().msg.contains("ips[0].interface"));
         let mut r = bridge_result_031();
         r["ips"][0]["address"] = json!("10.20.0.10");
         assert!(parse(&r, None).unwrap_err().msg.contains("ips[0].address"));

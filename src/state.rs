@@ -8,6 +8,7 @@ use crate::config::AttachmentId;
 use crate::error::{code, Error, Result};
 use crate::firewall::Rule;
 use crate::plan::{HostPort, Sysctl};
+use crate::routing::{IpRule, Route, TableSpec};
 use serde::{Deserialize, Serialize};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -41,6 +42,13 @@ pub struct Record {
     /// Every firewall rule this attachment needs, shared ones included.
     pub rules: Vec<Rule>,
     pub sysctls: Vec<Sysctl>,
+    #[serde(default)]
+    pub ip_rules: Vec<IpRule>,
+    #[serde(default)]
+    pub tables: Vec<TableSpec>,
+    /// Routes as installed (next hops resolved at the time).
+    #[serde(default)]
+    pub routes: Vec<Route>,
 }
 
 impl Record {
@@ -56,6 +64,9 @@ impl Record {
             host_ports: Vec::new(),
             rules: Vec::new(),
             sysctls: Vec::new(),
+            ip_rules: Vec::new(),
+            tables: Vec::new(),
+            routes: Vec::new(),
         }
     }
 
@@ -66,9 +77,7 @@ impl Record {
 }
 
 pub fn current_boot_id() -> String {
-    fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
 pub struct Store {
@@ -113,9 +122,7 @@ impl Store {
                         format!("lock {} still held by another call after {} ms", path.display(), timeout.as_millis()),
                     ))
                 }
-                Err(std::fs::TryLockError::Error(e)) => {
-                    return Err(Error::io(format!("lock {}", path.display()), e))
-                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(format!("lock {}", path.display()), e)),
             }
         }
     }
@@ -125,8 +132,7 @@ impl Store {
     }
 
     fn record_path(&self, id: &AttachmentId) -> PathBuf {
-        self.network_dir(&id.network)
-            .join(format!("{}.{}.json", id.container_id, encode_ifname(&id.ifname)))
+        self.network_dir(&id.network).join(format!("{}.{}.json", id.container_id, encode_ifname(&id.ifname)))
     }
 
     pub fn load(&self, id: &AttachmentId) -> Result<Option<Record>> {
@@ -157,7 +163,8 @@ impl Store {
 
     pub fn save(&self, rec: &Record) -> Result<()> {
         ensure_private_dir(&self.network_dir(&rec.id.network))?;
-        let data = serde_json::to_vec_pretty(rec).map_err(|e| Error::new(code::INTERNAL, format!("encode record: {e}")))?;
+        let data =
+            serde_json::to_vec_pretty(rec).map_err(|e| Error::new(code::INTERNAL, format!("encode record: {e}")))?;
         write_atomic(&self.record_path(&rec.id), &data)
     }
 
@@ -200,8 +207,7 @@ fn read_record(path: &Path) -> Result<Option<Record>> {
         Err(e) => return Err(Error::io(format!("open record {}", path.display()), e)),
     };
     let mut data = Vec::new();
-    file.read_to_end(&mut data)
-        .map_err(|e| Error::io(format!("read record {}", path.display()), e))?;
+    file.read_to_end(&mut data).map_err(|e| Error::io(format!("read record {}", path.display()), e))?;
     let rec: Record = serde_json::from_slice(&data)
         .map_err(|e| Error::new(code::IO, format!("record {} is corrupt: {e}", path.display())))?;
     if rec.format != RECORD_FORMAT {
@@ -239,7 +245,10 @@ fn ensure_private_dir(dir: &Path) -> Result<()> {
     match fs::symlink_metadata(dir) {
         Ok(meta) => {
             if meta.file_type().is_symlink() || !meta.is_dir() {
-                return Err(Error::new(code::IO, format!("state directory {} is not a plain directory", dir.display())));
+                return Err(Error::new(
+                    code::IO,
+                    format!("state directory {} is not a plain directory", dir.display()),
+                ));
             }
             if meta.uid() != nix::unistd::geteuid().as_raw() || meta.mode() & 0o022 != 0 {
                 return Err(Error::new(

@@ -24,12 +24,7 @@ fn rejected(v: &Value, code: u32, needles: &[&str]) -> Error {
     };
     assert_eq!(e.code, code, "wrong code for {:?}", e.msg);
     for n in needles {
-        assert!(
-            e.msg.contains(n),
-            "message {:?} does not name {:?}",
-            e.msg,
-            n
-        );
+        assert!(e.msg.contains(n), "message {:?} does not name {:?}", e.msg, n);
     }
     e
 }
@@ -61,12 +56,7 @@ fn minimal() -> Value {
 /// Set the value at a JSON pointer, creating the last key (or appending at index len).
 fn set(v: &mut Value, ptr: &str, new: Value) {
     let (parent, key) = ptr.rsplit_once('/').expect("pointer starts with /");
-    let p = if parent.is_empty() {
-        v
-    } else {
-        v.pointer_mut(parent)
-            .unwrap_or_else(|| panic!("no {parent}"))
-    };
+    let p = if parent.is_empty() { v } else { v.pointer_mut(parent).unwrap_or_else(|| panic!("no {parent}")) };
     match p {
         Value::Object(m) => {
             m.insert(key.to_string(), new);
@@ -85,11 +75,7 @@ fn set(v: &mut Value, ptr: &str, new: Value) {
 
 fn remove(v: &mut Value, ptr: &str) {
     let (parent, key) = ptr.rsplit_once('/').expect("pointer starts with /");
-    let p = if parent.is_empty() {
-        v
-    } else {
-        v.pointer_mut(parent).expect("parent")
-    };
+    let p = if parent.is_empty() { v } else { v.pointer_mut(parent).expect("parent") };
     p.as_object_mut().expect("object").remove(key);
 }
 
@@ -102,11 +88,7 @@ fn example_with(ptr: &str, new: Value) -> Value {
 
 fn with_mappings(base: Value, mappings: Value) -> Value {
     let mut v = base;
-    set(
-        &mut v,
-        "/runtimeConfig",
-        json!({ "portMappings": mappings }),
-    );
+    set(&mut v, "/runtimeConfig", json!({ "portMappings": mappings }));
     v
 }
 
@@ -138,11 +120,7 @@ fn example_from_config_md_parses_to_expected_values() {
             table_name: Some("dind_net1".into()),
             fwmark: Some(0x64),
             rule_priority: 100,
-            outbound: Outbound {
-                interface: "eth5".into(),
-                gateway: None,
-                use_default_route: false
-            },
+            outbound: Outbound { interface: "eth5".into(), gateway: None, use_default_route: false },
         })
     );
     let ip: IpAddr = "10.20.0.10".parse().unwrap();
@@ -167,11 +145,7 @@ fn example_from_config_md_parses_to_expected_values() {
                     fwmark: 0x65,
                     table_id: 101,
                     table_name: Some("dind_eth0".into()),
-                    outbound: Outbound {
-                        interface: "eth0".into(),
-                        gateway: None,
-                        use_default_route: false
-                    },
+                    outbound: Outbound { interface: "eth0".into(), gateway: None, use_default_route: false },
                 }),
             },
         ]
@@ -192,10 +166,7 @@ fn minimal_config_takes_the_defaults() {
     let s = &c.settings;
     assert_eq!(s.log_file, PathBuf::from(DEFAULT_LOG_FILE));
     assert_eq!(s.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
-    assert_eq!(
-        s.lock_timeout,
-        Duration::from_millis(DEFAULT_LOCK_TIMEOUT_MS)
-    );
+    assert_eq!(s.lock_timeout, Duration::from_millis(DEFAULT_LOCK_TIMEOUT_MS));
     assert_eq!(s.log_level, log::LevelFilter::Info);
     assert_eq!(s.iptables, "iptables");
     assert_eq!(s.mark_mask, DEFAULT_MARK_MASK);
@@ -231,49 +202,25 @@ fn routing_block_without_enabled_is_on() {
 #[test]
 fn empty_gateway_is_none_and_an_address_is_kept() {
     assert_eq!(ok(&example()).routing.unwrap().outbound.gateway, None);
-    let c = ok(&example_with(
-        "/routing/outbound/gateway",
-        json!("192.168.5.1"),
-    ));
-    assert_eq!(
-        c.routing.unwrap().outbound.gateway,
-        Some("192.168.5.1".parse().unwrap())
-    );
-    let c = ok(&example_with(
-        "/portForwarding/rules/1/routing/outbound/gateway",
-        json!("fe80::1"),
-    ));
-    assert_eq!(
-        c.rules[1].routing.as_ref().unwrap().outbound.gateway,
-        Some("fe80::1".parse().unwrap())
-    );
+    let c = ok(&example_with("/routing/outbound/gateway", json!("192.168.5.1")));
+    assert_eq!(c.routing.unwrap().outbound.gateway, Some("192.168.5.1".parse().unwrap()));
+    let c = ok(&example_with("/portForwarding/rules/1/routing/outbound/gateway", json!("fe80::1")));
+    assert_eq!(c.rules[1].routing.as_ref().unwrap().outbound.gateway, Some("fe80::1".parse().unwrap()));
 }
 
 #[test]
 fn use_default_route_is_read() {
-    let c = ok(&example_with(
-        "/routing/outbound/useDefaultRoute",
-        json!(true),
-    ));
+    let c = ok(&example_with("/routing/outbound/useDefaultRoute", json!(true)));
     assert!(c.routing.unwrap().outbound.use_default_route);
 }
 
 #[test]
 fn fwmark_as_number_decimal_string_and_hex_string() {
-    for mark in [
-        json!(100),
-        json!("100"),
-        json!("0x64"),
-        json!("0X64"),
-        json!(" 0x64 "),
-    ] {
+    for mark in [json!(100), json!("100"), json!("0x64"), json!("0X64"), json!(" 0x64 ")] {
         let c = ok(&example_with("/routing/fwmark", mark.clone()));
         assert_eq!(c.routing.unwrap().fwmark, Some(0x64), "fwmark {mark}");
     }
-    let c = ok(&example_with(
-        "/portForwarding/rules/1/routing/fwmark",
-        json!(101),
-    ));
+    let c = ok(&example_with("/portForwarding/rules/1/routing/fwmark", json!(101)));
     assert_eq!(c.rules[1].routing.as_ref().unwrap().fwmark, 0x65);
 }
 
@@ -297,27 +244,14 @@ fn table_name_is_optional_and_empty_means_none() {
 fn mark_mask_widens_and_narrows_the_allowed_marks() {
     let mut v = example_with("/markMask", json!("0xff00"));
     set(&mut v, "/routing/fwmark", json!("0x100"));
-    set(
-        &mut v,
-        "/portForwarding/rules/1/routing/fwmark",
-        json!("0x4000"),
-    );
+    set(&mut v, "/portForwarding/rules/1/routing/fwmark", json!("0x4000"));
     let c = ok(&v);
     assert_eq!(c.settings.mark_mask, 0xff00);
     assert_eq!(c.routing.unwrap().fwmark, Some(0x100));
     assert_eq!(c.rules[1].routing.as_ref().unwrap().fwmark, 0x4000);
     // 0x64 is outside 0xff00.
-    rejected(
-        &example_with("/markMask", json!("0xff00")),
-        7,
-        &["routing.fwmark", "0x64", "markMask", "0xff00"],
-    );
-    assert_eq!(
-        ok(&example_with("/markMask", json!(255)))
-            .settings
-            .mark_mask,
-        0xff
-    );
+    rejected(&example_with("/markMask", json!("0xff00")), 7, &["routing.fwmark", "0x64", "markMask", "0xff00"]);
+    assert_eq!(ok(&example_with("/markMask", json!(255))).settings.mark_mask, 0xff);
 }
 
 #[test]
@@ -334,10 +268,7 @@ fn protocol_defaults_to_tcp_and_ignores_case() {
         ] }),
     );
     let protos: Vec<Protocol> = ok(&v).rules.iter().map(|r| r.protocol).collect();
-    assert_eq!(
-        protos,
-        vec![Protocol::Tcp, Protocol::Udp, Protocol::Sctp, Protocol::Tcp]
-    );
+    assert_eq!(protos, vec![Protocol::Tcp, Protocol::Udp, Protocol::Sctp, Protocol::Tcp]);
 }
 
 #[test]
@@ -345,10 +276,7 @@ fn rule_without_dest_ip_has_none() {
     let mut v = example();
     remove(&mut v, "/portForwarding/rules/0/destIP");
     assert_eq!(ok(&v).rules[0].dest_ip, None);
-    assert_eq!(
-        ok(&example_with("/portForwarding/rules/0/destIP", json!(""))).rules[0].dest_ip,
-        None
-    );
+    assert_eq!(ok(&example_with("/portForwarding/rules/0/destIP", json!(""))).rules[0].dest_ip, None);
 }
 
 #[test]
@@ -364,15 +292,7 @@ fn port_mappings_are_read_and_wildcard_host_ips_dropped() {
         ]),
     );
     let m = ok(&v).port_mappings;
-    assert_eq!(
-        m[0],
-        PortMapping {
-            host_port: 8080,
-            container_port: 80,
-            protocol: Protocol::Tcp,
-            host_ip: None
-        }
-    );
+    assert_eq!(m[0], PortMapping { host_port: 8080, container_port: 80, protocol: Protocol::Tcp, host_ip: None });
     assert_eq!(m[1].host_ip, Some("192.168.1.5".parse().unwrap()));
     assert_eq!(m[2].host_ip, None);
     assert_eq!(m[2].protocol, Protocol::Udp);
@@ -391,11 +311,7 @@ fn unknown_extra_fields_are_ignored() {
     set(&mut v, "/portForwarding/rules/0/comment", json!("hello"));
     set(&mut v, "/portForwarding/rules/1/routing/weight", json!(3));
     set(&mut v, "/portForwarding/extra", json!(null));
-    set(
-        &mut v,
-        "/runtimeConfig",
-        json!({ "bandwidth": { "ingressRate": 1 }, "portMappings": [] }),
-    );
+    set(&mut v, "/runtimeConfig", json!({ "bandwidth": { "ingressRate": 1 }, "portMappings": [] }));
     set(&mut v, "/args", json!({ "cni": { "labels": [] } }));
     let c = ok(&v);
     assert_eq!(c.rules.len(), 2);
@@ -417,39 +333,22 @@ fn valid_attachments_carry_the_network_name() {
     assert_eq!(
         c.valid_attachments,
         Some(vec![
-            AttachmentId {
-                network: "dind".into(),
-                container_id: "c1".into(),
-                ifname: "net1".into()
-            },
-            AttachmentId {
-                network: "dind".into(),
-                container_id: "c2".into(),
-                ifname: "eth0".into()
-            },
+            AttachmentId { network: "dind".into(), container_id: "c1".into(), ifname: "net1".into() },
+            AttachmentId { network: "dind".into(), container_id: "c2".into(), ifname: "eth0".into() },
         ])
     );
     let mut v = minimal();
-    v.as_object_mut()
-        .unwrap()
-        .insert("cni.dev/valid-attachments".into(), json!([]));
+    v.as_object_mut().unwrap().insert("cni.dev/valid-attachments".into(), json!([]));
     assert_eq!(ok(&v).valid_attachments, Some(vec![]));
 }
 
 #[test]
 fn prev_result_and_bridge_are_kept() {
     let mut v = minimal();
-    set(
-        &mut v,
-        "/prevResult",
-        json!({ "cniVersion": "1.0.0", "ips": [] }),
-    );
+    set(&mut v, "/prevResult", json!({ "cniVersion": "1.0.0", "ips": [] }));
     set(&mut v, "/bridge", json!("dind-br0"));
     let c = ok(&v);
-    assert_eq!(
-        c.prev_result,
-        Some(json!({ "cniVersion": "1.0.0", "ips": [] }))
-    );
+    assert_eq!(c.prev_result, Some(json!({ "cniVersion": "1.0.0", "ips": [] })));
     assert_eq!(c.bridge.as_deref(), Some("dind-br0"));
 }
 
@@ -467,16 +366,8 @@ fn settings_are_read() {
     assert_eq!(s.state_dir, PathBuf::from("/run/bn"));
     assert_eq!(s.lock_timeout, Duration::from_millis(300_000));
     assert_eq!(s.iptables, "/usr/sbin/iptables-legacy");
-    for ipt in [
-        "iptables",
-        "iptables-nft",
-        "iptables-legacy",
-        "/sbin/iptables-nft",
-    ] {
-        assert_eq!(
-            ok(&example_with("/iptables", json!(ipt))).settings.iptables,
-            ipt
-        );
+    for ipt in ["iptables", "iptables-nft", "iptables-legacy", "/sbin/iptables-nft"] {
+        assert_eq!(ok(&example_with("/iptables", json!(ipt))).settings.iptables, ipt);
     }
     // Empty strings mean "default".
     let mut v = minimal();
@@ -500,12 +391,7 @@ fn draft_exposes_version_name_and_settings_before_validation() {
 #[test]
 fn for_cleanup_checks_the_name() {
     assert!(NetConf::for_cleanup("dind".into(), Settings::default()).is_ok());
-    assert_eq!(
-        NetConf::for_cleanup("a/b".into(), Settings::default())
-            .unwrap_err()
-            .code,
-        7
-    );
+    assert_eq!(NetConf::for_cleanup("a/b".into(), Settings::default()).unwrap_err().code, 7);
 }
 
 #[test]
@@ -543,11 +429,7 @@ fn mappings_on_different_host_ips_share_a_port() {
 
 #[test]
 fn host_port_out_of_range() {
-    for (port, s) in [
-        (0, "hostPort: 0 "),
-        (65536, "hostPort: 65536 "),
-        (-1, "hostPort: -1 "),
-    ] {
+    for (port, s) in [(0, "hostPort: 0 "), (65536, "hostPort: 65536 "), (-1, "hostPort: -1 ")] {
         rejected(
             &example_with("/portForwarding/rules/0/hostPort", json!(port)),
             7,
@@ -556,15 +438,8 @@ fn host_port_out_of_range() {
     }
     let v = with_mappings(minimal(), json!([{ "hostPort": 0, "containerPort": 80 }]));
     rejected(&v, 7, &["runtimeConfig.portMappings[0]", "hostPort: 0 "]);
-    let v = with_mappings(
-        minimal(),
-        json!([{ "hostPort": 65536, "containerPort": 80 }]),
-    );
-    rejected(
-        &v,
-        7,
-        &["runtimeConfig.portMappings[0]", "hostPort: 65536 "],
-    );
+    let v = with_mappings(minimal(), json!([{ "hostPort": 65536, "containerPort": 80 }]));
+    rejected(&v, 7, &["runtimeConfig.portMappings[0]", "hostPort: 65536 "]);
 }
 
 #[test]
@@ -588,14 +463,7 @@ fn container_port_out_of_range() {
             minimal(),
             json!([{ "hostPort": 80, "containerPort": 80 }, { "hostPort": 81, "containerPort": port }]),
         );
-        rejected(
-            &v,
-            7,
-            &[
-                "runtimeConfig.portMappings[1]",
-                &format!("containerPort: {port} "),
-            ],
-        );
+        rejected(&v, 7, &["runtimeConfig.portMappings[1]", &format!("containerPort: {port} ")]);
     }
 }
 
@@ -606,29 +474,14 @@ fn unknown_protocol() {
         7,
         &["portForwarding.rules[0]", "protocol", "\"icmp\""],
     );
-    let v = with_mappings(
-        minimal(),
-        json!([{ "hostPort": 80, "containerPort": 80, "protocol": "icmp" }]),
-    );
-    rejected(
-        &v,
-        7,
-        &["runtimeConfig.portMappings[0]", "protocol", "\"icmp\""],
-    );
+    let v = with_mappings(minimal(), json!([{ "hostPort": 80, "containerPort": 80, "protocol": "icmp" }]));
+    rejected(&v, 7, &["runtimeConfig.portMappings[0]", "protocol", "\"icmp\""]);
 }
 
 #[test]
 fn fwmark_zero() {
-    rejected(
-        &example_with("/routing/fwmark", json!(0)),
-        7,
-        &["routing.fwmark", "0"],
-    );
-    rejected(
-        &example_with("/routing/fwmark", json!("0x0")),
-        7,
-        &["routing.fwmark", "must not be 0"],
-    );
+    rejected(&example_with("/routing/fwmark", json!(0)), 7, &["routing.fwmark", "0"]);
+    rejected(&example_with("/routing/fwmark", json!("0x0")), 7, &["routing.fwmark", "must not be 0"]);
     rejected(
         &example_with("/portForwarding/rules/1/routing/fwmark", json!("0")),
         7,
@@ -639,22 +492,10 @@ fn fwmark_zero() {
 #[test]
 fn fwmark_unparsable() {
     for bad in ["0xzz", "", "0x", "ten", "0x100000000", "4294967296"] {
-        rejected(
-            &example_with("/routing/fwmark", json!(bad)),
-            7,
-            &["routing.fwmark", &format!("{bad:?}")],
-        );
+        rejected(&example_with("/routing/fwmark", json!(bad)), 7, &["routing.fwmark", &format!("{bad:?}")]);
     }
-    rejected(
-        &example_with("/routing/fwmark", json!(-1)),
-        7,
-        &["routing.fwmark", "-1"],
-    );
-    rejected(
-        &example_with("/routing/fwmark", json!(4_294_967_296i64)),
-        7,
-        &["routing.fwmark", "4294967296"],
-    );
+    rejected(&example_with("/routing/fwmark", json!(-1)), 7, &["routing.fwmark", "-1"]);
+    rejected(&example_with("/routing/fwmark", json!(4_294_967_296i64)), 7, &["routing.fwmark", "4294967296"]);
     rejected(
         &example_with("/portForwarding/rules/1/routing/fwmark", json!("0xzz")),
         7,
@@ -664,76 +505,39 @@ fn fwmark_unparsable() {
 
 #[test]
 fn fwmark_outside_mark_mask() {
-    rejected(
-        &example_with("/routing/fwmark", json!("0x4000")),
-        7,
-        &["routing.fwmark", "0x4000", "markMask", "0x1fff"],
-    );
+    rejected(&example_with("/routing/fwmark", json!("0x4000")), 7, &["routing.fwmark", "0x4000", "markMask", "0x1fff"]);
     // portmap's 0x2000 is outside the default mask too.
     rejected(
         &example_with("/portForwarding/rules/1/routing/fwmark", json!(0x2000)),
         7,
-        &[
-            "portForwarding.rules[1]",
-            "routing.fwmark",
-            "0x2000",
-            "0x1fff",
-        ],
+        &["portForwarding.rules[1]", "routing.fwmark", "0x2000", "0x1fff"],
     );
-    rejected(
-        &example_with("/routing/fwmark", json!("0x10000")),
-        7,
-        &["routing.fwmark", "0x10000"],
-    );
+    rejected(&example_with("/routing/fwmark", json!("0x10000")), 7, &["routing.fwmark", "0x10000"]);
 }
 
 #[test]
 fn fwmark_required_in_rule_routing() {
     let mut v = example();
     remove(&mut v, "/portForwarding/rules/1/routing/fwmark");
-    rejected(
-        &v,
-        7,
-        &["portForwarding.rules[1]", "routing.fwmark", "required"],
-    );
+    rejected(&v, 7, &["portForwarding.rules[1]", "routing.fwmark", "required"]);
 }
 
 #[test]
 fn mark_mask_zero_or_unparsable() {
     rejected(&example_with("/markMask", json!(0)), 7, &["markMask", "0"]);
-    rejected(
-        &example_with("/markMask", json!("0x0")),
-        7,
-        &["markMask", "must not be 0"],
-    );
-    rejected(
-        &example_with("/markMask", json!("0xqq")),
-        7,
-        &["markMask", "0xqq"],
-    );
-    rejected(
-        &example_with("/markMask", json!(-5)),
-        7,
-        &["markMask", "-5"],
-    );
+    rejected(&example_with("/markMask", json!("0x0")), 7, &["markMask", "must not be 0"]);
+    rejected(&example_with("/markMask", json!("0xqq")), 7, &["markMask", "0xqq"]);
+    rejected(&example_with("/markMask", json!(-5)), 7, &["markMask", "-5"]);
 }
 
 #[test]
 fn table_id_out_of_range_or_missing() {
     for id in [0, 253, 255, -1, 1000] {
-        rejected(
-            &example_with("/routing/tableId", json!(id)),
-            7,
-            &["routing.tableId", &format!("{id} "), "1-252"],
-        );
+        rejected(&example_with("/routing/tableId", json!(id)), 7, &["routing.tableId", &format!("{id} "), "1-252"]);
         rejected(
             &example_with("/portForwarding/rules/1/routing/tableId", json!(id)),
             7,
-            &[
-                "portForwarding.rules[1]",
-                "routing.tableId",
-                &format!("{id} "),
-            ],
+            &["portForwarding.rules[1]", "routing.tableId", &format!("{id} ")],
         );
     }
     let mut v = example();
@@ -741,11 +545,7 @@ fn table_id_out_of_range_or_missing() {
     rejected(&v, 7, &["routing.tableId", "required"]);
     let mut v = example();
     remove(&mut v, "/portForwarding/rules/1/routing/tableId");
-    rejected(
-        &v,
-        7,
-        &["portForwarding.rules[1]", "routing.tableId", "required"],
-    );
+    rejected(&v, 7, &["portForwarding.rules[1]", "routing.tableId", "required"]);
     // The edges are allowed.
     ok(&example_with("/routing/tableId", json!(1)));
     ok(&example_with("/routing/tableId", json!(252)));
@@ -756,11 +556,7 @@ fn duplicate_table_id_global_vs_rule() {
     rejected(
         &example_with("/portForwarding/rules/1/routing/tableId", json!(100)),
         7,
-        &[
-            "portForwarding.rules[1].routing.tableId",
-            "100",
-            "already used by routing",
-        ],
+        &["portForwarding.rules[1].routing.tableId", "100", "already used by routing"],
     );
 }
 
@@ -768,20 +564,8 @@ fn duplicate_table_id_global_vs_rule() {
 fn duplicate_table_id_rule_vs_rule() {
     let mut v = example();
     set(&mut v, "/portForwarding/rules/2", rule(30081, 80, "tcp"));
-    set(
-        &mut v,
-        "/portForwarding/rules/2/routing",
-        rule_routing("0x66", 101, None, "eth1"),
-    );
-    rejected(
-        &v,
-        7,
-        &[
-            "portForwarding.rules[2].routing.tableId",
-            "101",
-            "portForwarding.rules[1].routing",
-        ],
-    );
+    set(&mut v, "/portForwarding/rules/2/routing", rule_routing("0x66", 101, None, "eth1"));
+    rejected(&v, 7, &["portForwarding.rules[2].routing.tableId", "101", "portForwarding.rules[1].routing"]);
 }
 
 #[test]
@@ -790,49 +574,19 @@ fn duplicate_marks() {
     rejected(
         &example_with("/portForwarding/rules/1/routing/fwmark", json!(100)),
         7,
-        &[
-            "portForwarding.rules[1].routing.fwmark",
-            "0x64",
-            "already used by routing",
-        ],
+        &["portForwarding.rules[1].routing.fwmark", "0x64", "already used by routing"],
     );
     // Rule vs rule, written differently.
     let mut v = example();
     set(&mut v, "/portForwarding/rules/2", rule(30081, 80, "tcp"));
-    set(
-        &mut v,
-        "/portForwarding/rules/2/routing",
-        rule_routing("101", 102, None, "eth1"),
-    );
-    rejected(
-        &v,
-        7,
-        &[
-            "portForwarding.rules[2].routing.fwmark",
-            "0x65",
-            "portForwarding.rules[1].routing",
-        ],
-    );
+    set(&mut v, "/portForwarding/rules/2/routing", rule_routing("101", 102, None, "eth1"));
+    rejected(&v, 7, &["portForwarding.rules[2].routing.fwmark", "0x65", "portForwarding.rules[1].routing"]);
 }
 
 #[test]
 fn reserved_or_malformed_table_names() {
-    for name in [
-        "main",
-        "local",
-        "default",
-        "unspec",
-        "1abc",
-        "has space",
-        "_x",
-        "a/b",
-        "tab\tle",
-    ] {
-        rejected(
-            &example_with("/routing/tableName", json!(name)),
-            7,
-            &["routing.tableName", &format!("{name:?}")],
-        );
+    for name in ["main", "local", "default", "unspec", "1abc", "has space", "_x", "a/b", "tab\tle"] {
+        rejected(&example_with("/routing/tableName", json!(name)), 7, &["routing.tableName", &format!("{name:?}")]);
     }
     rejected(
         &example_with("/portForwarding/rules/1/routing/tableName", json!("main")),
@@ -840,11 +594,7 @@ fn reserved_or_malformed_table_names() {
         &["portForwarding.rules[1]", "routing.tableName", "\"main\""],
     );
     let long = "a".repeat(65);
-    rejected(
-        &example_with("/routing/tableName", json!(long)),
-        7,
-        &["routing.tableName", &long],
-    );
+    rejected(&example_with("/routing/tableName", json!(long)), 7, &["routing.tableName", &long]);
     ok(&example_with("/routing/tableName", json!("a".repeat(64))));
     ok(&example_with("/routing/tableName", json!("Dind-net.1_x")));
 }
@@ -852,33 +602,14 @@ fn reserved_or_malformed_table_names() {
 #[test]
 fn one_table_name_for_two_ids() {
     rejected(
-        &example_with(
-            "/portForwarding/rules/1/routing/tableName",
-            json!("dind_net1"),
-        ),
+        &example_with("/portForwarding/rules/1/routing/tableName", json!("dind_net1")),
         7,
-        &[
-            "portForwarding.rules[1].routing.tableName",
-            "\"dind_net1\"",
-            "already names table 100",
-        ],
+        &["portForwarding.rules[1].routing.tableName", "\"dind_net1\"", "already names table 100"],
     );
     let mut v = example();
     set(&mut v, "/portForwarding/rules/2", rule(30081, 80, "tcp"));
-    set(
-        &mut v,
-        "/portForwarding/rules/2/routing",
-        rule_routing("0x66", 102, Some("dind_eth0"), "eth1"),
-    );
-    rejected(
-        &v,
-        7,
-        &[
-            "portForwarding.rules[2].routing.tableName",
-            "\"dind_eth0\"",
-            "101",
-        ],
-    );
+    set(&mut v, "/portForwarding/rules/2/routing", rule_routing("0x66", 102, Some("dind_eth0"), "eth1"));
+    rejected(&v, 7, &["portForwarding.rules[2].routing.tableName", "\"dind_eth0\"", "101"]);
 }
 
 #[test]
@@ -893,21 +624,11 @@ fn bad_outbound_interface() {
         );
     }
     rejected(
-        &example_with(
-            "/portForwarding/rules/1/routing/outbound/interface",
-            json!("a/b"),
-        ),
+        &example_with("/portForwarding/rules/1/routing/outbound/interface", json!("a/b")),
         7,
-        &[
-            "portForwarding.rules[1]",
-            "routing.outbound.interface",
-            "\"a/b\"",
-        ],
+        &["portForwarding.rules[1]", "routing.outbound.interface", "\"a/b\""],
     );
-    ok(&example_with(
-        "/routing/outbound/interface",
-        json!("abcdefghijklmno"),
-    ));
+    ok(&example_with("/routing/outbound/interface", json!("abcdefghijklmno")));
 }
 
 #[test]
@@ -917,11 +638,7 @@ fn missing_outbound() {
     rejected(&v, 7, &["routing.outbound", "required"]);
     let mut v = example();
     remove(&mut v, "/portForwarding/rules/1/routing/outbound");
-    rejected(
-        &v,
-        7,
-        &["portForwarding.rules[1]", "routing.outbound", "required"],
-    );
+    rejected(&v, 7, &["portForwarding.rules[1]", "routing.outbound", "required"]);
 }
 
 #[test]
@@ -932,16 +649,9 @@ fn bad_gateway() {
         &["routing.outbound.gateway", "\"not-an-ip\""],
     );
     rejected(
-        &example_with(
-            "/portForwarding/rules/1/routing/outbound/gateway",
-            json!("10.0.0.300"),
-        ),
+        &example_with("/portForwarding/rules/1/routing/outbound/gateway", json!("10.0.0.300")),
         7,
-        &[
-            "portForwarding.rules[1]",
-            "routing.outbound.gateway",
-            "10.0.0.300",
-        ],
+        &["portForwarding.rules[1]", "routing.outbound.gateway", "10.0.0.300"],
     );
 }
 
@@ -961,41 +671,21 @@ fn bad_dest_ip() {
 
 #[test]
 fn bad_host_ip() {
-    let v = with_mappings(
-        minimal(),
-        json!([{ "hostPort": 80, "containerPort": 80, "hostIP": "localhost" }]),
-    );
-    rejected(
-        &v,
-        7,
-        &["runtimeConfig.portMappings[0]", "hostIP", "\"localhost\""],
-    );
+    let v = with_mappings(minimal(), json!([{ "hostPort": 80, "containerPort": 80, "hostIP": "localhost" }]));
+    rejected(&v, 7, &["runtimeConfig.portMappings[0]", "hostIP", "\"localhost\""]);
 }
 
 #[test]
 fn rule_priority_out_of_range() {
     for p in [0, 40000, -3, 32756] {
-        rejected(
-            &example_with("/routing/rulePriority", json!(p)),
-            7,
-            &["routing.rulePriority", &format!("{p} ")],
-        );
+        rejected(&example_with("/routing/rulePriority", json!(p)), 7, &["routing.rulePriority", &format!("{p} ")]);
     }
 }
 
 #[test]
 fn duplicate_host_port_among_rules() {
     let mut v = example_with("/portForwarding/rules/1/hostPort", json!(2376));
-    rejected(
-        &v,
-        7,
-        &[
-            "portForwarding.rules[1]",
-            "2376/tcp",
-            "portForwarding.rules[0]",
-            "docker-tls",
-        ],
-    );
+    rejected(&v, 7, &["portForwarding.rules[1]", "2376/tcp", "portForwarding.rules[0]", "docker-tls"]);
     // Case-insensitive protocol and the tcp default are the same protocol.
     set(&mut v, "/portForwarding/rules/1/protocol", json!("TCP"));
     rejected(&v, 7, &["2376/tcp"]);
@@ -1005,34 +695,11 @@ fn duplicate_host_port_among_rules() {
 
 #[test]
 fn rule_vs_runtime_port_mapping() {
-    let v = with_mappings(
-        example(),
-        json!([{ "hostPort": 30080, "containerPort": 80, "protocol": "tcp" }]),
-    );
-    rejected(
-        &v,
-        7,
-        &[
-            "runtimeConfig.portMappings[0]",
-            "30080/tcp",
-            "portForwarding.rules[1]",
-            "web-app",
-        ],
-    );
+    let v = with_mappings(example(), json!([{ "hostPort": 30080, "containerPort": 80, "protocol": "tcp" }]));
+    rejected(&v, 7, &["runtimeConfig.portMappings[0]", "30080/tcp", "portForwarding.rules[1]", "web-app"]);
     // A static rule holds every address, so a specific hostIP still clashes with it.
-    let v = with_mappings(
-        example(),
-        json!([{ "hostPort": 2376, "containerPort": 80, "hostIP": "192.168.1.5" }]),
-    );
-    rejected(
-        &v,
-        7,
-        &[
-            "runtimeConfig.portMappings[0]",
-            "2376/tcp",
-            "portForwarding.rules[0]",
-        ],
-    );
+    let v = with_mappings(example(), json!([{ "hostPort": 2376, "containerPort": 80, "hostIP": "192.168.1.5" }]));
+    rejected(&v, 7, &["runtimeConfig.portMappings[0]", "2376/tcp", "portForwarding.rules[0]"]);
 }
 
 #[test]
@@ -1041,15 +708,7 @@ fn two_runtime_mappings_on_one_port() {
         minimal(),
         json!([{ "hostPort": 8080, "containerPort": 80 }, { "hostPort": 8080, "containerPort": 81 }]),
     );
-    rejected(
-        &v,
-        7,
-        &[
-            "runtimeConfig.portMappings[1]",
-            "8080/tcp",
-            "runtimeConfig.portMappings[0]",
-        ],
-    );
+    rejected(&v, 7, &["runtimeConfig.portMappings[1]", "8080/tcp", "runtimeConfig.portMappings[0]"]);
 }
 
 #[test]
@@ -1066,23 +725,13 @@ fn host_ip_vs_wildcard_conflicts() {
             json!([{ "hostPort": 8080, "containerPort": 80, "hostIP": a },
                    { "hostPort": 8080, "containerPort": 80, "hostIP": b }]),
         );
-        rejected(
-            &v,
-            7,
-            &[
-                "runtimeConfig.portMappings[1]",
-                "8080/tcp",
-                "runtimeConfig.portMappings[0]",
-            ],
-        );
+        rejected(&v, 7, &["runtimeConfig.portMappings[1]", "8080/tcp", "runtimeConfig.portMappings[0]"]);
     }
 }
 
 #[test]
 fn network_name_with_shell_metacharacters() {
-    for name in [
-        "a;b", "$(x)", "", "-a", ".hidden", "a b", "a/b", "../x", "a`b`",
-    ] {
+    for name in ["a;b", "$(x)", "", "-a", ".hidden", "a b", "a/b", "../x", "a`b`"] {
         let v = {
             let mut v = example();
             set(&mut v, "/name", json!(name));
@@ -1113,68 +762,28 @@ fn bad_bridge_name() {
 
 #[test]
 fn relative_paths() {
-    rejected(
-        &example_with("/stateDir", json!("var/lib/x")),
-        7,
-        &["stateDir", "\"var/lib/x\"", "absolute"],
-    );
-    rejected(
-        &example_with("/stateDir", json!("./state")),
-        7,
-        &["stateDir", "\"./state\""],
-    );
-    rejected(
-        &example_with("/logFile", json!("bn.log")),
-        7,
-        &["logFile", "\"bn.log\""],
-    );
+    rejected(&example_with("/stateDir", json!("var/lib/x")), 7, &["stateDir", "\"var/lib/x\"", "absolute"]);
+    rejected(&example_with("/stateDir", json!("./state")), 7, &["stateDir", "\"./state\""]);
+    rejected(&example_with("/logFile", json!("bn.log")), 7, &["logFile", "\"bn.log\""]);
 }
 
 #[test]
 fn unknown_log_level() {
-    rejected(
-        &example_with("/logLevel", json!("loud")),
-        7,
-        &["logLevel", "\"loud\""],
-    );
+    rejected(&example_with("/logLevel", json!("loud")), 7, &["logLevel", "\"loud\""]);
 }
 
 #[test]
 fn iptables_variants() {
-    for ipt in [
-        "nft",
-        "../iptables",
-        "bin/iptables",
-        "iptables-foo",
-        "/usr/sbin/nft",
-        "ip6tables",
-    ] {
-        rejected(
-            &example_with("/iptables", json!(ipt)),
-            7,
-            &["iptables", &format!("{ipt:?}")],
-        );
+    for ipt in ["nft", "../iptables", "bin/iptables", "iptables-foo", "/usr/sbin/nft", "ip6tables"] {
+        rejected(&example_with("/iptables", json!(ipt)), 7, &["iptables", &format!("{ipt:?}")]);
     }
 }
 
 #[test]
 fn lock_timeout_out_of_range() {
-    rejected(
-        &example_with("/lockTimeoutMs", json!(0)),
-        7,
-        &["lockTimeoutMs", "0 "],
-    );
-    rejected(
-        &example_with("/lockTimeoutMs", json!(300_001)),
-        7,
-        &["lockTimeoutMs", "300001"],
-    );
-    assert_eq!(
-        ok(&example_with("/lockTimeoutMs", json!(1)))
-            .settings
-            .lock_timeout,
-        Duration::from_millis(1)
-    );
+    rejected(&example_with("/lockTimeoutMs", json!(0)), 7, &["lockTimeoutMs", "0 "]);
+    rejected(&example_with("/lockTimeoutMs", json!(300_001)), 7, &["lockTimeoutMs", "300001"]);
+    assert_eq!(ok(&example_with("/lockTimeoutMs", json!(1))).settings.lock_timeout, Duration::from_millis(1));
 }
 
 // ---------------------------------------------------------------- rejections: code 6
@@ -1182,50 +791,18 @@ fn lock_timeout_out_of_range() {
 #[test]
 fn wrong_json_types_name_the_field_path() {
     let cases: Vec<(&str, Value, &str)> = vec![
-        (
-            "/portForwarding/rules/0/hostPort",
-            json!("80"),
-            "portForwarding.rules[0].hostPort",
-        ),
-        (
-            "/portForwarding/rules/1/destPort",
-            json!(80.5),
-            "portForwarding.rules[1].destPort",
-        ),
-        (
-            "/portForwarding/rules/0/protocol",
-            json!(6),
-            "portForwarding.rules[0].protocol",
-        ),
-        (
-            "/portForwarding/rules/0/destIP",
-            json!(["10.20.0.10"]),
-            "portForwarding.rules[0].destIP",
-        ),
-        (
-            "/portForwarding/rules/1/routing/tableId",
-            json!("101"),
-            "portForwarding.rules[1].routing.tableId",
-        ),
-        (
-            "/portForwarding/rules/1/routing/fwmark",
-            json!(true),
-            "portForwarding.rules[1].routing.fwmark",
-        ),
+        ("/portForwarding/rules/0/hostPort", json!("80"), "portForwarding.rules[0].hostPort"),
+        ("/portForwarding/rules/1/destPort", json!(80.5), "portForwarding.rules[1].destPort"),
+        ("/portForwarding/rules/0/protocol", json!(6), "portForwarding.rules[0].protocol"),
+        ("/portForwarding/rules/0/destIP", json!(["10.20.0.10"]), "portForwarding.rules[0].destIP"),
+        ("/portForwarding/rules/1/routing/tableId", json!("101"), "portForwarding.rules[1].routing.tableId"),
+        ("/portForwarding/rules/1/routing/fwmark", json!(true), "portForwarding.rules[1].routing.fwmark"),
         ("/portForwarding/rules", json!({}), "portForwarding.rules"),
         ("/routing/tableId", json!("100"), "routing.tableId"),
         ("/routing/enabled", json!("yes"), "routing.enabled"),
         ("/routing/fwmark", json!(1.5), "routing.fwmark"),
-        (
-            "/routing/outbound/useDefaultRoute",
-            json!("false"),
-            "routing.outbound.useDefaultRoute",
-        ),
-        (
-            "/routing/outbound/interface",
-            json!(5),
-            "routing.outbound.interface",
-        ),
+        ("/routing/outbound/useDefaultRoute", json!("false"), "routing.outbound.useDefaultRoute"),
+        ("/routing/outbound/interface", json!(5), "routing.outbound.interface"),
         ("/masquerade", json!("yes"), "masquerade"),
         ("/lockTimeoutMs", json!(-1), "lockTimeoutMs"),
         ("/lockTimeoutMs", json!("1000"), "lockTimeoutMs"),
@@ -1237,26 +814,12 @@ fn wrong_json_types_name_the_field_path() {
         let e = rejected(&example_with(ptr, val.clone()), 6, &[path]);
         assert!(e.msg.starts_with("network config: field "), "{}", e.msg);
         if let Value::String(s) = &val {
-            assert!(
-                e.msg.contains(&format!("{s:?}")),
-                "{} does not name the value {s:?}",
-                e.msg
-            );
+            assert!(e.msg.contains(&format!("{s:?}")), "{} does not name the value {s:?}", e.msg);
         }
     }
-    let v = with_mappings(
-        minimal(),
-        json!([{ "hostPort": 80, "containerPort": "80" }]),
-    );
-    rejected(
-        &v,
-        6,
-        &["runtimeConfig.portMappings[0].containerPort", "\"80\""],
-    );
-    let v = with_mappings(
-        minimal(),
-        json!([{ "hostPort": 80, "containerPort": 80, "hostIP": 1 }]),
-    );
+    let v = with_mappings(minimal(), json!([{ "hostPort": 80, "containerPort": "80" }]));
+    rejected(&v, 6, &["runtimeConfig.portMappings[0].containerPort", "\"80\""]);
+    let v = with_mappings(minimal(), json!([{ "hostPort": 80, "containerPort": 80, "hostIP": 1 }]));
     rejected(&v, 6, &["runtimeConfig.portMappings[0].hostIP"]);
 }
 
@@ -1268,40 +831,23 @@ fn missing_required_numbers_are_decode_errors() {
     let v = with_mappings(minimal(), json!([{ "hostPort": 80 }]));
     rejected(&v, 6, &["runtimeConfig.portMappings[0]", "containerPort"]);
     let mut v = minimal();
-    v.as_object_mut().unwrap().insert(
-        "cni.dev/valid-attachments".into(),
-        json!([{ "ifname": "eth0" }]),
-    );
+    v.as_object_mut().unwrap().insert("cni.dev/valid-attachments".into(), json!([{ "ifname": "eth0" }]));
     rejected(&v, 6, &["containerID"]);
 }
 
 #[test]
 fn not_json_or_not_an_object() {
-    for bytes in [
-        &b""[..],
-        b"{",
-        b"not json",
-        b"[]",
-        b"42",
-        b"null",
-        b"{\"name\": \"dind\",}",
-        b"\xff\xfe",
-    ] {
-        let e = decode(bytes)
-            .err()
-            .unwrap_or_else(|| panic!("{bytes:?} decoded"));
+    for bytes in [&b""[..], b"{", b"not json", b"[]", b"42", b"null", b"{\"name\": \"dind\",}", b"\xff\xfe"] {
+        let e = decode(bytes).err().unwrap_or_else(|| panic!("{bytes:?} decoded"));
         assert_eq!(e.code, 6, "{bytes:?}: {}", e.msg);
     }
 }
 
 #[test]
 fn a_json_array_is_not_a_config() {
-    let array =
-        br#"["1.0.0","dind","bridge-nat",null,{"portMappings":[]},null,null,null,{"rules":[]},
+    let array = br#"["1.0.0","dind","bridge-nat",null,{"portMappings":[]},null,null,null,{"rules":[]},
                     null,null,null,null,null,null,null]"#;
-    let e = decode(array)
-        .err()
-        .expect("an array is not a network config");
+    let e = decode(array).err().expect("an array is not a network config");
     assert_eq!(e.code, 6);
 }
 
@@ -1358,8 +904,7 @@ fn arb_json() -> impl Strategy<Value = Value> {
         any::<i64>().prop_map(|n| json!(n)),
         any::<u64>().prop_map(|n| json!(n)),
         (-70_000i64..70_000).prop_map(|n| json!(n)),
-        any::<f64>().prop_filter_map("finite", |f| serde_json::Number::from_f64(f)
-            .map(Value::Number)),
+        any::<f64>().prop_filter_map("finite", |f| serde_json::Number::from_f64(f).map(Value::Number)),
         "[ -~]{0,16}".prop_map(Value::String),
         prop::sample::select(vec![
             "0x64",
@@ -1388,8 +933,7 @@ fn arb_json() -> impl Strategy<Value = Value> {
     leaf.prop_recursive(4, 64, 6, |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
-            prop::collection::vec((field_name(), inner), 0..7)
-                .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+            prop::collection::vec((field_name(), inner), 0..7).prop_map(|kv| Value::Object(kv.into_iter().collect())),
         ]
     })
 }
@@ -1399,11 +943,7 @@ fn pointers(v: &Value, at: String, out: &mut Vec<String>) {
     match v {
         Value::Object(m) => {
             for (k, c) in m {
-                pointers(
-                    c,
-                    format!("{at}/{}", k.replace('~', "~0").replace('/', "~1")),
-                    out,
-                );
+                pointers(c, format!("{at}/{}", k.replace('~', "~0").replace('/', "~1")), out);
             }
         }
         Value::Array(a) => {
@@ -1426,22 +966,16 @@ fn example_with_mappings() -> Value {
     set(&mut v, "/lockTimeoutMs", json!(1000));
     set(&mut v, "/logLevel", json!("info"));
     set(&mut v, "/iptables", json!("iptables-nft"));
-    v.as_object_mut().unwrap().insert(
-        "cni.dev/valid-attachments".into(),
-        json!([{ "containerID": "c", "ifname": "e" }]),
-    );
+    v.as_object_mut()
+        .unwrap()
+        .insert("cni.dev/valid-attachments".into(), json!([{ "containerID": "c", "ifname": "e" }]));
     v
 }
 
 #[track_caller]
 fn decode_then_validate_is_total(bytes: &[u8]) -> std::result::Result<(), TestCaseError> {
     if let Err(e) = decode(bytes).and_then(NetConfDraft::validate) {
-        prop_assert!(
-            e.code == 6 || e.code == 7,
-            "code {} for {:?}",
-            e.code,
-            e.msg
-        );
+        prop_assert!(e.code == 6 || e.code == 7, "code {} for {:?}", e.code, e.msg);
         prop_assert!(!e.msg.is_empty());
     }
     Ok(())
@@ -1478,12 +1012,7 @@ fn arb_rule() -> impl Strategy<Value = GenRule> {
         prop::sample::select(vec!["tcp", "udp", "sctp", "", "icmp"]),
         prop::option::of((arb_mark(), prop_oneof![4 => 95i64..110, 1 => -1i64..260])),
     )
-        .prop_map(|(host_port, dest_port, protocol, routing)| GenRule {
-            host_port,
-            dest_port,
-            protocol,
-            routing,
-        })
+        .prop_map(|(host_port, dest_port, protocol, routing)| GenRule { host_port, dest_port, protocol, routing })
 }
 
 proptest! {

@@ -15,10 +15,7 @@ pub struct Iptables {
 
 impl Iptables {
     pub fn new(base: &str, wait: Duration) -> Iptables {
-        Iptables {
-            base: base.to_string(),
-            wait,
-        }
+        Iptables { base: base.to_string(), wait }
     }
 
     fn tool(&self, family: Family, suffix: &str) -> String {
@@ -54,24 +51,15 @@ impl Iptables {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| Error::new(code::FIREWALL, format!("run {tool}: {e}")))?;
-        let written = child
-            .stdin
-            .take()
-            .expect("stdin is piped")
-            .write_all(script.as_bytes());
-        let out = child
-            .wait_with_output()
-            .map_err(|e| Error::new(code::FIREWALL, format!("wait for {tool}: {e}")))?;
+        let written = child.stdin.take().expect("stdin is piped").write_all(script.as_bytes());
+        let out = child.wait_with_output().map_err(|e| Error::new(code::FIREWALL, format!("wait for {tool}: {e}")))?;
         if let Err(e) = written {
             return Err(Error::new(code::FIREWALL, format!("write to {tool}: {e}")));
         }
         if !out.status.success() {
             let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
-            return Err(Error::new(
-                code::FIREWALL,
-                format!("{tool} failed ({}): {stderr}", out.status),
-            )
-            .with_details(script.to_string()));
+            return Err(Error::new(code::FIREWALL, format!("{tool} failed ({}): {stderr}", out.status))
+                .with_details(script.to_string()));
         }
         Ok(())
     }
@@ -88,10 +76,7 @@ impl Iptables {
                 .map_err(|e| Error::new(code::FIREWALL, format!("run {tool}: {e}")))?;
             if !out.status.success() {
                 let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
-                return Err(Error::new(
-                    code::FIREWALL,
-                    format!("{tool} failed ({}): {stderr}", out.status),
-                ));
+                return Err(Error::new(code::FIREWALL, format!("{tool} failed ({}): {stderr}", out.status)));
             }
             let part = parse_save(family, &String::from_utf8_lossy(&out.stdout));
             cur.rules.extend(part.rules);
@@ -115,10 +100,7 @@ impl Iptables {
         } else {
             Err(Error::new(
                 code::NOT_AVAILABLE,
-                format!(
-                    "{tool} failed: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ),
+                format!("{tool} failed: {}", String::from_utf8_lossy(&out.stderr).trim()),
             ))
         }
     }
@@ -131,14 +113,8 @@ mod tests {
     #[test]
     fn ipv6_tools_follow_the_configured_variant() {
         let ipt = Iptables::new("/usr/sbin/iptables-legacy", Duration::from_secs(1));
-        assert_eq!(
-            ipt.tool(Family::Ipv6, "-restore"),
-            "/usr/sbin/ip6tables-legacy-restore"
-        );
-        assert_eq!(
-            ipt.tool(Family::Ipv4, "-save"),
-            "/usr/sbin/iptables-legacy-save"
-        );
+        assert_eq!(ipt.tool(Family::Ipv6, "-restore"), "/usr/sbin/ip6tables-legacy-restore");
+        assert_eq!(ipt.tool(Family::Ipv4, "-save"), "/usr/sbin/iptables-legacy-save");
         let ipt = Iptables::new("iptables", Duration::from_secs(1));
         assert_eq!(ipt.tool(Family::Ipv6, "-save"), "ip6tables-save");
     }

@@ -28,12 +28,7 @@ pub struct Rule {
 
 impl Rule {
     pub fn new(family: Family, table: &str, chain: &str, spec: impl Into<String>) -> Rule {
-        Rule {
-            family,
-            table: table.into(),
-            chain: chain.into(),
-            spec: spec.into(),
-        }
+        Rule { family, table: table.into(), chain: chain.into(), spec: spec.into() }
     }
 
     /// Jumps from built-in chains go to the top, so an earlier DROP or RETURN cannot defeat them.
@@ -75,10 +70,7 @@ impl Current {
     pub fn from_rules<'a>(rules: impl IntoIterator<Item = &'a Rule>) -> Current {
         let rules: BTreeSet<&Rule> = rules.into_iter().collect();
         let chains = chains_used(rules.iter().copied());
-        Current {
-            rules: rules.into_iter().cloned().collect(),
-            chains,
-        }
+        Current { rules: rules.into_iter().cloned().collect(), chains }
     }
 }
 
@@ -137,15 +129,12 @@ pub fn diff(current: &Current, desired: &BTreeSet<Rule>) -> Transaction {
         lines(&mut tx, *f, t).push(format!(":{c} - [0:0]"));
     }
     let mut seen: BTreeSet<&Rule> = BTreeSet::new();
-    let (jumps, others): (Vec<&Rule>, Vec<&Rule>) = current
-        .rules
-        .iter()
-        .partition(|r| r.jump_target().is_some());
+    let (jumps, others): (Vec<&Rule>, Vec<&Rule>) = current.rules.iter().partition(|r| r.jump_target().is_some());
     // Jumps go first so that removed chains are no longer referenced.
     for r in jumps.into_iter().chain(others) {
         let keep = desired.contains(r) && seen.insert(r);
-        let chain_survives = !is_own_chain(&r.chain)
-            || want_chains.contains(&(r.family, r.table.clone(), r.chain.clone()));
+        let chain_survives =
+            !is_own_chain(&r.chain) || want_chains.contains(&(r.family, r.table.clone(), r.chain.clone()));
         if !keep && chain_survives {
             lines(&mut tx, r.family, &r.table).push(format!("-D {} {}", r.chain, r.spec));
         }
@@ -179,8 +168,7 @@ pub fn parse_save(family: Family, text: &str) -> Current {
         } else if let Some(decl) = line.strip_prefix(':') {
             let chain = decl.split_whitespace().next().unwrap_or("");
             if is_own_chain(chain) {
-                cur.chains
-                    .insert((family, table.clone(), chain.to_string()));
+                cur.chains.insert((family, table.clone(), chain.to_string()));
             }
         } else if let Some(rest) = line.strip_prefix("-A ") {
             let (chain, spec) = rest.split_once(' ').unwrap_or((rest, ""));

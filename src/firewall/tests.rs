@@ -21,18 +21,8 @@ fn r6(table: &str, chain: &str, spec: &str) -> Rule {
 fn jumps(f: Family) -> Vec<Rule> {
     let c = "-m comment --comment bridge-nat";
     vec![
-        Rule::new(
-            f,
-            "nat",
-            "PREROUTING",
-            format!("-m addrtype --dst-type LOCAL {c} -j {DNAT}"),
-        ),
-        Rule::new(
-            f,
-            "nat",
-            "OUTPUT",
-            format!("-m addrtype --dst-type LOCAL {c} -j {DNAT}"),
-        ),
+        Rule::new(f, "nat", "PREROUTING", format!("-m addrtype --dst-type LOCAL {c} -j {DNAT}")),
+        Rule::new(f, "nat", "OUTPUT", format!("-m addrtype --dst-type LOCAL {c} -j {DNAT}")),
         Rule::new(f, "nat", "POSTROUTING", format!("{c} -j {POSTRT}")),
         Rule::new(f, "filter", "FORWARD", format!("{c} -j {FWD}")),
     ]
@@ -43,11 +33,7 @@ fn network_v4() -> Vec<Rule> {
     let c = "-m comment --comment bridge-nat:dind";
     vec![
         r4("filter", FWD, &format!("-i dind-br0 {c} -j ACCEPT")),
-        r4(
-            "nat",
-            POSTRT,
-            &format!("-s 10.20.0.0/24 ! -o dind-br0 {c} -j MASQUERADE"),
-        ),
+        r4("nat", POSTRT, &format!("-s 10.20.0.0/24 ! -o dind-br0 {c} -j MASQUERADE")),
     ]
 }
 
@@ -74,10 +60,7 @@ fn two_attachments() -> BTreeSet<Rule> {
 }
 
 fn lines<'t>(tx: &'t Transaction, f: Family, table: &str) -> Vec<&'t str> {
-    tx.tables
-        .get(&(f, table.to_string()))
-        .map(|l| l.iter().map(String::as_str).collect())
-        .unwrap_or_default()
+    tx.tables.get(&(f, table.to_string())).map(|l| l.iter().map(String::as_str).collect()).unwrap_or_default()
 }
 
 fn all_lines(tx: &Transaction) -> Vec<String> {
@@ -88,11 +71,8 @@ fn all_lines(tx: &Transaction) -> Vec<String> {
 
 #[test]
 fn from_empty_declares_chains_appends_rules_and_inserts_jumps() {
-    let desired: BTreeSet<Rule> = jumps(Family::Ipv4)
-        .into_iter()
-        .chain(network_v4())
-        .chain(attachment_v4("c1", "10.20.0.10", 30080))
-        .collect();
+    let desired: BTreeSet<Rule> =
+        jumps(Family::Ipv4).into_iter().chain(network_v4()).chain(attachment_v4("c1", "10.20.0.10", 30080)).collect();
     let tx = diff(&Current::default(), &desired);
     assert_eq!(
         lines(&tx, Family::Ipv4, "nat"),
@@ -119,17 +99,14 @@ fn from_empty_declares_chains_appends_rules_and_inserts_jumps() {
     assert!(!tx.is_empty());
 
     let script = tx.script(Family::Ipv4).expect("v4 script");
+    assert!(script.starts_with("*filter\n:BRIDGE-NAT-FORWARD - [0:0]\n"), "{script}");
     assert!(
-        script.starts_with("*filter\n:BRIDGE-NAT-FORWARD - [0:0]\n"),
+        script.contains("-I FORWARD 1 -m comment --comment bridge-nat -j BRIDGE-NAT-FORWARD\nCOMMIT\n*nat\n"),
         "{script}"
     );
-    assert!(
-        script.contains(
-            "-I FORWARD 1 -m comment --comment bridge-nat -j BRIDGE-NAT-FORWARD\nCOMMIT\n*nat\n"
-        ),
-        "{script}"
-    );
-    assert!(script.ends_with("-I PREROUTING 1 -m addrtype --dst-type LOCAL -m comment --comment bridge-nat -j BRIDGE-NAT-DNAT\nCOMMIT\n"));
+    assert!(script.ends_with(
+        "-I PREROUTING 1 -m addrtype --dst-type LOCAL -m comment --comment bridge-nat -j BRIDGE-NAT-DNAT\nCOMMIT\n"
+    ));
     assert_eq!(script.matches("COMMIT\n").count(), 2);
     assert_eq!(script.lines().count(), 2 + 7 + 2 + 4);
     assert_eq!(tx.script(Family::Ipv6), None);
@@ -142,54 +119,32 @@ fn each_own_chain_is_declared_once_per_family_and_table() {
         .chain(jumps(Family::Ipv6))
         .chain(attachment_v4("c1", "10.20.0.10", 30080))
         .chain(attachment_v4("c2", "10.20.0.11", 30081))
-        .chain([r6(
-            "nat",
-            DNAT,
-            "-p udp -m udp --dport 53 -j DNAT --to-destination [fd00::10]:53",
-        )])
+        .chain([r6("nat", DNAT, "-p udp -m udp --dport 53 -j DNAT --to-destination [fd00::10]:53")])
         .collect();
     let tx = diff(&Current::default(), &desired);
     for f in [Family::Ipv4, Family::Ipv6] {
         let nat = lines(&tx, f, "nat");
-        assert_eq!(
-            nat.iter()
-                .filter(|l| **l == ":BRIDGE-NAT-DNAT - [0:0]")
-                .count(),
-            1
-        );
-        assert_eq!(
-            nat.iter()
-                .filter(|l| **l == ":BRIDGE-NAT-POSTRT - [0:0]")
-                .count(),
-            1
-        );
+        assert_eq!(nat.iter().filter(|l| **l == ":BRIDGE-NAT-DNAT - [0:0]").count(), 1);
+        assert_eq!(nat.iter().filter(|l| **l == ":BRIDGE-NAT-POSTRT - [0:0]").count(), 1);
         let filter = lines(&tx, f, "filter");
         assert_eq!(filter[0], ":BRIDGE-NAT-FORWARD - [0:0]");
         assert_eq!(filter.iter().filter(|l| l.starts_with(':')).count(), 1);
-        assert_eq!(
-            filter.last(),
-            Some(&"-I FORWARD 1 -m comment --comment bridge-nat -j BRIDGE-NAT-FORWARD")
-        );
+        assert_eq!(filter.last(), Some(&"-I FORWARD 1 -m comment --comment bridge-nat -j BRIDGE-NAT-FORWARD"));
         // Declarations come before any rule.
         let first_rule = nat.iter().position(|l| l.starts_with('-')).unwrap();
         assert!(nat[..first_rule].iter().all(|l| l.starts_with(':')));
         assert!(nat[first_rule..].iter().all(|l| !l.starts_with(':')));
     }
     let v6 = tx.script(Family::Ipv6).expect("v6 script");
-    assert!(v6.contains(
-        "-A BRIDGE-NAT-DNAT -p udp -m udp --dport 53 -j DNAT --to-destination [fd00::10]:53\n"
-    ));
+    assert!(v6.contains("-A BRIDGE-NAT-DNAT -p udp -m udp --dport 53 -j DNAT --to-destination [fd00::10]:53\n"));
     assert!(!v6.contains("10.20.0"));
     assert!(!tx.script(Family::Ipv4).unwrap().contains("fd00"));
 }
 
 #[test]
 fn own_chain_jumps_are_appended_not_inserted() {
-    let desired: BTreeSet<Rule> = [
-        r4("nat", POSTRT, "-j BRIDGE-NAT-MASQ"),
-        r4("nat", "BRIDGE-NAT-MASQ", "-j MASQUERADE"),
-    ]
-    .into();
+    let desired: BTreeSet<Rule> =
+        [r4("nat", POSTRT, "-j BRIDGE-NAT-MASQ"), r4("nat", "BRIDGE-NAT-MASQ", "-j MASQUERADE")].into();
     let tx = diff(&Current::default(), &desired);
     assert_eq!(
         lines(&tx, Family::Ipv4, "nat"),
@@ -224,10 +179,7 @@ fn from_rules_collects_own_chains_and_jump_targets() {
     .into();
     assert_eq!(cur.chains, want);
     // Duplicates in the input collapse.
-    let doubled: Vec<Rule> = jumps(Family::Ipv6)
-        .into_iter()
-        .chain(jumps(Family::Ipv6))
-        .collect();
+    let doubled: Vec<Rule> = jumps(Family::Ipv6).into_iter().chain(jumps(Family::Ipv6)).collect();
     assert_eq!(Current::from_rules(&doubled).rules.len(), 4);
 }
 
@@ -273,9 +225,7 @@ fn removing_everything_deletes_jumps_then_flushes_and_removes_chains() {
         ]
     );
     // No -D for a rule inside a chain that goes.
-    assert!(!all_lines(&tx)
-        .iter()
-        .any(|l| l.starts_with("-D BRIDGE-NAT-")));
+    assert!(!all_lines(&tx).iter().any(|l| l.starts_with("-D BRIDGE-NAT-")));
 }
 
 #[test]
@@ -283,10 +233,7 @@ fn jumps_are_deleted_before_other_rules() {
     // Current lists the jump last; the delete still comes first.
     let mut rules: Vec<Rule> = network_v4();
     rules.extend(jumps(Family::Ipv4));
-    let cur = Current {
-        rules: rules.clone(),
-        chains: Current::from_rules(&rules).chains,
-    };
+    let cur = Current { rules: rules.clone(), chains: Current::from_rules(&rules).chains };
     let keep: BTreeSet<Rule> = [r4("filter", FWD, "-j RETURN")].into();
     let tx = diff(&cur, &keep);
     assert_eq!(
@@ -313,10 +260,7 @@ fn duplicates_in_current_are_deleted_down_to_what_is_desired() {
     assert_eq!(all_lines(&tx), vec![del.clone()]);
 
     // Not desired, chain stays: both copies go.
-    let desired: BTreeSet<Rule> = two_attachments()
-        .into_iter()
-        .filter(|r| *r != dup)
-        .collect();
+    let desired: BTreeSet<Rule> = two_attachments().into_iter().filter(|r| *r != dup).collect();
     let tx = diff(&cur, &desired);
     assert_eq!(all_lines(&tx), vec![del.clone(), del]);
 }
@@ -327,10 +271,7 @@ fn duplicate_jumps_are_deleted_too() {
     let mut rules: Vec<Rule> = two_attachments().into_iter().collect();
     rules.push(j.clone());
     rules.push(j.clone());
-    let cur = Current {
-        chains: Current::from_rules(&rules).chains,
-        rules,
-    };
+    let cur = Current { chains: Current::from_rules(&rules).chains, rules };
     let tx = diff(&cur, &two_attachments());
     let d = format!("-D PREROUTING {}", j.spec);
     assert_eq!(all_lines(&tx), vec![d.clone(), d]);
@@ -341,29 +282,19 @@ fn stale_rule_nobody_wants_is_deleted() {
     let stale = r4("nat", DNAT, "-p tcp -m tcp --dport 9999 -m comment --comment bridge-nat:dind:gone:net1 -j DNAT --to-destination 10.20.0.99:80");
     let mut rules: Vec<Rule> = two_attachments().into_iter().collect();
     rules.insert(3, stale.clone());
-    let cur = Current {
-        chains: Current::from_rules(&rules).chains,
-        rules,
-    };
+    let cur = Current { chains: Current::from_rules(&rules).chains, rules };
     let tx = diff(&cur, &two_attachments());
-    assert_eq!(
-        all_lines(&tx),
-        vec![format!("-D BRIDGE-NAT-DNAT {}", stale.spec)]
-    );
+    assert_eq!(all_lines(&tx), vec![format!("-D BRIDGE-NAT-DNAT {}", stale.spec)]);
 }
 
 #[test]
 fn stale_own_chain_nobody_uses_is_removed_and_missing_chain_created() {
     let desired = two_attachments();
     let mut cur = Current::from_rules(&desired);
-    cur.chains
-        .insert((Family::Ipv4, "nat".into(), "BRIDGE-NAT-OLD".into()));
+    cur.chains.insert((Family::Ipv4, "nat".into(), "BRIDGE-NAT-OLD".into()));
     cur.rules.push(r4("nat", "BRIDGE-NAT-OLD", "-j RETURN"));
     let tx = diff(&cur, &desired);
-    assert_eq!(
-        all_lines(&tx),
-        vec![":BRIDGE-NAT-OLD - [0:0]", "-X BRIDGE-NAT-OLD"]
-    );
+    assert_eq!(all_lines(&tx), vec![":BRIDGE-NAT-OLD - [0:0]", "-X BRIDGE-NAT-OLD"]);
 
     // The kernel lost a chain the records believe in: it is declared again and refilled.
     let mut cur = Current::from_rules(&desired);
@@ -372,13 +303,7 @@ fn stale_own_chain_nobody_uses_is_removed_and_missing_chain_created() {
     let tx = diff(&cur, &desired);
     let filter = lines(&tx, Family::Ipv4, "filter");
     assert_eq!(filter[0], ":BRIDGE-NAT-FORWARD - [0:0]");
-    assert_eq!(
-        filter
-            .iter()
-            .filter(|l| l.starts_with("-A BRIDGE-NAT-FORWARD "))
-            .count(),
-        3
-    );
+    assert_eq!(filter.iter().filter(|l| l.starts_with("-A BRIDGE-NAT-FORWARD ")).count(), 3);
     assert!(lines(&tx, Family::Ipv4, "nat").is_empty());
 }
 
@@ -404,8 +329,7 @@ fn removing_chains_that_jump_to_each_other_deletes_the_referrer_first() {
     let cur = Current::from_rules(&rules);
     let tx = diff(&cur, &BTreeSet::new());
     let mut sim = Sim::from_current(&cur);
-    sim.apply_tx(&tx)
-        .unwrap_or_else(|e| panic!("{e}\n{}", tx.script(Family::Ipv4).unwrap()));
+    sim.apply_tx(&tx).unwrap_or_else(|e| panic!("{e}\n{}", tx.script(Family::Ipv4).unwrap()));
     assert!(sim.rules().is_empty());
 }
 
@@ -470,16 +394,7 @@ fn save_rules() -> Vec<Rule> {
     let j = jumps(Family::Ipv4);
     let n = network_v4();
     let a = attachment_v4("c1", "10.20.0.10", 30080);
-    vec![
-        j[0].clone(),
-        j[1].clone(),
-        j[2].clone(),
-        a[0].clone(),
-        n[1].clone(),
-        j[3].clone(),
-        n[0].clone(),
-        a[1].clone(),
-    ]
+    vec![j[0].clone(), j[1].clone(), j[2].clone(), a[0].clone(), n[1].clone(), j[3].clone(), n[0].clone(), a[1].clone()]
 }
 
 #[test]
@@ -494,9 +409,10 @@ fn parse_save_keeps_own_chains_their_rules_and_jumps() {
     .into();
     assert_eq!(cur.chains, chains);
     assert!(cur.rules.iter().all(|r| !r.spec.contains('"')));
-    assert!(!cur.rules.iter().any(|r| r.spec.contains("KUBE")
-        || r.spec.contains("DOCKER")
-        || r.spec.contains("docker0")));
+    assert!(!cur
+        .rules
+        .iter()
+        .any(|r| r.spec.contains("KUBE") || r.spec.contains("DOCKER") || r.spec.contains("docker0")));
 }
 
 #[test]
@@ -507,10 +423,7 @@ fn parse_save_then_diff_to_the_same_rules_is_empty() {
     // And removing the plugin touches nothing foreign.
     let tx = diff(&cur, &BTreeSet::new());
     let script = tx.script(Family::Ipv4).unwrap();
-    assert!(
-        !script.contains("KUBE") && !script.contains("DOCKER"),
-        "{script}"
-    );
+    assert!(!script.contains("KUBE") && !script.contains("DOCKER"), "{script}");
     assert_eq!(script.matches("-X ").count(), 3);
 }
 
@@ -528,10 +441,7 @@ fn parse_save_sets_the_family_and_handles_v6() {
             r6("nat", DNAT, "-p tcp -m tcp --dport 30080 -m comment --comment bridge-nat:dind:c1:net1 -j DNAT --to-destination [fd00::10]:8080"),
         ]
     );
-    assert_eq!(
-        cur.chains.iter().map(|c| c.0).collect::<Vec<_>>(),
-        vec![Family::Ipv6]
-    );
+    assert_eq!(cur.chains.iter().map(|c| c.0).collect::<Vec<_>>(), vec![Family::Ipv6]);
 }
 
 #[test]
@@ -553,45 +463,21 @@ fn parse_save_keeps_duplicates_and_an_empty_own_chain() {
 
 #[test]
 fn comments_that_need_quotes_stay_quoted() {
-    assert_eq!(
-        unquote_comment("-m comment --comment \"a b\" -j X"),
-        "-m comment --comment \"a b\" -j X"
-    );
-    assert_eq!(
-        unquote_comment("-m comment --comment \"a\\\"b\" -j X"),
-        "-m comment --comment \"a\\\"b\" -j X"
-    );
-    assert_eq!(
-        unquote_comment("-m comment --comment \"a:b\" -j X"),
-        "-m comment --comment a:b -j X"
-    );
-    assert_eq!(
-        unquote_comment("-m comment --comment \"a:b\""),
-        "-m comment --comment a:b"
-    );
-    assert_eq!(
-        unquote_comment("-m comment --comment plain -j X"),
-        "-m comment --comment plain -j X"
-    );
+    assert_eq!(unquote_comment("-m comment --comment \"a b\" -j X"), "-m comment --comment \"a b\" -j X");
+    assert_eq!(unquote_comment("-m comment --comment \"a\\\"b\" -j X"), "-m comment --comment \"a\\\"b\" -j X");
+    assert_eq!(unquote_comment("-m comment --comment \"a:b\" -j X"), "-m comment --comment a:b -j X");
+    assert_eq!(unquote_comment("-m comment --comment \"a:b\""), "-m comment --comment a:b");
+    assert_eq!(unquote_comment("-m comment --comment plain -j X"), "-m comment --comment plain -j X");
 }
 
 #[test]
 fn jump_target_and_builtin() {
     assert_eq!(jumps(Family::Ipv4)[0].jump_target(), Some(DNAT));
-    assert_eq!(
-        r4("nat", DNAT, "-p tcp -j DNAT --to-destination 1.2.3.4:5").jump_target(),
-        None
-    );
-    assert_eq!(
-        r4("filter", "FORWARD", "-j DOCKER-USER").jump_target(),
-        None
-    );
+    assert_eq!(r4("nat", DNAT, "-p tcp -j DNAT --to-destination 1.2.3.4:5").jump_target(), None);
+    assert_eq!(r4("filter", "FORWARD", "-j DOCKER-USER").jump_target(), None);
     assert!(r4("filter", "FORWARD", "-j X").in_builtin_chain());
     assert!(!r4("filter", FWD, "-j X").in_builtin_chain());
-    assert_eq!(
-        r4("nat", DNAT, "-j RETURN").to_string(),
-        "ipv4 nat -A BRIDGE-NAT-DNAT -j RETURN"
-    );
+    assert_eq!(r4("nat", DNAT, "-j RETURN").to_string(), "ipv4 nat -A BRIDGE-NAT-DNAT -j RETURN");
 }
 
 // ---------------------------------------------------------------- simulator and properties
@@ -613,19 +499,14 @@ impl Sim {
             s.chains.entry(c.clone()).or_default();
         }
         for r in &cur.rules {
-            s.chains
-                .entry((r.family, r.table.clone(), r.chain.clone()))
-                .or_default()
-                .push(r.spec.clone());
+            s.chains.entry((r.family, r.table.clone(), r.chain.clone())).or_default().push(r.spec.clone());
         }
         s
     }
 
     fn chain_mut(&mut self, key: &ChainKey) -> std::result::Result<&mut Vec<String>, String> {
         if is_own_chain(&key.2) {
-            self.chains
-                .get_mut(key)
-                .ok_or_else(|| format!("no chain {key:?}"))
+            self.chains.get_mut(key).ok_or_else(|| format!("no chain {key:?}"))
         } else {
             Ok(self.chains.entry(key.clone()).or_default())
         }
@@ -633,11 +514,7 @@ impl Sim {
 
     fn check_target(&self, f: Family, table: &str, spec: &str) -> std::result::Result<(), String> {
         match Rule::new(f, table, "X", spec).jump_target() {
-            Some(t)
-                if !self
-                    .chains
-                    .contains_key(&(f, table.to_string(), t.to_string())) =>
-            {
+            Some(t) if !self.chains.contains_key(&(f, table.to_string(), t.to_string())) => {
                 Err(format!("jump to missing chain {t}"))
             }
             _ => Ok(()),
@@ -655,16 +532,12 @@ impl Sim {
                 table = None;
                 continue;
             }
-            let t = table
-                .clone()
-                .ok_or_else(|| format!("{line:?} outside a table"))?;
+            let t = table.clone().ok_or_else(|| format!("{line:?} outside a table"))?;
             let key = |c: &str| (f, t.clone(), c.to_string());
             if let Some(decl) = line.strip_prefix(':') {
                 let (c, rest) = decl.split_once(' ').ok_or("bad declaration")?;
                 if rest != "- [0:0]" || !is_own_chain(c) {
-                    return Err(format!(
-                        "declaration {line:?} of a built-in or foreign chain"
-                    ));
+                    return Err(format!("declaration {line:?} of a built-in or foreign chain"));
                 }
                 self.chains.entry(key(c)).or_default().clear();
             } else if let Some(rest) = line.strip_prefix("-A ") {
@@ -679,10 +552,7 @@ impl Sim {
             } else if let Some(rest) = line.strip_prefix("-D ") {
                 let (c, spec) = rest.split_once(' ').ok_or("bad -D")?;
                 let chain = self.chain_mut(&key(c))?;
-                let at = chain
-                    .iter()
-                    .position(|s| s == spec)
-                    .ok_or_else(|| format!("{line:?}: no such rule"))?;
+                let at = chain.iter().position(|s| s == spec).ok_or_else(|| format!("{line:?}: no such rule"))?;
                 chain.remove(at);
             } else if let Some(c) = line.strip_prefix("-X ") {
                 let k = key(c);
@@ -691,17 +561,13 @@ impl Sim {
                 }
                 match self.chains.get(&k) {
                     None => return Err(format!("{line:?}: no such chain")),
-                    Some(rules) if !rules.is_empty() => {
-                        return Err(format!("{line:?}: chain not empty"))
-                    }
+                    Some(rules) if !rules.is_empty() => return Err(format!("{line:?}: chain not empty")),
                     Some(_) => {}
                 }
                 let referenced = self.chains.iter().any(|((rf, rt, rc), specs)| {
                     *rf == f
                         && *rt == t
-                        && specs
-                            .iter()
-                            .any(|s| Rule::new(f, &t, rc, s.as_str()).jump_target() == Some(c))
+                        && specs.iter().any(|s| Rule::new(f, &t, rc, s.as_str()).jump_target() == Some(c))
                 });
                 if referenced {
                     return Err(format!("{line:?}: chain still referenced"));
@@ -729,25 +595,16 @@ impl Sim {
     fn rules(&self) -> Vec<Rule> {
         self.chains
             .iter()
-            .flat_map(|((f, t, c), specs)| {
-                specs.iter().map(move |s| Rule::new(*f, t, c, s.as_str()))
-            })
+            .flat_map(|((f, t, c), specs)| specs.iter().map(move |s| Rule::new(*f, t, c, s.as_str())))
             .collect()
     }
 
     fn own_chains(&self) -> BTreeSet<ChainKey> {
-        self.chains
-            .keys()
-            .filter(|k| is_own_chain(&k.2))
-            .cloned()
-            .collect()
+        self.chains.keys().filter(|k| is_own_chain(&k.2)).cloned().collect()
     }
 
     fn current(&self) -> Current {
-        Current {
-            rules: self.rules(),
-            chains: self.own_chains(),
-        }
+        Current { rules: self.rules(), chains: self.own_chains() }
     }
 }
 
@@ -778,43 +635,20 @@ fn universe() -> Vec<Rule> {
             POSTRT,
             "-s subnet ! -o dind-br0 -m comment --comment bridge-nat:dind -j MASQUERADE",
         ));
-        u.push(Rule::new(
-            f,
-            "nat",
-            POSTRT,
-            "-s subnet -o dind-br0 -m comment --comment bridge-nat:dind -j MASQUERADE",
-        ));
-        u.push(Rule::new(
-            f,
-            "filter",
-            FWD,
-            "-i dind-br0 -m comment --comment bridge-nat:dind -j ACCEPT",
-        ));
+        u.push(Rule::new(f, "nat", POSTRT, "-s subnet -o dind-br0 -m comment --comment bridge-nat:dind -j MASQUERADE"));
+        u.push(Rule::new(f, "filter", FWD, "-i dind-br0 -m comment --comment bridge-nat:dind -j ACCEPT"));
     }
-    u.push(r4(
-        "mangle",
-        "BRIDGE-NAT-MARK",
-        "-j MARK --set-xmark 0x64/0x1fff",
-    ));
+    u.push(r4("mangle", "BRIDGE-NAT-MARK", "-j MARK --set-xmark 0x64/0x1fff"));
     u.push(r4("mangle", "BRIDGE-NAT-MARK", "-j CONNMARK --save-mark"));
     u
 }
 
 fn pick(universe: &[Rule], counts: &[u8]) -> Vec<Rule> {
-    universe
-        .iter()
-        .zip(counts)
-        .flat_map(|(r, n)| std::iter::repeat_n(r.clone(), *n as usize))
-        .collect()
+    universe.iter().zip(counts).flat_map(|(r, n)| std::iter::repeat_n(r.clone(), *n as usize)).collect()
 }
 
 fn set_of(universe: &[Rule], mask: &[bool]) -> BTreeSet<Rule> {
-    universe
-        .iter()
-        .zip(mask)
-        .filter(|(_, k)| **k)
-        .map(|(r, _)| r.clone())
-        .collect()
+    universe.iter().zip(mask).filter(|(_, k)| **k).map(|(r, _)| r.clone()).collect()
 }
 
 fn check_reaches(cur: &Current, b: &BTreeSet<Rule>) -> std::result::Result<(), TestCaseError> {

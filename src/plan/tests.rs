@@ -36,10 +36,7 @@ fn mappings_conf(mappings: Value) -> NetConf {
 
 /// A prevResult as the bridge plugin writes it, with the given pod addresses (with prefix).
 fn prev(addrs: &[&str]) -> Value {
-    let ips: Vec<Value> = addrs
-        .iter()
-        .map(|a| json!({ "interface": 2, "address": a }))
-        .collect();
+    let ips: Vec<Value> = addrs.iter().map(|a| json!({ "interface": 2, "address": a })).collect();
     json!({
         "cniVersion": "1.0.0",
         "interfaces": [
@@ -56,19 +53,11 @@ fn att(c: &NetConf, addrs: &[&str]) -> Attachment {
 }
 
 fn id() -> AttachmentId {
-    AttachmentId {
-        network: "dind".into(),
-        container_id: "CID".into(),
-        ifname: "net1".into(),
-    }
+    AttachmentId { network: "dind".into(), container_id: "CID".into(), ifname: "net1".into() }
 }
 
 fn id_of(container: &str, ifname: &str) -> AttachmentId {
-    AttachmentId {
-        network: "dind".into(),
-        container_id: container.into(),
-        ifname: ifname.into(),
-    }
+    AttachmentId { network: "dind".into(), container_id: container.into(), ifname: ifname.into() }
 }
 
 #[track_caller]
@@ -90,50 +79,22 @@ fn rule_in(family: Family, table: &str, chain: &str, spec: &str) -> Rule {
 
 fn global_jumps(f: Family) -> Vec<Rule> {
     vec![
-        rule_in(
-            f,
-            "nat",
-            "PREROUTING",
-            &format!("-m addrtype --dst-type LOCAL {GLOBAL} -j BRIDGE-NAT-DNAT"),
-        ),
-        rule_in(
-            f,
-            "nat",
-            "OUTPUT",
-            &format!("-m addrtype --dst-type LOCAL {GLOBAL} -j BRIDGE-NAT-DNAT"),
-        ),
-        rule_in(
-            f,
-            "nat",
-            "POSTROUTING",
-            &format!("{GLOBAL} -j BRIDGE-NAT-POSTRT"),
-        ),
-        rule_in(
-            f,
-            "filter",
-            "FORWARD",
-            &format!("{GLOBAL} -j BRIDGE-NAT-FORWARD"),
-        ),
+        rule_in(f, "nat", "PREROUTING", &format!("-m addrtype --dst-type LOCAL {GLOBAL} -j BRIDGE-NAT-DNAT")),
+        rule_in(f, "nat", "OUTPUT", &format!("-m addrtype --dst-type LOCAL {GLOBAL} -j BRIDGE-NAT-DNAT")),
+        rule_in(f, "nat", "POSTROUTING", &format!("{GLOBAL} -j BRIDGE-NAT-POSTRT")),
+        rule_in(f, "filter", "FORWARD", &format!("{GLOBAL} -j BRIDGE-NAT-FORWARD")),
     ]
 }
 
 fn masquerade_v4() -> Rule {
-    r4(
-        "nat",
-        "BRIDGE-NAT-POSTRT",
-        &format!("-s 10.20.0.0/24 ! -o {BR} {NET} -j MASQUERADE"),
-    )
+    r4("nat", "BRIDGE-NAT-POSTRT", &format!("-s 10.20.0.0/24 ! -o {BR} {NET} -j MASQUERADE"))
 }
 
 /// Everything a v4 attachment on 10.20.0.0/24 gets whatever its forwards.
 fn shared_v4() -> BTreeSet<Rule> {
     let mut s: BTreeSet<Rule> = global_jumps(Family::Ipv4).into_iter().collect();
     s.extend([
-        r4(
-            "filter",
-            "BRIDGE-NAT-FORWARD",
-            &format!("-i {BR} {NET} -j ACCEPT"),
-        ),
+        r4("filter", "BRIDGE-NAT-FORWARD", &format!("-i {BR} {NET} -j ACCEPT")),
         r4(
             "filter",
             "BRIDGE-NAT-FORWARD",
@@ -157,11 +118,7 @@ fn shared_v4() -> BTreeSet<Rule> {
 fn shared_v6() -> BTreeSet<Rule> {
     let mut s: BTreeSet<Rule> = global_jumps(Family::Ipv6).into_iter().collect();
     s.extend([
-        r6(
-            "filter",
-            "BRIDGE-NAT-FORWARD",
-            &format!("-i {BR} {NET} -j ACCEPT"),
-        ),
+        r6("filter", "BRIDGE-NAT-FORWARD", &format!("-i {BR} {NET} -j ACCEPT")),
         r6(
             "filter",
             "BRIDGE-NAT-FORWARD",
@@ -172,11 +129,7 @@ fn shared_v6() -> BTreeSet<Rule> {
             "BRIDGE-NAT-POSTRT",
             &format!("-s fd00::/64 -o {BR} -m conntrack --ctstate DNAT {NET} -j MASQUERADE"),
         ),
-        r6(
-            "nat",
-            "BRIDGE-NAT-POSTRT",
-            &format!("-s fd00::/64 ! -o {BR} {NET} -j MASQUERADE"),
-        ),
+        r6("nat", "BRIDGE-NAT-POSTRT", &format!("-s fd00::/64 ! -o {BR} {NET} -j MASQUERADE")),
     ]);
     s
 }
@@ -186,18 +139,11 @@ fn dnat_rules(p: &Plan) -> Vec<&Rule> {
 }
 
 fn sysctl(path: &str) -> Sysctl {
-    Sysctl {
-        path: path.into(),
-        value: "1".into(),
-    }
+    Sysctl { path: path.into(), value: "1".into() }
 }
 
 fn hp(port: u16, protocol: Protocol, host_ip: Option<&str>) -> HostPort {
-    HostPort {
-        port,
-        protocol,
-        host_ip: host_ip.map(|ip| ip.parse().unwrap()),
-    }
+    HostPort { port, protocol, host_ip: host_ip.map(|ip| ip.parse().unwrap()) }
 }
 
 // ---------------------------------------------------------------- exact rules
@@ -228,19 +174,12 @@ fn one_static_tcp_rule() {
     assert_eq!(p.bridge, BR);
     assert_eq!(
         p.forwards,
-        vec![Forward {
-            host: hp(30080, Protocol::Tcp, None),
-            pod_ip: "10.20.0.10".parse().unwrap(),
-            pod_port: 8080
-        }]
+        vec![Forward { host: hp(30080, Protocol::Tcp, None), pod_ip: "10.20.0.10".parse().unwrap(), pod_port: 8080 }]
     );
     assert_eq!(p.host_ports, vec![hp(30080, Protocol::Tcp, None)]);
     assert_eq!(
         p.sysctls,
-        vec![
-            sysctl("/proc/sys/net/ipv4/conf/dind-br0/route_localnet"),
-            sysctl("/proc/sys/net/ipv4/ip_forward")
-        ]
+        vec![sysctl("/proc/sys/net/ipv4/conf/dind-br0/route_localnet"), sysctl("/proc/sys/net/ipv4/ip_forward")]
     );
     assert_eq!(p.families(), vec![Family::Ipv4]);
     assert_eq!(p.addresses.len(), 1);
@@ -270,17 +209,13 @@ fn udp_and_sctp_rules() {
         r4(
             "filter",
             CHAIN_FORWARD,
-            &format!("-d 10.20.0.10/32 -o {BR} -p sctp -m sctp --dport 3869 -m conntrack --ctstate DNAT {TAG} -j ACCEPT"),
+            &format!(
+                "-d 10.20.0.10/32 -o {BR} -p sctp -m sctp --dport 3869 -m conntrack --ctstate DNAT {TAG} -j ACCEPT"
+            ),
         ),
     ]);
     assert_eq!(p.rules, expected);
-    assert_eq!(
-        p.host_ports,
-        vec![
-            hp(3868, Protocol::Sctp, None),
-            hp(5353, Protocol::Udp, None)
-        ]
-    );
+    assert_eq!(p.host_ports, vec![hp(3868, Protocol::Sctp, None), hp(5353, Protocol::Udp, None)]);
 }
 
 #[test]
@@ -294,26 +229,19 @@ fn port_mapping_with_host_ip() {
     assert_eq!(
         dnat,
         vec![
-            format!("-d 192.168.1.5/32 -p tcp -m tcp --dport 8443 {TAG} -j DNAT --to-destination 10.20.0.10:443").as_str(),
+            format!("-d 192.168.1.5/32 -p tcp -m tcp --dport 8443 {TAG} -j DNAT --to-destination 10.20.0.10:443")
+                .as_str(),
             format!("-p tcp -m tcp --dport 8080 {TAG} -j DNAT --to-destination 10.20.0.10:80").as_str(),
         ]
     );
-    assert!(dnat_rules(&p)
-        .iter()
-        .all(|r| r.table == "nat" && r.family == Family::Ipv4));
+    assert!(dnat_rules(&p).iter().all(|r| r.table == "nat" && r.family == Family::Ipv4));
     // The FORWARD accept is about the pod, not the host address.
     assert!(p.rules.contains(&r4(
         "filter",
         CHAIN_FORWARD,
         &format!("-d 10.20.0.10/32 -o {BR} -p tcp -m tcp --dport 443 -m conntrack --ctstate DNAT {TAG} -j ACCEPT")
     )));
-    assert_eq!(
-        p.host_ports,
-        vec![
-            hp(8080, Protocol::Tcp, None),
-            hp(8443, Protocol::Tcp, Some("192.168.1.5"))
-        ]
-    );
+    assert_eq!(p.host_ports, vec![hp(8080, Protocol::Tcp, None), hp(8443, Protocol::Tcp, Some("192.168.1.5"))]);
     assert_eq!(p.rules.len(), shared_v4().len() + 4);
 }
 
@@ -321,20 +249,12 @@ fn port_mapping_with_host_ip() {
 fn masquerade_false_removes_only_the_outbound_masquerade() {
     let rules = json!([{ "hostPort": 30080, "destPort": 8080 }]);
     let on = plan_v4(&conf(json!({ "portForwarding": { "rules": rules } })));
-    let off = plan_v4(&conf(
-        json!({ "masquerade": false, "portForwarding": { "rules": rules } }),
-    ));
+    let off = plan_v4(&conf(json!({ "masquerade": false, "portForwarding": { "rules": rules } })));
     let removed: Vec<&Rule> = on.rules.difference(&off.rules).collect();
     assert_eq!(removed, vec![&masquerade_v4()]);
     assert!(off.rules.is_subset(&on.rules));
     // The hairpin and localhost masquerades stay.
-    assert_eq!(
-        off.rules
-            .iter()
-            .filter(|r| r.spec.ends_with("-j MASQUERADE"))
-            .count(),
-        2
-    );
+    assert_eq!(off.rules.iter().filter(|r| r.spec.ends_with("-j MASQUERADE")).count(), 2);
 }
 
 #[test]
@@ -347,10 +267,7 @@ fn static_rule_for_another_pod_is_not_planned_here() {
     assert_eq!(p.forwards.len(), 1);
     assert_eq!(p.forwards[0].host.port, 30081);
     assert_eq!(p.host_ports, vec![hp(30081, Protocol::Tcp, None)]);
-    assert!(!p
-        .rules
-        .iter()
-        .any(|r| r.spec.contains("10.20.0.11") || r.spec.contains("30080")));
+    assert!(!p.rules.iter().any(|r| r.spec.contains("10.20.0.11") || r.spec.contains("30080")));
     // The other pod's own ADD plans it.
     let other = plan(&c, &id_of("OTHER", "net1"), &att(&c, &["10.20.0.11/24"])).unwrap();
     assert_eq!(other.host_ports, vec![hp(30080, Protocol::Tcp, None)]);
@@ -374,21 +291,13 @@ fn dest_ip_outside_the_subnet_is_rejected() {
     ]));
     let e = plan(&c, &id(), &att(&c, &["10.20.0.10/24"])).unwrap_err();
     assert_eq!(e.code, code::INVALID_CONFIG);
-    for needle in [
-        "portForwarding.rules[1].destIP",
-        "10.99.0.1",
-        "10.20.0.0/24",
-    ] {
+    for needle in ["portForwarding.rules[1].destIP", "10.99.0.1", "10.20.0.0/24"] {
         assert!(e.msg.contains(needle), "{:?} lacks {needle:?}", e.msg);
     }
     // A v6 destIP on a v4-only attachment is outside too.
     let c = rules_conf(json!([{ "hostPort": 30081, "destIP": "fd00::10", "destPort": 8080 }]));
     let e = plan(&c, &id(), &att(&c, &["10.20.0.10/24"])).unwrap_err();
-    assert!(
-        e.msg.contains("portForwarding.rules[0].destIP: fd00::10"),
-        "{}",
-        e.msg
-    );
+    assert!(e.msg.contains("portForwarding.rules[0].destIP: fd00::10"), "{}", e.msg);
 }
 
 #[test]
@@ -398,17 +307,8 @@ fn rule_without_dest_ip_applies_to_the_attachments_own_address() {
         let p = plan(&c, &id(), &att(&c, &[&format!("{addr}/24")])).unwrap();
         let dnat = dnat_rules(&p);
         assert_eq!(dnat.len(), 1);
-        assert!(
-            dnat[0]
-                .spec
-                .ends_with(&format!("-j DNAT --to-destination {addr}:80")),
-            "{}",
-            dnat[0].spec
-        );
-        assert!(p
-            .rules
-            .iter()
-            .any(|r| r.chain == CHAIN_FORWARD && r.spec.starts_with(&format!("-d {addr}/32 "))));
+        assert!(dnat[0].spec.ends_with(&format!("-j DNAT --to-destination {addr}:80")), "{}", dnat[0].spec);
+        assert!(p.rules.iter().any(|r| r.chain == CHAIN_FORWARD && r.spec.starts_with(&format!("-d {addr}/32 "))));
     }
 }
 
@@ -428,17 +328,11 @@ fn ipv6_attachment() {
     assert_eq!(p.rules, expected);
     assert!(p.rules.iter().all(|r| r.family == Family::Ipv6));
     assert!(!p.rules.iter().any(|r| r.spec.contains("127.0.0.0/8")));
-    assert_eq!(
-        p.sysctls,
-        vec![sysctl("/proc/sys/net/ipv6/conf/all/forwarding")]
-    );
+    assert_eq!(p.sysctls, vec![sysctl("/proc/sys/net/ipv6/conf/all/forwarding")]);
     assert_eq!(p.families(), vec![Family::Ipv6]);
     // A static rule naming the v6 address works the same.
     let c = rules_conf(json!([{ "hostPort": 30080, "destIP": "fd00::10", "destPort": 8080 }]));
-    assert_eq!(
-        plan(&c, &id(), &att(&c, &["fd00::10/64"])).unwrap().rules,
-        expected
-    );
+    assert_eq!(plan(&c, &id(), &att(&c, &["fd00::10/64"])).unwrap().rules, expected);
 }
 
 #[test]
@@ -448,10 +342,7 @@ fn dual_stack_attachment() {
     assert_eq!(p.families(), vec![Family::Ipv4, Family::Ipv6]);
     assert_eq!(p.forwards.len(), 2);
     assert_eq!(p.host_ports, vec![hp(30080, Protocol::Tcp, None)]);
-    let targets: Vec<&str> = dnat_rules(&p)
-        .iter()
-        .map(|r| r.spec.rsplit(' ').next().unwrap())
-        .collect();
+    let targets: Vec<&str> = dnat_rules(&p).iter().map(|r| r.spec.rsplit(' ').next().unwrap()).collect();
     assert_eq!(targets, vec!["10.20.0.10:8080", "[fd00::10]:8080"]);
     assert_eq!(
         p.sysctls,
@@ -463,25 +354,17 @@ fn dual_stack_attachment() {
     );
     assert_eq!(p.rules.len(), 11 + 10);
     // Only the v4 side has the localhost rule.
-    let localhost: Vec<&Rule> = p
-        .rules
-        .iter()
-        .filter(|r| r.spec.contains("127.0.0.0/8"))
-        .collect();
+    let localhost: Vec<&Rule> = p.rules.iter().filter(|r| r.spec.contains("127.0.0.0/8")).collect();
     assert_eq!(localhost.len(), 1);
     assert_eq!(localhost[0].family, Family::Ipv4);
 }
 
 #[test]
 fn bridge_from_config_names_rules_and_sysctl() {
-    let c = conf(
-        json!({ "bridge": "br9", "portForwarding": { "rules": [{ "hostPort": 1, "destPort": 2 }] } }),
-    );
+    let c = conf(json!({ "bridge": "br9", "portForwarding": { "rules": [{ "hostPort": 1, "destPort": 2 }] } }));
     let p = plan_v4(&c);
     assert_eq!(p.bridge, "br9");
-    assert!(p
-        .sysctls
-        .contains(&sysctl("/proc/sys/net/ipv4/conf/br9/route_localnet")));
+    assert!(p.sysctls.contains(&sysctl("/proc/sys/net/ipv4/conf/br9/route_localnet")));
     assert!(p.rules.contains(&r4(
         "nat",
         CHAIN_POSTROUTING,
@@ -495,10 +378,7 @@ fn sysctls_for_ipv4() {
     let p = plan_v4(&conf(json!({})));
     assert_eq!(
         p.sysctls,
-        vec![
-            sysctl("/proc/sys/net/ipv4/conf/dind-br0/route_localnet"),
-            sysctl("/proc/sys/net/ipv4/ip_forward")
-        ]
+        vec![sysctl("/proc/sys/net/ipv4/conf/dind-br0/route_localnet"), sysctl("/proc/sys/net/ipv4/ip_forward")]
     );
     assert!(p.forwards.is_empty());
     assert_eq!(p.rules, shared_v4());
@@ -538,29 +418,26 @@ fn v4_host_ip_mapping_is_not_planned_on_a_v6_address() {
     let c = mappings_conf(mappings);
     let p = plan(&c, &id(), &att(&c, &["10.20.0.10/24", "fd00::10/64"])).unwrap();
     assert_eq!(p.forwards.len(), 1);
-    assert_eq!(
-        p.forwards[0].pod_ip,
-        "10.20.0.10".parse::<IpAddr>().unwrap()
-    );
+    assert_eq!(p.forwards[0].pod_ip, "10.20.0.10".parse::<IpAddr>().unwrap());
     assert!(dnat_rules(&p).iter().all(|r| r.family == Family::Ipv4));
-    assert!(!p
-        .rules
-        .iter()
-        .any(|r| r.family == Family::Ipv6 && r.spec.contains("443")));
+    assert!(!p.rules.iter().any(|r| r.family == Family::Ipv6 && r.spec.contains("443")));
     // v6-only: nothing forwarded at all.
     let p = plan(&c, &id(), &att(&c, &["fd00::10/64"])).unwrap();
     assert!(p.forwards.is_empty());
     assert!(p.host_ports.is_empty());
     assert_eq!(p.rules, shared_v6());
     // And a v6 hostIP is planned only on the v6 address, with /128.
-    let c =
-        mappings_conf(json!([{ "hostPort": 8443, "containerPort": 443, "hostIP": "fd00:1::5" }]));
+    let c = mappings_conf(json!([{ "hostPort": 8443, "containerPort": 443, "hostIP": "fd00:1::5" }]));
     let p = plan(&c, &id(), &att(&c, &["10.20.0.10/24", "fd00::10/64"])).unwrap();
     let dnat = dnat_rules(&p);
     assert_eq!(dnat.len(), 1);
     assert_eq!(
         dnat[0],
-        &r6("nat", CHAIN_DNAT, &format!("-d fd00:1::5/128 -p tcp -m tcp --dport 8443 {TAG} -j DNAT --to-destination [fd00::10]:443"))
+        &r6(
+            "nat",
+            CHAIN_DNAT,
+            &format!("-d fd00:1::5/128 -p tcp -m tcp --dport 8443 {TAG} -j DNAT --to-destination [fd00::10]:443")
+        )
     );
 }
 
@@ -568,13 +445,7 @@ fn v4_host_ip_mapping_is_not_planned_on_a_v6_address() {
 fn interface_names_are_made_comment_safe() {
     let c = rules_conf(json!([{ "hostPort": 1, "destPort": 2 }]));
     let p = plan(&c, &id_of("CID", "net@1"), &att(&c, &["10.20.0.10/24"])).unwrap();
-    assert!(
-        dnat_rules(&p)[0]
-            .spec
-            .contains("--comment bridge-nat:dind:CID:net_1 "),
-        "{}",
-        dnat_rules(&p)[0].spec
-    );
+    assert!(dnat_rules(&p)[0].spec.contains("--comment bridge-nat:dind:CID:net_1 "), "{}", dnat_rules(&p)[0].spec);
 }
 
 // ---------------------------------------------------------------- host port conflicts
@@ -606,12 +477,7 @@ fn same_attachment_never_conflicts_with_itself() {
     // Even among others, only the others count.
     let b = id_of("bbb", "net1");
     let other = vec![hp(22, Protocol::Tcp, None)];
-    assert!(check_host_ports(
-        &a,
-        &held,
-        [(&a, held.as_slice()), (&b, other.as_slice())].into_iter()
-    )
-    .is_ok());
+    assert!(check_host_ports(&a, &held, [(&a, held.as_slice()), (&b, other.as_slice())].into_iter()).is_ok());
     // Same container, other interface: a different attachment.
     let a2 = id_of("CID", "net2");
     assert!(check_host_ports(&a, &held, [(&a2, held.as_slice())].into_iter()).is_err());
@@ -620,48 +486,20 @@ fn same_attachment_never_conflicts_with_itself() {
 #[test]
 fn host_port_overlap_rules() {
     let b = id_of("bbb", "net1");
-    let conflict = |w: HostPort, h: HostPort| {
-        check_host_ports(&id(), &[w], [(&b, &[h][..])].into_iter()).is_err()
-    };
-    assert!(!conflict(
-        hp(80, Protocol::Tcp, None),
-        hp(80, Protocol::Udp, None)
-    ));
-    assert!(!conflict(
-        hp(80, Protocol::Tcp, None),
-        hp(81, Protocol::Tcp, None)
-    ));
-    assert!(conflict(
-        hp(80, Protocol::Tcp, None),
-        hp(80, Protocol::Tcp, Some("192.168.1.5"))
-    ));
-    assert!(conflict(
-        hp(80, Protocol::Tcp, Some("192.168.1.5")),
-        hp(80, Protocol::Tcp, None)
-    ));
-    assert!(conflict(
-        hp(80, Protocol::Tcp, Some("192.168.1.5")),
-        hp(80, Protocol::Tcp, Some("192.168.1.5"))
-    ));
-    assert!(!conflict(
-        hp(80, Protocol::Tcp, Some("192.168.1.5")),
-        hp(80, Protocol::Tcp, Some("192.168.1.6"))
-    ));
-    assert!(check_host_ports(
-        &id(),
-        &[],
-        [(&b, &[hp(80, Protocol::Tcp, None)][..])].into_iter()
-    )
-    .is_ok());
+    let conflict = |w: HostPort, h: HostPort| check_host_ports(&id(), &[w], [(&b, &[h][..])].into_iter()).is_err();
+    assert!(!conflict(hp(80, Protocol::Tcp, None), hp(80, Protocol::Udp, None)));
+    assert!(!conflict(hp(80, Protocol::Tcp, None), hp(81, Protocol::Tcp, None)));
+    assert!(conflict(hp(80, Protocol::Tcp, None), hp(80, Protocol::Tcp, Some("192.168.1.5"))));
+    assert!(conflict(hp(80, Protocol::Tcp, Some("192.168.1.5")), hp(80, Protocol::Tcp, None)));
+    assert!(conflict(hp(80, Protocol::Tcp, Some("192.168.1.5")), hp(80, Protocol::Tcp, Some("192.168.1.5"))));
+    assert!(!conflict(hp(80, Protocol::Tcp, Some("192.168.1.5")), hp(80, Protocol::Tcp, Some("192.168.1.6"))));
+    assert!(check_host_ports(&id(), &[], [(&b, &[hp(80, Protocol::Tcp, None)][..])].into_iter()).is_ok());
 }
 
 #[test]
 fn host_port_display() {
     assert_eq!(hp(80, Protocol::Udp, None).to_string(), "80/udp");
-    assert_eq!(
-        hp(80, Protocol::Sctp, Some("192.168.1.5")).to_string(),
-        "192.168.1.5:80/sctp"
-    );
+    assert_eq!(hp(80, Protocol::Sctp, Some("192.168.1.5")).to_string(), "192.168.1.5:80/sctp");
 }
 
 // ---------------------------------------------------------------- property

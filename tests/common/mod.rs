@@ -80,11 +80,7 @@ fn build_driver() -> PathBuf {
     let out = src.join("cni-driver");
     let tmp = src.join(format!(".cni-driver.{}.tmp", std::process::id()));
     let libcni = Path::new(GOPATH).join("src/github.com/containernetworking/cni/libcni");
-    assert!(
-        libcni.is_dir(),
-        "libcni not found at {} (apt-get install golang-github-appc-cni-dev)",
-        libcni.display()
-    );
+    assert!(libcni.is_dir(), "libcni not found at {} (apt-get install golang-github-appc-cni-dev)", libcni.display());
     let gocache = std::env::var_os("GOCACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_TARGET_TMPDIR")).join("go-build"));
@@ -107,10 +103,7 @@ fn build_driver() -> PathBuf {
     };
     if !output.status.success() {
         let _ = fs::remove_file(&tmp);
-        panic!(
-            "building tests/driver failed:\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        panic!("building tests/driver failed:\n{}", String::from_utf8_lossy(&output.stderr));
     }
     fs::rename(&tmp, &out).expect("install cni-driver");
     out
@@ -131,8 +124,7 @@ pub fn wait_for(mut cond: impl FnMut() -> bool, timeout: Duration) -> bool {
 }
 
 fn run(cmd: &mut Command) -> Output {
-    cmd.output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+    cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
 }
 
 fn describe(what: &str, out: &Output) -> String {
@@ -148,11 +140,7 @@ fn describe(what: &str, out: &Output) -> String {
 /// Only used for namespace management and `ip -n NS ...`.
 fn ip(args: &[&str]) {
     let out = run(Command::new("ip").args(args));
-    assert!(
-        out.status.success(),
-        "{}",
-        describe(&format!("ip {}", args.join(" ")), &out)
-    );
+    assert!(out.status.success(), "{}", describe(&format!("ip {}", args.join(" ")), &out));
 }
 
 /// A named network namespace, deleted (with everything running in it) on drop.
@@ -181,9 +169,7 @@ impl Netns {
 
     /// Runs a command inside the namespace.
     pub fn exec(&self, args: &[&str]) -> Output {
-        run(Command::new("ip")
-            .args(["netns", "exec", &self.name])
-            .args(args))
+        run(Command::new("ip").args(["netns", "exec", &self.name]).args(args))
     }
 
     /// Runs `sh -c script` inside the namespace.
@@ -207,28 +193,35 @@ impl Netns {
     /// Like [`Netns::sh`] but panics on failure; returns stdout.
     pub fn sh_ok(&self, script: &str) -> String {
         let out = self.sh(script);
-        assert!(
-            out.status.success(),
-            "{}",
-            describe(&format!("[{}] {script}", self.name), &out)
-        );
+        assert!(out.status.success(), "{}", describe(&format!("[{}] {script}", self.name), &out));
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
 
+/// `ip netns exec` bind-mounts /etc/netns/NAME/* over /etc: the plugin's table names then land
+/// in the node's own copy of iproute2's config, never in the machine's.
+fn isolate_iproute2_config(ns: &Netns) {
+    let etc = Path::new("/etc/netns").join(ns.name()).join("iproute2");
+    fs::create_dir_all(etc.join("rt_tables.d")).expect("create per-namespace iproute2 config");
+    let base = fs::read_to_string("/etc/iproute2/rt_tables")
+        .unwrap_or_else(|_| "255\tlocal\n254\tmain\n253\tdefault\n0\tunspec\n".to_string());
+    fs::write(etc.join("rt_tables"), base).expect("write per-namespace rt_tables");
+}
+
+/// The per-namespace /etc overlay, if the namespace has one.
+pub fn netns_etc(ns: &Netns) -> PathBuf {
+    Path::new("/etc/netns").join(ns.name())
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
-        if let Ok(out) = Command::new("ip")
-            .args(["netns", "pids", &self.name])
-            .output()
-        {
+        let _ = fs::remove_dir_all(Path::new("/etc/netns").join(&self.name));
+        if let Ok(out) = Command::new("ip").args(["netns", "pids", &self.name]).output() {
             for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
                 let _ = Command::new("kill").args(["-9", pid]).output();
             }
         }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
     }
 }
 
@@ -245,20 +238,7 @@ impl Drop for Background {
 /// Connects `a` and `b` with a veth pair, addresses both ends ("" = none)
 /// and brings them up. IPv6 addresses skip DAD so they are usable at once.
 pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str, a_addr: &str, b_addr: &str) {
-    ip(&[
-        "-n",
-        a.name(),
-        "link",
-        "add",
-        a_if,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        b_if,
-        "netns",
-        b.name(),
-    ]);
+    ip(&["-n", a.name(), "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b.name()]);
     for (ns, ifname, addr) in [(a, a_if, a_addr), (b, b_if, b_addr)] {
         if !addr.is_empty() {
             let mut args = vec!["-n", ns.name(), "addr", "add", addr, "dev", ifname];
@@ -295,24 +275,14 @@ impl DriverOutput {
     /// Panics with everything the driver printed unless it succeeded.
     #[track_caller]
     pub fn assert_ok(&self, what: &str) -> &Self {
-        assert!(
-            self.status_ok,
-            "{what} failed\nstdout:\n{}\nstderr:\n{}",
-            self.stdout, self.stderr
-        );
+        assert!(self.status_ok, "{what} failed\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
         self
     }
 
     /// The `ips[].address` entries of an ADD result.
     pub fn addresses(&self) -> Vec<String> {
-        let ips = self
-            .json
-            .as_ref()
-            .and_then(|j| j["ips"].as_array().cloned());
-        ips.unwrap_or_default()
-            .iter()
-            .filter_map(|ip| ip["address"].as_str().map(str::to_owned))
-            .collect()
+        let ips = self.json.as_ref().and_then(|j| j["ips"].as_array().cloned());
+        ips.unwrap_or_default().iter().filter_map(|ip| ip["address"].as_str().map(str::to_owned)).collect()
     }
 }
 
@@ -368,6 +338,7 @@ impl Node {
         let ns = Netns::new("bn-node");
         let dir = std::env::temp_dir().join(unique("bridge-nat-test"));
         fs::create_dir_all(&dir).expect("create node temp dir");
+        isolate_iproute2_config(&ns);
         Node { ns, dir }
     }
 
@@ -424,14 +395,7 @@ impl Node {
     }
 
     /// veth between this node and `other`, see [`veth`].
-    pub fn veth_to(
-        &self,
-        other: &Netns,
-        node_if: &str,
-        other_if: &str,
-        node_addr: &str,
-        other_addr: &str,
-    ) {
+    pub fn veth_to(&self, other: &Netns, node_if: &str, other_if: &str, node_addr: &str, other_addr: &str) {
         veth(&self.ns, node_if, other, other_if, node_addr, other_addr);
     }
 
@@ -480,18 +444,9 @@ impl Node {
 
     /// GC with the given (containerID, ifname) attachments still valid.
     pub fn cni_gc(&self, conflist: &Path, valid: &[(&str, &str)]) -> DriverOutput {
-        let valid: Vec<Value> = valid
-            .iter()
-            .map(|(id, ifname)| json!({"containerID": id, "ifname": ifname}))
-            .collect();
+        let valid: Vec<Value> = valid.iter().map(|(id, ifname)| json!({"containerID": id, "ifname": ifname})).collect();
         let valid = Value::Array(valid).to_string();
-        self.driver(&[
-            "gc",
-            "--conflist",
-            &conflist.to_string_lossy(),
-            "--valid",
-            &valid,
-        ])
+        self.driver(&["gc", "--conflist", &conflist.to_string_lossy(), "--valid", &valid])
     }
 
     pub fn cni_status(&self, conflist: &Path) -> DriverOutput {
@@ -510,12 +465,7 @@ impl Node {
                 snap.push('\n');
             }
         }
-        for cmd in [
-            "ip rule",
-            "ip -6 rule",
-            "ip -4 route show table all",
-            "ip -6 route show table all",
-        ] {
+        for cmd in ["ip rule", "ip -6 rule", "ip -4 route show table all", "ip -6 route show table all"] {
             snap += &format!("### {cmd}\n");
             // Link-local routes come and go with DAD timing; they are noise.
             for line in self.ns.sh_ok(cmd).lines().filter(|l| !l.contains("fe80:")) {
@@ -538,13 +488,84 @@ fn strip_counters(line: &str) -> &str {
 impl Drop for Node {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!(
-                "keeping node directory {} (log: {})",
-                self.dir.display(),
-                self.log_file().display()
-            );
+            eprintln!("keeping node directory {} (log: {})", self.dir.display(), self.log_file().display());
         } else {
             let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+// ------------------------------------------------------------------
+// Direct plugin invocation and firewall baselines (nat_forwarding.rs)
+
+/// The stdin a runtime gives one chained plugin: the conflist entry plus
+/// the list's `name` and `cniVersion`, and the previous result if any.
+pub fn plugin_stdin(version: &str, entry: &Value, prev_result: Option<&Value>) -> Value {
+    let mut conf = entry.clone();
+    conf["name"] = json!(NETWORK_NAME);
+    conf["cniVersion"] = json!(version);
+    if let Some(prev) = prev_result {
+        conf["prevResult"] = prev.clone();
+    }
+    conf
+}
+
+impl Node {
+    /// Runs the `bridge-nat` binary itself inside the node namespace, as a
+    /// runtime would: `env` holds the `CNI_*` variables, `stdin` the config.
+    /// `CNI_PATH` defaults to [`cni_path`].
+    pub fn exec_plugin(&self, env: &[(&str, &str)], stdin: &Value) -> DriverOutput {
+        use std::io::Write;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", self.ns.name()])
+            .arg(env!("CARGO_BIN_EXE_bridge-nat"))
+            .env("CNI_PATH", cni_path())
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+        let input = serde_json::to_vec(stdin).expect("serialize plugin stdin");
+        child.stdin.take().expect("piped stdin").write_all(&input).expect("write plugin stdin");
+        let out = child.wait_with_output().expect("wait for bridge-nat");
+        DriverOutput::from_output(out)
+    }
+
+    /// [`Node::exec_plugin`] for one attachment: `CNI_COMMAND`,
+    /// `CNI_CONTAINERID`, `CNI_NETNS` (the pod's) and `CNI_IFNAME` set.
+    pub fn plugin(&self, command: &str, pod: &Netns, container_id: &str, ifname: &str, stdin: &Value) -> DriverOutput {
+        let netns = pod.path();
+        let netns = netns.to_string_lossy();
+        self.exec_plugin(
+            &[
+                ("CNI_COMMAND", command),
+                ("CNI_CONTAINERID", container_id),
+                ("CNI_NETNS", &netns),
+                ("CNI_IFNAME", ifname),
+            ],
+            stdin,
+        )
+    }
+
+    /// Creates the nat and filter tables of both families, as any node with
+    /// a firewall has them. iptables-nft creates a table on first use and
+    /// never removes it; with this done first, a [`Node::snapshot`] before an
+    /// ADD compares equal to one after the DEL unless rules or chains remain.
+    pub fn prime_firewall(&self) {
+        for tool in ["iptables", "ip6tables"] {
+            for table in ["nat", "filter"] {
+                self.ns.sh_ok(&format!("{tool} -t {table} -N BN-PRIME && {tool} -t {table} -X BN-PRIME"));
+            }
+        }
+    }
+
+    /// The firewall part of [`Node::snapshot`] (iptables-save and
+    /// ip6tables-save, counters and comments dropped).
+    pub fn firewall_snapshot(&self) -> String {
+        let snap = self.snapshot();
+        match snap.find("### ip rule") {
+            Some(i) => snap[..i].to_string(),
+            None => snap,
         }
     }
 }

@@ -1,0 +1,164 @@
+//! Resolving tables against the live main table, and changing or verifying ip rules and routes.
+
+use super::netlink::{self, MainRoute, Netlink};
+use super::{IpRule, Route, TableSpec, MAIN_TABLE};
+use crate::error::Result;
+use ipnetwork::IpNetwork;
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+/// The routes each table should hold now, and what could not be resolved (an uplink that is
+/// absent or has no route yet: the pod still comes up, CHECK reports it).
+pub fn resolve_tables(nl: &mut Netlink, tables: &BTreeSet<TableSpec>) -> Result<(BTreeSet<Route>, Vec<String>)> {
+    let main = nl.routes(MAIN_TABLE)?;
+    let mut routes = BTreeSet::new();
+    let mut warnings = Vec::new();
+    for spec in tables {
+        routes.insert(Route { table: spec.id, dst: spec.subnet, gateway: None, dev: spec.bridge.clone() });
+        let uplink = &spec.outbound.interface;
+        let Some(index) = netlink::link_index(uplink) else {
+            warnings.push(format!("uplink {uplink} of table {} is absent: no default route until it appears", spec.id));
+            continue;
+        };
+        // The uplink's own subnets, so clients next to it are answered directly.
+        for r in main.iter().filter(|r| r.oif == index && r.gateway.is_none() && r.scope_link && r.dst.prefix() > 0) {
+            routes.insert(Route { table: spec.id, dst: r.dst, gateway: None, dev: uplink.clone() });
+        }
+        match default_route(&main, spec, index) {
+            Some(route) => {
+                routes.insert(route);
+            }
+            None => warnings.push(format!("uplink {uplink} of table {} has no usable default route", spec.id)),
+        }
+    }
+    Ok((routes, warnings))
+}
+
+fn default_route(main: &[MainRoute], spec: &TableSpec, index: u32) -> Option<Route> {
+    let any: IpNetwork = "0.0.0.0/0".parse().expect("valid network");
+    let uplink = &spec.outbound.interface;
+    let make = |gateway: Option<IpAddr>, dev: String| Some(Route { table: spec.id, dst: any, gateway, dev });
+    if let Some(gw) = spec.outbound.gateway {
+        return make(Some(gw), uplink.clone());
+    }
+    if spec.outbound.use_default_route {
+        let d = main.iter().find(|r| r.dst.prefix() == 0)?;
+        return make(d.gateway, link_name(d.oif)?);
+    }
+    // A default via this uplink first, then any gateway seen on it; a point-to-point link with no
+    // gateway at all (a cellular modem) gets a device route.
+    let on_uplink = || main.iter().filter(|r| r.oif == index);
+    let gw = on_uplink()
+        .find(|r| r.dst.prefix() == 0 && r.gateway.is_some())
+        .or_else(|| on_uplink().find(|r| r.gateway.is_some()))
+        .and_then(|r| r.gateway);
+    make(gw, uplink.clone())
+}
+
+fn link_name(index: u32) -> Option<String> {
+    let mut buf = [0u8; nix::libc::IF_NAMESIZE];
+    // SAFETY: the buffer is IF_NAMESIZE bytes, as if_indextoname requires.
+    let p = unsafe { nix::libc::if_indextoname(index, buf.as_mut_ptr().cast()) };
+    if p.is_null() {
+        return None;
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    String::from_utf8(buf[..end].to_vec()).ok()
+}
+
+/// What one apply changed, so a failed ADD can undo exactly that.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub rules: Vec<IpRule>,
+    pub routes: Vec<Route>,
+}
+
+/// Add the missing ip rules and install the routes (replacing a stale next hop).
+pub fn apply(
+    nl: &mut Netlink,
+    rules: &BTreeSet<IpRule>,
+    routes: &BTreeSet<Route>,
+    applied: &mut Applied,
+) -> Result<()> {
+    let existing: BTreeSet<IpRule> = nl.rules()?.into_iter().collect();
+    for rule in rules.iter().filter(|r| !existing.contains(r)) {
+        match nl.add_rule(rule) {
+            Ok(()) => applied.rules.push(rule.clone()),
+            Err(e) if netlink::is_exists(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    for route in routes {
+        match netlink::link_index(&route.dev) {
+            Some(oif) => {
+                nl.replace_route(route, oif)?;
+                applied.routes.push(route.clone());
+            }
+            None => log::warn!("{route}: device absent, not installed"),
+        }
+    }
+    Ok(())
+}
+
+/// Remove rules and routes; what is already gone is fine.
+pub fn remove(nl: &mut Netlink, rules: &BTreeSet<IpRule>, routes: &BTreeSet<Route>) -> Result<()> {
+    for rule in rules {
+        // Duplicates (a crashed call, an admin) go too.
+        loop {
+            match nl.del_rule(rule) {
+                Ok(()) => continue,
+                Err(e) if netlink::is_absent(&e) => break,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    for route in routes {
+        match nl.del_route(route) {
+            Ok(()) => {}
+            Err(e) if netlink::is_absent(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Every rule present, every table holding the routes it should have now.
+pub fn check(nl: &mut Netlink, rules: &BTreeSet<IpRule>, tables: &BTreeSet<TableSpec>) -> Result<Vec<String>> {
+    let mut problems = Vec::new();
+    let existing: BTreeSet<IpRule> = nl.rules()?.into_iter().collect();
+    for rule in rules.iter().filter(|r| !existing.contains(r)) {
+        problems.push(format!("missing {rule}"));
+    }
+    let (wanted, warnings) = resolve_tables(nl, tables)?;
+    problems.extend(warnings);
+    let table_ids: BTreeSet<u32> = wanted.iter().map(|r| r.table).collect();
+    for table in table_ids {
+        let actual = nl.routes(table)?;
+        for want in wanted.iter().filter(|r| r.table == table) {
+            let index = netlink::link_index(&want.dev).unwrap_or(0);
+            let found = actual.iter().any(|a| a.dst == want.dst && a.gateway == want.gateway && a.oif == index);
+            if !found {
+                problems.push(format!("missing {want}"));
+            }
+        }
+    }
+    Ok(problems)
+}
+
+/// The bridge must carry the gateway address pods route through (the bridge plugin usually has
+/// set it already; a bridge re-created by hand may lack it).
+pub fn ensure_gateway(nl: &mut Netlink, bridge: &str, gateway: IpNetwork) -> Result<()> {
+    let Some(index) = netlink::link_index(bridge) else {
+        return Err(crate::error::Error::new(crate::error::code::ROUTING, format!("bridge {bridge} does not exist")));
+    };
+    if nl.addresses(index)?.iter().any(|a| a.ip() == gateway.ip()) {
+        return Ok(());
+    }
+    match nl.add_address(index, gateway) {
+        Err(e) if !netlink::is_exists(&e) => Err(e),
+        _ => {
+            log::info!("added gateway {gateway} to bridge {bridge}");
+            Ok(())
+        }
+    }
+}
