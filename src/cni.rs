@@ -2,7 +2,6 @@
 
 use crate::error::{code, Error, Result};
 use serde_json::json;
-use std::collections::HashMap;
 use std::io::Write;
 
 pub const SUPPORTED_VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
@@ -58,7 +57,6 @@ pub struct Env {
     pub container_id: String,
     pub netns: String,
     pub ifname: String,
-    pub args: String,
     pub path: String,
 }
 
@@ -71,7 +69,6 @@ impl Env {
             container_id: get("CNI_CONTAINERID"),
             netns: get("CNI_NETNS"),
             ifname: get("CNI_IFNAME"),
-            args: get("CNI_ARGS"),
             path: get("CNI_PATH"),
         };
         let per_attachment = matches!(cmd, Command::Add | Command::Del | Command::Check);
@@ -178,11 +175,6 @@ pub fn about() -> String {
         env!("CARGO_PKG_VERSION"),
         SUPPORTED_VERSIONS.join(", ")
     )
-}
-
-/// Parse `CNI_ARGS` (`K=V;K=V`).
-pub fn parse_args(args: &str) -> HashMap<String, String> {
-    args.split(';').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
 #[cfg(test)]

@@ -5,14 +5,12 @@ use std::fmt;
 /// CNI spec error codes this plugin returns.
 pub mod code {
     pub const INCOMPATIBLE_VERSION: u32 = 1;
-    pub const UNSUPPORTED_FIELD: u32 = 2;
     pub const INVALID_ENV: u32 = 4;
     pub const IO: u32 = 5;
     pub const DECODE: u32 = 6;
     pub const INVALID_CONFIG: u32 = 7;
     pub const TRY_AGAIN_LATER: u32 = 11;
     pub const NOT_AVAILABLE: u32 = 50;
-    pub const LIMITED_CONNECTIVITY: u32 = 51;
     /// The plugin's own failures start at 100.
     pub const FIREWALL: u32 = 100;
     pub const PORT_CONFLICT: u32 = 101;

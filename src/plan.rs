@@ -83,12 +83,6 @@ pub struct Plan {
     pub gateway: Option<IpNetwork>,
 }
 
-impl Plan {
-    pub fn families(&self) -> Vec<Family> {
-        families_of(self.rules.iter())
-    }
-}
-
 pub fn families_of<'a>(rules: impl Iterator<Item = &'a Rule>) -> Vec<Family> {
     let set: BTreeSet<Family> = rules.map(|r| r.family).collect();
     set.into_iter().collect()

@@ -46,10 +46,6 @@ pub struct Attachment {
 }
 
 impl Attachment {
-    pub fn ipv4(&self) -> impl Iterator<Item = &PodAddress> {
-        self.addresses.iter().filter(|a| a.ip.is_ipv4())
-    }
-
     pub fn owns(&self, ip: IpAddr) -> bool {
         self.addresses.iter().any(|a| a.ip == ip)
     }
@@ -145,7 +141,7 @@ mod tests {
         let a = parse(&r, Some("br9")).unwrap();
         assert_eq!(a.bridge, "br9");
         assert_eq!(a.addresses[1].subnet.to_string(), "fd00::/64");
-        assert_eq!(a.ipv4().count(), 1);
+        assert_eq!(a.addresses.iter().filter(|x| x.ip.is_ipv4()).count(), 1);
     }
 
     #[test]

@@ -32,6 +32,9 @@ impl Iptables {
     /// Apply a transaction. Each family's changes are one restore: with iptables-nft one kernel
     /// transaction, with iptables-legacy one commit per table.
     pub fn apply(&self, tx: &Transaction, families: &[Family]) -> Result<()> {
+        if tx.is_empty() {
+            return Ok(());
+        }
         for &family in families {
             if let Some(script) = tx.script(family) {
                 log::debug!("{} input:\n{script}", self.tool(family, "-restore"));

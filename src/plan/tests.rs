@@ -139,7 +139,7 @@ fn dnat_rules(p: &Plan) -> Vec<&Rule> {
 }
 
 fn sysctl(path: &str) -> Sysctl {
-    Sysctl { path: path.into(), value: "1".into() }
+    Sysctl { path: path.into(), value: "1".into(), required: true }
 }
 
 fn hp(port: u16, protocol: Protocol, host_ip: Option<&str>) -> HostPort {
@@ -181,7 +181,7 @@ fn one_static_tcp_rule() {
         p.sysctls,
         vec![sysctl("/proc/sys/net/ipv4/conf/dind-br0/route_localnet"), sysctl("/proc/sys/net/ipv4/ip_forward")]
     );
-    assert_eq!(p.families(), vec![Family::Ipv4]);
+    assert_eq!(families_of(p.rules.iter()), vec![Family::Ipv4]);
     assert_eq!(p.addresses.len(), 1);
     // The chain constants are the names the texts use.
     assert_eq!(
@@ -329,7 +329,7 @@ fn ipv6_attachment() {
     assert!(p.rules.iter().all(|r| r.family == Family::Ipv6));
     assert!(!p.rules.iter().any(|r| r.spec.contains("127.0.0.0/8")));
     assert_eq!(p.sysctls, vec![sysctl("/proc/sys/net/ipv6/conf/all/forwarding")]);
-    assert_eq!(p.families(), vec![Family::Ipv6]);
+    assert_eq!(families_of(p.rules.iter()), vec![Family::Ipv6]);
     // A static rule naming the v6 address works the same.
     let c = rules_conf(json!([{ "hostPort": 30080, "destIP": "fd00::10", "destPort": 8080 }]));
     assert_eq!(plan(&c, &id(), &att(&c, &["fd00::10/64"])).unwrap().rules, expected);
@@ -339,7 +339,7 @@ fn ipv6_attachment() {
 fn dual_stack_attachment() {
     let c = rules_conf(json!([{ "hostPort": 30080, "destPort": 8080 }]));
     let p = plan(&c, &id(), &att(&c, &["10.20.0.10/24", "fd00::10/64"])).unwrap();
-    assert_eq!(p.families(), vec![Family::Ipv4, Family::Ipv6]);
+    assert_eq!(families_of(p.rules.iter()), vec![Family::Ipv4, Family::Ipv6]);
     assert_eq!(p.forwards.len(), 2);
     assert_eq!(p.host_ports, vec![hp(30080, Protocol::Tcp, None)]);
     let targets: Vec<&str> = dnat_rules(&p).iter().map(|r| r.spec.rsplit(' ').next().unwrap()).collect();

@@ -82,11 +82,9 @@ impl Netlink {
                 }
                 match reply.payload {
                     NetlinkPayload::Done(_) => return Ok(out),
-                    NetlinkPayload::Error(err) if err.code.is_none() => {
-                        if !dump {
-                            return Ok(out);
-                        }
-                    }
+                    // An ACK ends a request; inside a dump it is not expected and ignored.
+                    NetlinkPayload::Error(err) if err.code.is_none() && !dump => return Ok(out),
+                    NetlinkPayload::Error(err) if err.code.is_none() => {}
                     NetlinkPayload::Error(err) => {
                         let io = err.to_io();
                         let name = match io.raw_os_error() {
