@@ -8,32 +8,54 @@ use common::{require_root, Node};
 
 const VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 
+/// A node as bridge-nat finds it in the field: the bridge exists with its gateway (the bridge
+/// plugin never removes it) and other components own rules in every table bridge-nat touches.
+fn prime_like_a_real_node(node: &Node) {
+    node.ns.sh_ok(
+        "ip link add dind-br0 type bridge && ip addr add 10.20.0.1/24 dev dind-br0 && ip link set dind-br0 up && \
+         for t in nat filter mangle; do iptables -t $t -N KUBE-LIKE && iptables -t $t -A KUBE-LIKE -j RETURN; done && \
+         iptables -t nat -A PREROUTING -j KUBE-LIKE && iptables -t filter -A FORWARD -j KUBE-LIKE && \
+         iptables -t mangle -A PREROUTING -j KUBE-LIKE && ip6tables -t nat -S >/dev/null && ip6tables -S >/dev/null",
+    );
+}
+
 fn add_check_del(version: &str) {
     if !require_root() {
         return;
     }
     let node = Node::new();
     let pod = node.add_pod("pod");
-    let conf = node.write_conflist(&node.conflist(version, node.bridge_nat_entry()));
-    let run = |cmd: &str| node.cni(cmd, &conf, &pod, "ctr-proto", "eth0", &[]);
+    let mut entry = node.bridge_nat_entry();
+    entry["capabilities"] = serde_json::json!({"portMappings": true});
+    entry["portForwarding"] =
+        serde_json::json!({"rules": [{"name": "web", "hostPort": 30080, "destPort": 8080, "protocol": "tcp"}]});
+    let conf = node.write_conflist(&node.conflist(version, entry));
+    let mappings = r#"[{"hostPort": 5353, "containerPort": 53, "protocol": "udp"}]"#;
+    let run = |cmd: &str| node.cni(cmd, &conf, &pod, "ctr-proto", "eth0", &["--port-mappings", mappings]);
+    prime_like_a_real_node(&node);
+    let before = node.snapshot();
 
     let add = run("add");
     add.assert_ok(&format!("ADD at {version}"));
     let result = add.json.as_ref().expect("ADD prints a JSON result");
-    assert_eq!(
-        result["cniVersion"], version,
-        "result version must match the config: {result}"
-    );
+    assert_eq!(result["cniVersion"], version, "result version must match the config: {result}");
     assert!(
         add.addresses().iter().any(|a| a.starts_with("10.20.0.")),
         "ADD result lacks the pod address: {result}\nlog:\n{}",
         node.log()
     );
 
+    let nat = node.ns.sh_ok("iptables-save -t nat");
+    for want in ["--dport 30080", "--dport 5353", "-j DNAT --to-destination 10.20.0."] {
+        assert!(nat.contains(want), "ADD at {version} installed no {want:?}:\n{nat}");
+    }
+
     if version >= "0.4.0" {
         run("check").assert_ok(&format!("CHECK at {version}"));
     }
+    // At 0.3.x libcni sends DEL without prevResult: the record alone must be enough.
     run("del").assert_ok(&format!("DEL at {version}"));
+    assert_eq!(node.snapshot(), before, "DEL at {version} left something behind");
     run("del").assert_ok(&format!("second DEL at {version}"));
 }
 
@@ -78,9 +100,6 @@ fn version_lists_every_supported_spec() {
         .filter_map(|v| v.as_str())
         .collect();
     for version in VERSIONS {
-        assert!(
-            supported.contains(&version),
-            "{version} missing from {supported:?}"
-        );
+        assert!(supported.contains(&version), "{version} missing from {supported:?}");
     }
 }

@@ -468,8 +468,9 @@ impl Node {
         for cmd in ["ip rule", "ip -6 rule", "ip -4 route show table all", "ip -6 route show table all"] {
             snap += &format!("### {cmd}\n");
             // Link-local routes come and go with DAD timing; they are noise.
+            // "linkdown" follows the bridge's carrier (lost once its last port leaves), not us.
             for line in self.ns.sh_ok(cmd).lines().filter(|l| !l.contains("fe80:")) {
-                snap += line;
+                snap += &line.replace(" linkdown", "");
                 snap.push('\n');
             }
         }
