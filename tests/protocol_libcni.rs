@@ -10,29 +10,35 @@ const VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 
 /// A node as bridge-nat finds it in the field: the bridge exists with its gateway (the bridge
 /// plugin never removes it) and other components own rules in every table bridge-nat touches.
-fn prime_like_a_real_node(node: &Node) {
-    node.ns.sh_ok(
-        "ip link add dind-br0 type bridge && ip addr add 10.20.0.1/24 dev dind-br0 && ip link set dind-br0 up && \
+fn prime_like_a_real_node(node: &Node, iptables: &str) {
+    node.ns.sh_ok(&format!(
+        "iptables() {{ command {iptables} \"$@\"; }}; ip6tables() {{ command {ip6tables} \"$@\"; }}; ip link add dind-br0 type bridge && ip addr add 10.20.0.1/24 dev dind-br0 && ip link set dind-br0 up && \
          for t in nat filter mangle; do iptables -t $t -N KUBE-LIKE && iptables -t $t -A KUBE-LIKE -j RETURN; done && \
          iptables -t nat -A PREROUTING -j KUBE-LIKE && iptables -t filter -A FORWARD -j KUBE-LIKE && \
          iptables -t mangle -A PREROUTING -j KUBE-LIKE && ip6tables -t nat -S >/dev/null && ip6tables -S >/dev/null",
-    );
+        ip6tables = iptables.replace("iptables", "ip6tables")
+    ));
 }
 
 fn add_check_del(version: &str) {
+    add_check_del_with(version, "iptables");
+}
+
+fn add_check_del_with(version: &str, iptables: &str) {
     if !require_root() {
         return;
     }
     let node = Node::new();
     let pod = node.add_pod("pod");
     let mut entry = node.bridge_nat_entry();
+    entry["iptables"] = serde_json::json!(iptables);
     entry["capabilities"] = serde_json::json!({"portMappings": true});
     entry["portForwarding"] =
         serde_json::json!({"rules": [{"name": "web", "hostPort": 30080, "destPort": 8080, "protocol": "tcp"}]});
     let conf = node.write_conflist(&node.conflist(version, entry));
     let mappings = r#"[{"hostPort": 5353, "containerPort": 53, "protocol": "udp"}]"#;
     let run = |cmd: &str| node.cni(cmd, &conf, &pod, "ctr-proto", "eth0", &["--port-mappings", mappings]);
-    prime_like_a_real_node(&node);
+    prime_like_a_real_node(&node, iptables);
     let before = node.snapshot();
 
     let add = run("add");
@@ -45,7 +51,7 @@ fn add_check_del(version: &str) {
         node.log()
     );
 
-    let nat = node.ns.sh_ok("iptables-save -t nat");
+    let nat = node.ns.sh_ok(&format!("{iptables}-save -t nat"));
     for want in ["--dport 30080", "--dport 5353", "-j DNAT --to-destination 10.20.0."] {
         assert!(nat.contains(want), "ADD at {version} installed no {want:?}:\n{nat}");
     }
@@ -82,6 +88,11 @@ fn cni_1_0_0() {
 #[test]
 fn cni_1_1_0() {
     add_check_del("1.1.0");
+}
+
+#[test]
+fn iptables_legacy_backend() {
+    add_check_del_with("1.0.0", "iptables-legacy");
 }
 
 #[test]

@@ -458,7 +458,7 @@ impl Node {
     /// IPv6 link-local routes are dropped).
     pub fn snapshot(&self) -> String {
         let mut snap = String::new();
-        for cmd in ["iptables-save", "ip6tables-save"] {
+        for cmd in ["iptables-save", "ip6tables-save", "iptables-legacy-save", "ip6tables-legacy-save"] {
             snap += &format!("### {cmd}\n");
             for line in self.ns.sh_ok(cmd).lines().filter(|l| !l.starts_with('#')) {
                 snap += strip_counters(line);
