@@ -350,12 +350,23 @@ pub fn status(conf: &NetConf) -> Result<()> {
     node.fw.usable()
 }
 
-/// Flows to these host ports may be pinned to an old pod (or to no pod) by conntrack.
+/// Flows to these host ports may be pinned to an old pod (or to no pod) by conntrack. Only flows
+/// addressed to the node are touched, not traffic it forwards to the same port elsewhere.
 fn clear_udp_conntrack(host_ports: &[HostPort]) {
-    let flows: Vec<UdpFlow> = host_ports
+    let udp: Vec<&HostPort> = host_ports.iter().filter(|h| h.protocol == Protocol::Udp).collect();
+    if udp.is_empty() {
+        return;
+    }
+    let local = match Netlink::open().and_then(|mut nl| nl.local_addresses()) {
+        Ok(addrs) => addrs,
+        Err(e) => return log::warn!("clear UDP conntrack entries: list the node's addresses: {e}"),
+    };
+    let flows: Vec<UdpFlow> = udp
         .iter()
-        .filter(|h| h.protocol == Protocol::Udp)
-        .map(|h| UdpFlow { port: h.port, dst: h.host_ip })
+        .flat_map(|h| match h.host_ip {
+            Some(ip) => vec![UdpFlow { port: h.port, dst: Some(ip) }],
+            None => local.iter().map(|ip| UdpFlow { port: h.port, dst: Some(*ip) }).collect(),
+        })
         .collect();
     for v6 in [false, true] {
         let of_family: Vec<UdpFlow> =

@@ -172,19 +172,36 @@ impl Netlink {
 
     /// IPv4 addresses (with prefix) on the link with this index.
     pub fn addresses(&mut self, index: u32) -> Result<Vec<IpNetwork>> {
+        self.addresses_where(AddressFamily::Inet, Some(index))
+    }
+
+    /// Every address of the node, both families: what "addressed to the node" means.
+    pub fn local_addresses(&mut self) -> Result<Vec<IpAddr>> {
+        let mut all = self.addresses_where(AddressFamily::Inet, None)?;
+        all.extend(self.addresses_where(AddressFamily::Inet6, None)?);
+        Ok(all.into_iter().map(|n| n.ip()).collect())
+    }
+
+    fn addresses_where(&mut self, family: AddressFamily, index: Option<u32>) -> Result<Vec<IpNetwork>> {
         let mut msg = AddressMessage::default();
-        msg.header.family = AddressFamily::Inet;
+        msg.header.family = family;
         let replies =
             self.request(RouteNetlinkMessage::GetAddress(msg), NLM_F_REQUEST | NLM_F_DUMP, "dump addresses")?;
         Ok(replies
             .into_iter()
             .filter_map(|m| match m {
-                RouteNetlinkMessage::NewAddress(a) if a.header.index == index => {
-                    let ip = a.attributes.iter().find_map(|x| match x {
+                RouteNetlinkMessage::NewAddress(a) if index.is_none_or(|i| a.header.index == i) => {
+                    // IPv6 addresses carry only IFA_ADDRESS; IPv4 ones IFA_LOCAL too (the peer
+                    // sits in IFA_ADDRESS on point-to-point links).
+                    let local = a.attributes.iter().find_map(|x| match x {
                         AddressAttribute::Local(ip) => Some(*ip),
                         _ => None,
-                    })?;
-                    IpNetwork::new(ip, a.header.prefix_len).ok()
+                    });
+                    let address = a.attributes.iter().find_map(|x| match x {
+                        AddressAttribute::Address(ip) => Some(*ip),
+                        _ => None,
+                    });
+                    IpNetwork::new(local.or(address)?, a.header.prefix_len).ok()
                 }
                 _ => None,
             })
