@@ -86,12 +86,17 @@ impl Env {
     }
 }
 
+/// The spec's rule for container ids and network names: a letter or digit, then letters, digits,
+/// '_', '.' and '-'. It also keeps them safe as file names and in firewall comments.
+pub fn is_spec_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
 /// Container ids as the spec and the reference skel accept them.
 pub fn validate_container_id(id: &str) -> Result<()> {
-    let mut chars = id.chars();
-    let ok = matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-    if ok {
+    if is_spec_name(id) {
         Ok(())
     } else {
         Err(Error::new(

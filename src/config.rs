@@ -353,12 +353,8 @@ fn validate(raw: RawConf) -> Result<NetConf> {
     })
 }
 
-/// The spec's rule for network names; it also makes them safe as file names.
 fn validate_network_name(name: &str) -> Result<()> {
-    let mut chars = name.chars();
-    let ok = matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-    if ok {
+    if cni::is_spec_name(name) {
         Ok(())
     } else {
         Err(invalid(format!(
