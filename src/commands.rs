@@ -4,6 +4,7 @@
 use crate::cni::Env;
 use crate::config::{AttachmentId, NetConf, Protocol};
 use crate::conntrack::{self, UdpFlow};
+use crate::crashpoint;
 use crate::error::{code, Context, Error, Result};
 use crate::firewall::iptables::Iptables;
 use crate::firewall::{self, Current, Family, Rule};
@@ -73,12 +74,12 @@ impl Needs {
         self.tables.iter().map(|t| t.id).collect()
     }
 
-    /// The routing pieces `rec` holds that nobody in `self` needs any more.
-    fn routing_left_by(&self, rec: &Record) -> (BTreeSet<IpRule>, BTreeSet<Route>) {
+    /// The ip rules and tables `rec` uses that nobody in `self` needs any more.
+    fn routing_left_by(&self, rec: &Record) -> (BTreeSet<IpRule>, BTreeSet<u32>) {
         let rules = rec.ip_rules.iter().filter(|r| !self.ip_rules.contains(r)).cloned().collect();
         let used = self.table_ids();
-        let routes = rec.routes.iter().filter(|r| !used.contains(&r.table)).cloned().collect();
-        (rules, routes)
+        let tables = rec.tables.iter().map(|t| t.id).filter(|id| !used.contains(id)).collect();
+        (rules, tables)
     }
 }
 
@@ -136,11 +137,14 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<serde_json::Value> {
 
     let mut rec = record_for(&id, conf, &planned);
     node.store.save(&rec).context("record intent")?;
+    crashpoint::reached("add:after-intent");
 
     let mut applied = Applied::default();
     let result = apply_sysctls(&planned.sysctls)
         .and_then(|()| node.converge(believed, &after.rules, &families_for(&before.rules, &after.rules)))
-        .and_then(|()| apply_routing(&planned, &after, &mut applied));
+        .inspect(|()| crashpoint::reached("add:after-firewall"))
+        .and_then(|()| apply_routing(&planned, &after, &mut applied))
+        .inspect(|_| crashpoint::reached("add:after-routing"));
     let my_routes = match result {
         Ok(routes) => routes,
         Err(e) => {
@@ -191,8 +195,8 @@ fn roll_back(node: &Node, before: &Needs, old: Option<&Record>, id: &AttachmentI
     let added_rules: BTreeSet<IpRule> =
         applied.rules.iter().filter(|r| !before.ip_rules.contains(r)).cloned().collect();
     let used = before.table_ids();
-    let added_routes: BTreeSet<Route> = applied.routes.iter().filter(|r| !used.contains(&r.table)).cloned().collect();
-    if let Err(e) = Netlink::open().and_then(|mut nl| routes::remove(&mut nl, &added_rules, &added_routes)) {
+    let new_tables: BTreeSet<u32> = applied.routes.iter().map(|r| r.table).filter(|t| !used.contains(t)).collect();
+    if let Err(e) = Netlink::open().and_then(|mut nl| routes::remove(&mut nl, &added_rules, &new_tables)) {
         log::error!("roll back routing after failed ADD: {e}");
     }
     if let Err(e) = node.converge(None, &before.rules, &all_families()) {
@@ -234,14 +238,16 @@ pub fn del(conf: &NetConf, env: &Env) -> Result<()> {
     let live: Vec<&Record> = records.iter().filter(|r| r.is_live()).collect();
     let before = Needs::of(live.iter().copied());
     let after = Needs::of(live.iter().copied().filter(|r| r.id != id));
-    let (ip_rules, stale_routes) = after.routing_left_by(rec);
-    if !ip_rules.is_empty() || !stale_routes.is_empty() {
+    let (ip_rules, stale_tables) = after.routing_left_by(rec);
+    if !ip_rules.is_empty() || !stale_tables.is_empty() {
         let mut nl = Netlink::open()?;
-        routes::remove(&mut nl, &ip_rules, &stale_routes).context("remove policy routing")?;
+        routes::remove(&mut nl, &ip_rules, &stale_tables).context("remove policy routing")?;
     }
+    crashpoint::reached("del:after-routing");
     let believed = trusted(&live).then(|| Current::from_rules(before.rules.iter()));
     node.converge(believed, &after.rules, &families_for(&before.rules, &after.rules))
         .context(format!("del {}", plan::describe(&id)))?;
+    crashpoint::reached("del:after-firewall");
     if let Err(e) = RtTables::system().sync(&after.table_names()) {
         log::warn!("unregister table names: {e}");
     }
@@ -249,11 +255,11 @@ pub fn del(conf: &NetConf, env: &Env) -> Result<()> {
     mark_applied(&node.store, &live, Some(&id));
     clear_udp_conntrack(&rec.host_ports);
     log::info!(
-        "removed {} firewall rules ({} kept for other attachments), {} ip rules, {} routes",
+        "removed {} firewall rules ({} kept for other attachments), {} ip rules, {} tables",
         rec.rules.len(),
         rec.rules.iter().filter(|r| after.rules.contains(r)).count(),
         ip_rules.len(),
-        stale_routes.len()
+        stale_tables.len()
     );
     Ok(())
 }
@@ -326,8 +332,8 @@ pub fn gc(conf: &NetConf) -> Result<()> {
     let after = Needs::of(kept.iter().copied());
     let mut nl = Netlink::open()?;
     for r in records.iter().filter(|r| r.is_live() && is_stale(r)) {
-        let (ip_rules, stale_routes) = after.routing_left_by(r);
-        routes::remove(&mut nl, &ip_rules, &stale_routes).context("gc policy routing")?;
+        let (ip_rules, stale_tables) = after.routing_left_by(r);
+        routes::remove(&mut nl, &ip_rules, &stale_tables).context("gc policy routing")?;
     }
     // GC always reads the kernel: it is the moment to undo whatever a crash or an admin left.
     node.converge(None, &after.rules, &all_families()).context("gc")?;

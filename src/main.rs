@@ -5,6 +5,7 @@ mod cni;
 mod commands;
 mod config;
 mod conntrack;
+mod crashpoint;
 mod error;
 mod firewall;
 mod logging;

@@ -100,10 +100,11 @@ pub fn apply(
     Ok(())
 }
 
-/// Remove rules and routes; what is already gone is fine.
-pub fn remove(nl: &mut Netlink, rules: &BTreeSet<IpRule>, routes: &BTreeSet<Route>) -> Result<()> {
+/// Remove ip rules (duplicates too) and empty whole tables; what is already gone is fine. Tables
+/// are flushed rather than emptied route by route so that a call killed between installing and
+/// recording routes leaves nothing behind: their ids belong to this plugin by configuration.
+pub fn remove(nl: &mut Netlink, rules: &BTreeSet<IpRule>, tables: &BTreeSet<u32>) -> Result<()> {
     for rule in rules {
-        // Duplicates (a crashed call, an admin) go too.
         loop {
             match nl.del_rule(rule) {
                 Ok(()) => continue,
@@ -112,11 +113,14 @@ pub fn remove(nl: &mut Netlink, rules: &BTreeSet<IpRule>, routes: &BTreeSet<Rout
             }
         }
     }
-    for route in routes {
-        match nl.del_route(route) {
-            Ok(()) => {}
-            Err(e) if netlink::is_absent(&e) => {}
-            Err(e) => return Err(e),
+    for &table in tables {
+        for r in nl.routes(table)? {
+            let route = Route { table, dst: r.dst, gateway: r.gateway, dev: String::new() };
+            match nl.del_route(&route) {
+                Ok(()) => {}
+                Err(e) if netlink::is_absent(&e) => {}
+                Err(e) => return Err(e),
+            }
         }
     }
     Ok(())
