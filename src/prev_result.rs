@@ -158,6 +158,56 @@ mod tests {
         assert!(e.msg.contains("no pod address"), "{}", e.msg);
     }
 
+    use proptest::prelude::*;
+
+    fn json_tree() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(json!(null)),
+            any::<bool>().prop_map(|b| json!(b)),
+            any::<i64>().prop_map(|n| json!(n)),
+            "[0-9a-f:./]{0,20}".prop_map(|s| json!(s)),
+            Just(json!("10.20.0.10/24")),
+            Just(json!("fd00::10/64")),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::Array),
+                prop::collection::vec(
+                    (
+                        prop_oneof![
+                            Just("interfaces".to_string()),
+                            Just("ips".to_string()),
+                            Just("address".to_string()),
+                            Just("gateway".to_string()),
+                            Just("interface".to_string()),
+                            Just("sandbox".to_string()),
+                            Just("name".to_string()),
+                            "[a-z]{1,6}"
+                        ],
+                        inner
+                    ),
+                    0..5
+                )
+                .prop_map(|kv| serde_json::Value::Object(kv.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn any_json_is_parsed_or_refused_without_panic(v in json_tree(), bridge in proptest::option::of("[a-z0-9]{1,15}")) {
+            match parse(&v, bridge.as_deref()) {
+                Ok(a) => {
+                    prop_assert!(!a.addresses.is_empty());
+                    for addr in &a.addresses {
+                        prop_assert!(addr.subnet.contains(addr.ip));
+                    }
+                }
+                Err(e) => prop_assert_eq!(e.code, 7),
+            }
+        }
+    }
+
     #[test]
     fn bad_interface_index_and_address_are_named() {
         let mut r = bridge_result_031();

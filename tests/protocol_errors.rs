@@ -228,3 +228,26 @@ fn status_reports_whether_add_can_be_served() {
     let out = node.cni_status(&conf);
     assert_eq!(error_code(&out), Some(50), "{} {}", out.stdout, out.stderr);
 }
+
+#[test]
+fn a_panic_becomes_a_cni_error_not_a_trace_on_stdout() {
+    if !require_root() {
+        return;
+    }
+    let node = Node::new();
+    let entry = node.bridge_nat_entry();
+    let (_conf, result, pod) = attached(&node, entry.clone(), "1.0.0");
+    let netns = pod.path().to_string_lossy().to_string();
+    let out = node.exec_plugin(
+        &[
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "ctr-panic"),
+            ("CNI_NETNS", &netns),
+            ("CNI_IFNAME", "net1"),
+            ("BRIDGE_NAT_CRASH_AT", "panic:add:after-intent"),
+        ],
+        &stdin_for(&entry, "1.0.0", Some(&result)),
+    );
+    assert_code(&out, 199, "panicked");
+    assert!(out.stderr.contains("crash point add:after-intent"), "the panic message goes to stderr: {}", out.stderr);
+}
