@@ -78,6 +78,13 @@ impl Env {
             if env.netns.is_empty() && cmd != Command::Del {
                 return Err(Error::new(code::INVALID_ENV, "CNI_NETNS is required for ADD and CHECK"));
             }
+            // DEL must succeed for a container that is already gone; ADD and CHECK must not.
+            if cmd != Command::Del && !std::path::Path::new(&env.netns).exists() {
+                return Err(Error::new(
+                    code::CONTAINER_UNKNOWN,
+                    format!("CNI_NETNS {:?} does not exist: the container is gone", env.netns),
+                ));
+            }
         }
         if env.path.is_empty() && cmd != Command::Version {
             return Err(Error::new(code::INVALID_ENV, "CNI_PATH is required"));
@@ -212,14 +219,24 @@ mod tests {
     fn env_rejects_bad_container_id_and_ifname() {
         let e = Env::read(
             Command::Add,
-            env_of(&[("CNI_CONTAINERID", "a;rm -rf"), ("CNI_NETNS", "/x"), ("CNI_IFNAME", "eth0"), ("CNI_PATH", "/b")]),
+            env_of(&[
+                ("CNI_CONTAINERID", "a;rm -rf"),
+                ("CNI_NETNS", "/proc/self/ns/net"),
+                ("CNI_IFNAME", "eth0"),
+                ("CNI_PATH", "/b"),
+            ]),
         )
         .unwrap_err();
         assert_eq!(e.code, 4);
         assert!(e.msg.contains("CNI_CONTAINERID"));
         let e = Env::read(
             Command::Add,
-            env_of(&[("CNI_CONTAINERID", "abc"), ("CNI_NETNS", "/x"), ("CNI_IFNAME", "eth0/1"), ("CNI_PATH", "/b")]),
+            env_of(&[
+                ("CNI_CONTAINERID", "abc"),
+                ("CNI_NETNS", "/proc/self/ns/net"),
+                ("CNI_IFNAME", "eth0/1"),
+                ("CNI_PATH", "/b"),
+            ]),
         )
         .unwrap_err();
         assert_eq!(e.code, 4);

@@ -227,6 +227,9 @@ pub fn del(conf: &NetConf, env: &Env) -> Result<()> {
     let node = Node::open(conf)?;
     let _lock = node.store.lock(conf.settings.lock_timeout)?;
     let records = node.store.load_all()?;
+    if let Err(e) = node.store.load(&id) {
+        return del_without_record(conf, &node, &records, &id, e);
+    }
     let Some(rec) = records.iter().find(|r| r.id == id) else {
         log::info!("no record of {}: nothing to remove", plan::describe(&id));
         return Ok(());
@@ -262,6 +265,37 @@ pub fn del(conf: &NetConf, env: &Env) -> Result<()> {
         stale_tables.len()
     );
     Ok(())
+}
+
+/// The record exists but cannot be read: remove whatever no readable record needs, judged from the
+/// kernel (rules tagged for this attachment) and the config (its tables and marks).
+fn del_without_record(conf: &NetConf, node: &Node, records: &[Record], id: &AttachmentId, why: Error) -> Result<()> {
+    log::warn!("{why}; reconciling the node from the kernel and the config instead");
+    let kept = Needs::of(records.iter().filter(|r| r.is_live() && &r.id != id));
+    let mut nl = Netlink::open()?;
+    remove_unowned_routing(&mut nl, conf, &kept)?;
+    node.converge(None, &kept.rules, &all_families()).context(format!("del {}", plan::describe(id)))?;
+    node.store.remove(id)
+}
+
+/// ip rules and tables this network's config gives the plugin, that no kept record needs: what a
+/// lost or corrupt record would otherwise leak.
+fn remove_unowned_routing(nl: &mut Netlink, conf: &NetConf, kept: &Needs) -> Result<()> {
+    let mut tables: BTreeSet<u32> =
+        conf.rules.iter().filter_map(|r| r.routing.as_ref().map(|rs| rs.table_id)).collect();
+    tables.extend(conf.routing.as_ref().map(|g| g.table_id));
+    if tables.is_empty() {
+        return Ok(());
+    }
+    let suppress_priority = conf.routing.as_ref().map(|g| g.rule_priority + 9);
+    let ours = |r: &IpRule| {
+        tables.contains(&r.table) || (r.suppress_default && Some(r.priority) == suppress_priority && r.from.is_some())
+    };
+    let stale_rules: BTreeSet<IpRule> =
+        nl.rules()?.into_iter().filter(|r| ours(r) && !kept.ip_rules.contains(r)).collect();
+    let used = kept.table_ids();
+    let stale_tables: BTreeSet<u32> = tables.into_iter().filter(|t| !used.contains(t)).collect();
+    routes::remove(nl, &stale_rules, &stale_tables).context("remove unowned policy routing")
 }
 
 pub fn check(conf: &NetConf, env: &Env) -> Result<()> {
@@ -335,12 +369,13 @@ pub fn gc(conf: &NetConf) -> Result<()> {
         let (ip_rules, stale_tables) = after.routing_left_by(r);
         routes::remove(&mut nl, &ip_rules, &stale_tables).context("gc policy routing")?;
     }
+    remove_unowned_routing(&mut nl, conf, &after).context("gc")?;
     // GC always reads the kernel: it is the moment to undo whatever a crash or an admin left.
     node.converge(None, &after.rules, &all_families()).context("gc")?;
     if let Err(e) = RtTables::system().sync(&after.table_names()) {
         log::warn!("gc table names: {e}");
     }
-    let mut removed = 0;
+    let mut removed = node.store.remove_unreadable(&conf.name)?;
     for r in records.iter().filter(|r| is_stale(r) || !r.is_live()) {
         node.store.remove(&r.id)?;
         removed += 1;

@@ -5,6 +5,7 @@ use std::fmt;
 /// CNI spec error codes this plugin returns.
 pub mod code {
     pub const INCOMPATIBLE_VERSION: u32 = 1;
+    pub const CONTAINER_UNKNOWN: u32 = 3;
     pub const INVALID_ENV: u32 = 4;
     pub const IO: u32 = 5;
     pub const DECODE: u32 = 6;

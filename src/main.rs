@@ -61,11 +61,11 @@ fn run(command: &str) -> std::result::Result<Option<serde_json::Value>, (Error, 
     cni::check_version(cmd, &version).map_err(fail)?;
     let env = cni::Env::read(cmd, |k| std::env::var(k).ok()).map_err(fail)?;
     let settings = draft.settings().map_err(fail)?;
-    logging::init(
-        &settings.log_file,
-        settings.log_level,
-        &format!("{} {}/{}/{}: ", cmd.name(), draft.network_name(), env.container_id, env.ifname),
-    );
+    let who = match env.container_id.as_str() {
+        "" => draft.network_name().to_string(),
+        cid => format!("{}/{cid}/{}", draft.network_name(), env.ifname),
+    };
+    logging::init(&settings.log_file, settings.log_level, &format!("{} {who}: ", cmd.name()));
     dispatch(cmd, draft, &env).map_err(fail)
 }
 

@@ -161,6 +161,19 @@ impl Store {
         Ok(out)
     }
 
+    /// Delete this network's record files that cannot be read (GC); returns how many.
+    pub fn remove_unreadable(&self, network: &str) -> Result<usize> {
+        let mut removed = 0;
+        for file in read_dir_sorted(&self.network_dir(network))? {
+            if file.extension().is_some_and(|e| e == "json") && read_record(&file).is_err() {
+                fs::remove_file(&file).map_err(|e| Error::io(format!("remove {}", file.display()), e))?;
+                log::warn!("removed unreadable record {}", file.display());
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     pub fn save(&self, rec: &Record) -> Result<()> {
         ensure_private_dir(&self.network_dir(&rec.id.network))?;
         let data =
