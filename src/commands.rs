@@ -388,6 +388,7 @@ pub fn gc(conf: &NetConf) -> Result<()> {
 pub fn status(conf: &NetConf) -> Result<()> {
     let node = Node::open(conf).map_err(|e| Error::new(code::NOT_AVAILABLE, e.msg))?;
     let _lock = node.store.lock(conf.settings.lock_timeout)?;
+    node.store.probe_writable().map_err(|e| Error::new(code::NOT_AVAILABLE, e.msg))?;
     node.fw.usable()
 }
 

@@ -161,6 +161,14 @@ impl Store {
         Ok(out)
     }
 
+    /// STATUS: can a record be written here right now?
+    pub fn probe_writable(&self) -> Result<()> {
+        let probe = self.dir.join(format!(".status-probe.{}", std::process::id()));
+        let result = write_atomic(&probe, b"{}");
+        let _ = fs::remove_file(&probe);
+        result.map_err(|e| e.context("state directory is not writable"))
+    }
+
     /// Delete this network's record files that cannot be read (GC); returns how many.
     pub fn remove_unreadable(&self, network: &str) -> Result<usize> {
         let mut removed = 0;
