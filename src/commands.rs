@@ -227,10 +227,12 @@ pub fn del(conf: &NetConf, env: &Env) -> Result<()> {
     let node = Node::open(conf)?;
     let _lock = node.store.lock(conf.settings.lock_timeout)?;
     let records = node.store.load_all()?;
-    if let Err(e) = node.store.load(&id) {
-        return del_without_record(conf, &node, &records, &id, e);
-    }
     let Some(rec) = records.iter().find(|r| r.id == id) else {
+        // load_all skips unreadable files: a file that is there but not loaded is corrupt.
+        if node.store.exists(&id) {
+            let why = node.store.load(&id).err().unwrap_or_else(|| Error::new(code::IO, "record unreadable"));
+            return del_without_record(conf, &node, &records, &id, why);
+        }
         log::info!("no record of {}: nothing to remove", plan::describe(&id));
         return Ok(());
     };

@@ -139,6 +139,11 @@ impl Store {
         read_record(&self.record_path(id))
     }
 
+    /// A record file is there (readable or not).
+    pub fn exists(&self, id: &AttachmentId) -> bool {
+        fs::symlink_metadata(self.record_path(id)).is_ok()
+    }
+
     /// Every readable record on the node. Unreadable ones are logged and skipped: a half-written or
     /// corrupt file must never block other attachments.
     pub fn load_all(&self) -> Result<Vec<Record>> {
