@@ -119,15 +119,7 @@ impl Pod {
 
     /// The pod's address of the given family, without the prefix length.
     fn ip(&self, v6: bool) -> String {
-        self.result["ips"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|ip| ip["address"].as_str())
-            .map(|a| a.split('/').next().unwrap_or(a))
-            .find(|a| a.contains(':') == v6)
-            .unwrap_or_else(|| panic!("no {} address in {}", if v6 { "IPv6" } else { "IPv4" }, self.result))
-            .to_string()
+        common::result_ip(&self.result, v6)
     }
 
     fn ipv4(&self) -> String {

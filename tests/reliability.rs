@@ -21,7 +21,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{error_code, plugin_stdin, require_root, wait_for, Background, DriverOutput, Netns, Node, NETWORK_NAME};
+use common::{
+    dir_tree, error_code, error_msg, plugin_stdin, require_root, wait_for, Background, DriverOutput, Netns, Node,
+    NETWORK_NAME,
+};
 use serde_json::{json, Value};
 
 /// Version of the conflists that need GC (the driver emulates 1.1.0 for bridge-nat).
@@ -136,14 +139,7 @@ impl Pod {
     }
 
     fn ipv4(&self) -> String {
-        self.result["ips"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|ip| ip["address"].as_str())
-            .map(|a| a.split('/').next().unwrap_or(a).to_string())
-            .find(|a| !a.contains(':'))
-            .unwrap_or_else(|| panic!("no IPv4 address in {}", self.result))
+        common::result_ip(&self.result, false)
     }
 
     /// The comment every rule of this attachment carries, as iptables-save prints it.
@@ -195,30 +191,7 @@ fn routed_entry(node: &Node) -> Value {
 
 // ---------------------------------------------------------------- node state
 
-/// Every file under `dir` (recursively) with its mode and content; symlinks shown as such.
-fn tree(dir: &Path) -> BTreeMap<PathBuf, String> {
-    let mut out = BTreeMap::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        let Ok(entries) = fs::read_dir(&d) else { continue };
-        for e in entries.flatten() {
-            let path = e.path();
-            let Ok(meta) = fs::symlink_metadata(&path) else { continue };
-            let mode = meta.mode() & 0o7777;
-            let what = if meta.file_type().is_symlink() {
-                format!("symlink -> {}", fs::read_link(&path).map(|t| t.display().to_string()).unwrap_or_default())
-            } else if meta.is_dir() {
-                todo.push(path.clone());
-                format!("dir {mode:o}")
-            } else {
-                format!("file {mode:o} {}", fs::read_to_string(&path).unwrap_or_else(|e| format!("<{e}>")))
-            };
-            out.insert(path, what);
-        }
-    }
-    out
-}
-
+/// A [`dir_tree`] as lines, for readable diffs.
 fn render(tree: &BTreeMap<PathBuf, String>) -> String {
     tree.iter().map(|(p, w)| format!("{} {w}\n", p.display())).collect()
 }
@@ -228,8 +201,8 @@ fn node_state(node: &Node) -> String {
     format!(
         "{}### iproute2 config\n{}### records\n{}",
         node.snapshot(),
-        render(&tree(&common::netns_etc(&node.ns))),
-        render(&tree(&node.state_dir().join("records")))
+        render(&dir_tree(&common::netns_etc(&node.ns))),
+        render(&dir_tree(&node.state_dir().join("records")))
     )
 }
 
@@ -286,7 +259,7 @@ fn diagnostics(node: &Node) -> String {
         "{}{}\n--- records\n{}--- plugin log (tail)\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
-        render(&tree(&node.state_dir().join("records"))),
+        render(&dir_tree(&node.state_dir().join("records"))),
         log_tail(node, 40)
     )
 }
@@ -421,10 +394,6 @@ fn failures<'a>(what: &str, outs: impl IntoIterator<Item = (&'a str, &'a DriverO
         .filter(|(_, o)| !o.status_ok)
         .map(|(id, o)| format!("{what} {id}: {} {}", o.stdout.trim(), o.stderr.trim()))
         .collect()
-}
-
-fn error_msg(out: &DriverOutput) -> String {
-    out.json.as_ref().and_then(|j| j["msg"].as_str()).unwrap_or_default().to_string()
 }
 
 /// The problems a failed CHECK lists ("... N problem(s): a; b; c").
@@ -1031,7 +1000,7 @@ fn bad_input_is_refused_with_the_right_code_and_changes_nothing() {
         serde_json::to_vec(&stdin).expect("serialize")
     };
     let before = node.snapshot();
-    let state_before = tree(&node.state_dir());
+    let state_before = dir_tree(&node.state_dir());
 
     let routed_twice = json!({ "portForwarding": { "rules": [
         { "name": "a", "hostPort": 30081, "destPort": 80, "routing": { "fwmark": "0x65", "tableId": 101, "outbound": { "interface": "lo" } } },
@@ -1106,7 +1075,11 @@ fn bad_input_is_refused_with_the_right_code_and_changes_nothing() {
     }
     assert!(wrong.is_empty(), "refusals not as expected:\n{}", wrong.join("\n"));
     assert_same_state(&node, &before, &node.snapshot(), "after the refused calls");
-    assert_eq!(render(&tree(&node.state_dir())), render(&state_before), "a refused call changed the state directory");
+    assert_eq!(
+        render(&dir_tree(&node.state_dir())),
+        render(&state_before),
+        "a refused call changed the state directory"
+    );
     assert!(!pwned.exists(), "/tmp/pwned exists: a name was run by a shell");
     pod.check_ok(&node, &conf, "after the refused calls");
 }
@@ -1126,7 +1099,7 @@ fn add_with_a_netns_path_that_does_not_exist_is_refused() {
     let pod = Pod::added(&node, &conf, "p", &[]);
     pod.cni(&node, "del", &conf, &[]).assert_ok("DEL");
     let before = node.snapshot();
-    let state_before = render(&tree(&node.state_dir()));
+    let state_before = render(&dir_tree(&node.state_dir()));
     let mut env = pod.env("ADD");
     for (k, v) in env.iter_mut() {
         if k == "CNI_NETNS" {
@@ -1146,7 +1119,7 @@ fn add_with_a_netns_path_that_does_not_exist_is_refused() {
         out.status
     );
     assert_same_state(&node, &before, &node.snapshot(), "after ADD with a missing netns");
-    assert_eq!(render(&tree(&node.state_dir())), state_before, "state directory changed");
+    assert_eq!(render(&dir_tree(&node.state_dir())), state_before, "state directory changed");
 }
 
 // ---------------------------------------------------------------- 8. security

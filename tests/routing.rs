@@ -17,11 +17,12 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{error_code, plugin_stdin, require_root, veth, wait_for, Background, DriverOutput, Netns, Node};
+use common::{
+    dir_tree, error_code, error_msg, plugin_stdin, require_root, veth, wait_for, Background, DriverOutput, Netns, Node,
+};
 use serde_json::{json, Value};
 
 const VERSION: &str = "1.0.0";
@@ -156,14 +157,7 @@ impl Pod {
     }
 
     fn ipv4(&self) -> String {
-        self.result["ips"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|ip| ip["address"].as_str())
-            .map(|a| a.split('/').next().unwrap_or(a).to_string())
-            .find(|a| !a.contains(':'))
-            .unwrap_or_else(|| panic!("no IPv4 address in {}", self.result))
+        common::result_ip(&self.result, false)
     }
 
     /// The pod's TCP server on 8080, answering "pod".
@@ -290,12 +284,6 @@ fn diagnostics(node: &Node) -> String {
 }
 
 /// The CNI error message of a failed invocation.
-fn error_msg(out: &DriverOutput) -> String {
-    let j = out.json.as_ref();
-    let field = |k: &str| j.and_then(|j| j[k].as_str()).unwrap_or_default().to_string();
-    format!("{} {}", field("msg"), field("details"))
-}
-
 /// CHECK through the driver must fail with code 102 and name every one of `needles`.
 #[track_caller]
 fn expect_check_failure(node: &Node, pod: &Pod, conf: &Path, needles: &[&str]) {
@@ -305,25 +293,6 @@ fn expect_check_failure(node: &Node, pod: &Pod, conf: &Path, needles: &[&str]) {
     for needle in needles {
         assert!(msg.contains(needle), "CHECK message lacks {needle:?}: {msg}\n{}", diagnostics(node));
     }
-}
-
-/// Every file under `dir` with its content (a missing dir is empty).
-fn dir_contents(dir: &Path) -> BTreeMap<PathBuf, String> {
-    let mut out = BTreeMap::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
-        for e in entries.flatten() {
-            let path = e.path();
-            if path.is_dir() {
-                out.insert(path.clone(), "<dir>".to_string());
-                todo.push(path);
-            } else {
-                out.insert(path.clone(), std::fs::read_to_string(&path).unwrap_or_else(|e| format!("<{e}>")));
-            }
-        }
-    }
-    out
 }
 
 // ---------------------------------------------------------------- shared checks
@@ -354,7 +323,7 @@ fn table_names_are_registered_in_the_nodes_own_iproute2_config() {
     if !require_root() {
         return;
     }
-    let machine_before = dir_contents(Path::new("/etc/iproute2"));
+    let machine_before = dir_tree(Path::new("/etc/iproute2"));
     let t = Topology::new();
     let conf = t.conflist(two_uplink_entry(&t.node));
     let _pod = Pod::add(&t.node, &conf, "a");
@@ -372,7 +341,7 @@ fn table_names_are_registered_in_the_nodes_own_iproute2_config() {
     for line in ["100\tdind_net1", "101\tdind_up2", "102\tdind_up1"] {
         assert!(text.contains(line), "{} lacks {line:?}:\n{text}", drop_in.display());
     }
-    assert_eq!(dir_contents(Path::new("/etc/iproute2")), machine_before, "the machine's /etc/iproute2 changed");
+    assert_eq!(dir_tree(Path::new("/etc/iproute2")), machine_before, "the machine's /etc/iproute2 changed");
     let outside = std::process::Command::new("ip").args(["route", "show", "table", "dind_up2"]).output().unwrap();
     assert!(!outside.status.success(), "dind_up2 resolves outside the node: {outside:?}");
 }
@@ -567,7 +536,7 @@ fn last_del_leaves_no_rules_routes_or_table_names() {
     warm.cni(node, "del", &bridge_only).assert_ok("DEL warmup");
 
     let etc = common::netns_etc(&node.ns);
-    let config_before = dir_contents(&etc);
+    let config_before = dir_tree(&etc);
     let before = node.snapshot();
     let conf = t.conflist(entry(
         node,
@@ -605,7 +574,7 @@ fn last_del_leaves_no_rules_routes_or_table_names() {
         "node differs after the last DEL\n--- before\n{before}\n--- after\n{after}\n--- log\n{}",
         node.log()
     );
-    assert_eq!(dir_contents(&etc), config_before, "the node's iproute2 config differs after the last DEL");
+    assert_eq!(dir_tree(&etc), config_before, "the node's iproute2 config differs after the last DEL");
 }
 
 /// 9. Marks never touch foreign bits. kube-proxy's 0x4000 is set on the same packets by a rule

@@ -570,3 +570,47 @@ impl Node {
         }
     }
 }
+
+/// The pod's address of one family in an ADD result, without the prefix length.
+pub fn result_ip(result: &Value, v6: bool) -> String {
+    result["ips"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|ip| ip["address"].as_str())
+        .map(|a| a.split('/').next().unwrap_or(a))
+        .find(|a| a.contains(':') == v6)
+        .unwrap_or_else(|| panic!("no {} address in {result}", if v6 { "IPv6" } else { "IPv4" }))
+        .to_string()
+}
+
+/// The `msg` of a CNI error (empty on success).
+pub fn error_msg(out: &DriverOutput) -> String {
+    out.json.as_ref().and_then(|j| j["msg"].as_str()).unwrap_or_default().to_string()
+}
+
+/// Every file, directory and symlink below `dir` with its mode and content, for before/after
+/// comparisons of state directories and iproute2 config.
+pub fn dir_tree(dir: &Path) -> std::collections::BTreeMap<PathBuf, String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(entries) = fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let path = e.path();
+            let Ok(meta) = fs::symlink_metadata(&path) else { continue };
+            let mode = meta.mode() & 0o7777;
+            let what = if meta.file_type().is_symlink() {
+                format!("symlink -> {}", fs::read_link(&path).map(|t| t.display().to_string()).unwrap_or_default())
+            } else if meta.is_dir() {
+                todo.push(path.clone());
+                format!("dir {mode:o}")
+            } else {
+                format!("file {mode:o} {}", fs::read_to_string(&path).unwrap_or_else(|e| format!("<{e}>")))
+            };
+            out.insert(path, what);
+        }
+    }
+    out
+}
