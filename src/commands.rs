@@ -51,7 +51,6 @@ struct Needs {
     rules: BTreeSet<Rule>,
     ip_rules: BTreeSet<IpRule>,
     tables: BTreeSet<TableSpec>,
-    routes: BTreeSet<Route>,
 }
 
 impl Needs {
@@ -61,7 +60,6 @@ impl Needs {
             n.rules.extend(r.rules.iter().cloned());
             n.ip_rules.extend(r.ip_rules.iter().cloned());
             n.tables.extend(r.tables.iter().cloned());
-            n.routes.extend(r.routes.iter().cloned());
         }
         n
     }

@@ -46,7 +46,8 @@ pub struct Record {
     pub ip_rules: Vec<IpRule>,
     #[serde(default)]
     pub tables: Vec<TableSpec>,
-    /// Routes as installed (next hops resolved at the time).
+    /// Routes as installed, next hops resolved at the time: what ADD did, for people reading the
+    /// record. DEL flushes whole tables instead, and CHECK resolves next hops again.
     #[serde(default)]
     pub routes: Vec<Route>,
 }
