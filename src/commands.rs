@@ -1,8 +1,10 @@
 //! The CNI commands as pipelines: validate → plan → lock → apply as one transaction → record.
 //! DEL, CHECK and GC work from the records, never from the runtime's memory.
 
+mod nftables;
+
 use crate::cni::Env;
-use crate::config::{AttachmentId, NetConf, Protocol};
+use crate::config::{AttachmentId, Backend, NetConf, Protocol};
 use crate::conntrack::{self, UdpFlow};
 use crate::crashpoint;
 use crate::error::{code, Context, Error, Result};
@@ -119,12 +121,22 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<serde_json::Value> {
     let att = prev_result::parse(prev, conf.bridge.as_deref())?;
     let id = attachment_id(conf, env);
     let planned = plan::plan(conf, &id, &att)?;
+    if conf.settings.backend == Backend::Nftables {
+        nftables::add(conf, env, &planned)?;
+        return Ok(prev.clone());
+    }
     let node = Node::open(conf)?;
     let _lock = node.store.lock(conf.settings.lock_timeout)?;
     let records = node.store.load_all()?;
     let live: Vec<&Record> = records.iter().filter(|r| r.is_live()).collect();
     plan::check_host_ports(&id, &planned.host_ports, live.iter().map(|r| (&r.id, r.host_ports.as_slice())))?;
     let old = live.iter().find(|r| r.id == id).copied();
+    if old.is_some_and(|r| r.backend != Backend::Iptables) {
+        return Err(Error::invalid_config(format!(
+            "{} was added with the nftables backend; DEL it before adding it with iptables",
+            plan::describe(&id)
+        )));
+    }
     let before = Needs::of(live.iter().copied());
     let mut after = Needs::of(live.iter().copied().filter(|r| r.id != id));
     after.rules.extend(planned.rules.iter().cloned());
@@ -136,6 +148,8 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<serde_json::Value> {
     let mut rec = record_for(&id, conf, &planned);
     node.store.save(&rec).context("record intent")?;
     crashpoint::reached("add:after-intent");
+    let index = nftables::open_index(&node.store)?;
+    nftables::hold_all(&index, &rec)?;
 
     let mut applied = Applied::default();
     let result = apply_sysctls(&planned.sysctls)
@@ -147,6 +161,9 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<serde_json::Value> {
         Ok(routes) => routes,
         Err(e) => {
             roll_back(&node, &before, old, &id, &applied);
+            if old.is_none() {
+                release_all(&index, &rec);
+            }
             return Err(e.context(format!("add {}", plan::describe(&id))));
         }
     };
@@ -209,6 +226,16 @@ fn roll_back(node: &Node, before: &Needs, old: Option<&Record>, id: &AttachmentI
     }
 }
 
+/// Drop an iptables-backend record's claims and routing holds from the index.
+fn release_all(index: &crate::index::Index, rec: &Record) {
+    let released = index
+        .unclaim(&rec.id, &rec.host_ports)
+        .and_then(|()| nftables::routing_keys(rec).iter().try_for_each(|k| index.release(k, &rec.id).map(|_| ())));
+    if let Err(e) = released {
+        log::warn!("release index entries: {e}");
+    }
+}
+
 /// Records a reconcile has just made true are no longer in doubt.
 fn mark_applied(store: &Store, live: &[&Record], except: Option<&AttachmentId>) {
     for r in live.iter().filter(|r| r.status == Status::Applying && Some(&r.id) != except) {
@@ -224,6 +251,12 @@ pub fn del(conf: &NetConf, env: &Env) -> Result<()> {
     let id = attachment_id(conf, env);
     let node = Node::open(conf)?;
     let _lock = node.store.lock(conf.settings.lock_timeout)?;
+    // The nftables backend never needs the other records: decide from ours alone.
+    if let Ok(Some(rec)) = node.store.load(&id) {
+        if rec.is_live() && rec.backend == Backend::Nftables {
+            return nftables::del(&node.store, &rec);
+        }
+    }
     let records = node.store.load_all()?;
     let Some(rec) = records.iter().find(|r| r.id == id) else {
         // load_all skips unreadable files: a file that is there but not loaded is corrupt.
@@ -254,6 +287,7 @@ pub fn del(conf: &NetConf, env: &Env) -> Result<()> {
     if let Err(e) = RtTables::system().sync(&after.table_names()) {
         log::warn!("unregister table names: {e}");
     }
+    release_all(&nftables::open_index(&node.store)?, rec);
     node.store.remove(&id)?;
     mark_applied(&node.store, &live, Some(&id));
     clear_udp_conntrack(&rec.host_ports);
@@ -275,6 +309,13 @@ fn del_without_record(conf: &NetConf, node: &Node, records: &[Record], id: &Atta
     let mut nl = Netlink::open()?;
     remove_unowned_routing(&mut nl, conf, &kept)?;
     node.converge(None, &kept.rules, &all_families()).context(format!("del {}", plan::describe(id)))?;
+    let mut nft = crate::nft::Nft::open()?;
+    if nft.table_exists()? {
+        let others: Vec<Record> =
+            records.iter().filter(|r| r.is_live() && r.backend == Backend::Nftables && &r.id != id).cloned().collect();
+        nftables::rebuild(&mut nft, &others).context(format!("del {}", plan::describe(id)))?;
+    }
+    nftables::open_index(&node.store)?.release_everywhere(id)?;
     node.store.remove(id)
 }
 
@@ -313,18 +354,24 @@ pub fn check(conf: &NetConf, env: &Env) -> Result<()> {
         problems.push("the record is from an earlier boot".to_string());
     }
     // The config and prevResult of this CHECK must still describe what was installed.
-    if let Some(prev) = &conf.prev_result {
-        let att = prev_result::parse(prev, conf.bridge.as_deref())?;
-        let planned = plan::plan(conf, &id, &att)?;
-        let recorded: BTreeSet<&Rule> = rec.rules.iter().collect();
-        for r in planned.rules.iter().filter(|r| !recorded.contains(r)) {
-            problems.push(format!("config asks for a rule that was not installed: {r}"));
+    let planned = match &conf.prev_result {
+        Some(prev) => Some(plan::plan(conf, &id, &prev_result::parse(prev, conf.bridge.as_deref())?)?),
+        None => None,
+    };
+    if rec.backend == Backend::Nftables {
+        problems.extend(nftables::check_firewall(conf, &rec, planned.as_ref())?);
+    } else {
+        if let Some(planned) = &planned {
+            let recorded: BTreeSet<&Rule> = rec.rules.iter().collect();
+            for r in planned.rules.iter().filter(|r| !recorded.contains(r)) {
+                problems.push(format!("config asks for a rule that was not installed: {r}"));
+            }
         }
-    }
-    let actual = node.fw.read(&plan::families_of(rec.rules.iter())).context("read firewall")?;
-    let present: BTreeSet<&Rule> = actual.rules.iter().collect();
-    for r in rec.rules.iter().filter(|r| !present.contains(r)) {
-        problems.push(format!("missing firewall rule: {r}"));
+        let actual = node.fw.read(&plan::families_of(rec.rules.iter())).context("read firewall")?;
+        let present: BTreeSet<&Rule> = actual.rules.iter().collect();
+        for r in rec.rules.iter().filter(|r| !present.contains(r)) {
+            problems.push(format!("missing firewall rule: {r}"));
+        }
     }
     for s in &rec.sysctls {
         match std::fs::read_to_string(&s.path) {
@@ -372,6 +419,7 @@ pub fn gc(conf: &NetConf) -> Result<()> {
     remove_unowned_routing(&mut nl, conf, &after).context("gc")?;
     // GC always reads the kernel: it is the moment to undo whatever a crash or an admin left.
     node.converge(None, &after.rules, &all_families()).context("gc")?;
+    nftables::gc(&node.store, &kept).context("gc")?;
     if let Err(e) = RtTables::system().sync(&after.table_names()) {
         log::warn!("gc table names: {e}");
     }
@@ -389,7 +437,13 @@ pub fn status(conf: &NetConf) -> Result<()> {
     let node = Node::open(conf).map_err(|e| Error::new(code::NOT_AVAILABLE, e.msg))?;
     let _lock = node.store.lock(conf.settings.lock_timeout)?;
     node.store.probe_writable().map_err(|e| Error::new(code::NOT_AVAILABLE, e.msg))?;
-    node.fw.usable()
+    match conf.settings.backend {
+        Backend::Iptables => node.fw.usable(),
+        Backend::Nftables => crate::nft::Nft::open()
+            .and_then(|mut nft| nft.table_exists())
+            .map(|_| ())
+            .map_err(|e| Error::new(code::NOT_AVAILABLE, format!("nftables unusable: {}", e.msg))),
+    }
 }
 
 /// Flows to these host ports may be pinned to an old pod (or to no pod) by conntrack. Only flows

@@ -41,6 +41,7 @@ struct RawConf {
     state_dir: Option<String>,
     lock_timeout_ms: Option<u64>,
     iptables: Option<String>,
+    backend: Option<String>,
     mark_mask: Option<RawMark>,
     #[serde(rename = "cni.dev/valid-attachments")]
     valid_attachments: Option<Vec<RawAttachment>>,
@@ -212,7 +213,19 @@ pub struct Settings {
     pub lock_timeout: Duration,
     /// `iptables`, `iptables-legacy`, `iptables-nft`, or an absolute path to one of them.
     pub iptables: String,
+    pub backend: Backend,
     pub mark_mask: u32,
+}
+
+/// Where the forwarding rules live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Chains in iptables' nat/filter/mangle tables, applied with one iptables-restore per family.
+    #[default]
+    Iptables,
+    /// One native nftables table whose forwards are map elements, changed over netlink.
+    Nftables,
 }
 
 impl Default for Settings {
@@ -223,6 +236,7 @@ impl Default for Settings {
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             lock_timeout: Duration::from_millis(DEFAULT_LOCK_TIMEOUT_MS),
             iptables: "iptables".into(),
+            backend: Backend::Iptables,
             mark_mask: DEFAULT_MARK_MASK,
         }
     }
@@ -392,6 +406,11 @@ fn validate_settings(raw: &RawConf) -> Result<Settings> {
             )));
         }
         s.iptables = ipt.to_string();
+    }
+    match raw.backend.as_deref() {
+        None | Some("") | Some("iptables") => {}
+        Some("nftables") => s.backend = Backend::Nftables,
+        Some(other) => return Err(invalid(format!("backend: {other:?} must be iptables or nftables"))),
     }
     if let Some(m) = &raw.mark_mask {
         let mask = parse_mark("markMask", m)?;

@@ -5,20 +5,13 @@
 //! traffic. Entries are dumped, matched on their original tuple, and deleted one by one (a DELETE
 //! without a tuple would flush the whole table).
 
-use crate::error::{code, Error, Result};
+use crate::error::{code, Result};
+use crate::nfnetlink::{errno_error, find_attr, message, Attrs, Reply, Socket, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST};
 use std::net::IpAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-const NETLINK_NETFILTER: i32 = 12;
 const NFNL_SUBSYS_CTNETLINK: u16 = 1;
 const IPCTNL_MSG_CT_GET: u16 = 1;
 const IPCTNL_MSG_CT_DELETE: u16 = 2;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLA_TYPE_MASK: u16 = 0x3fff;
 
 const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_ZONE: u16 = 18;
@@ -43,25 +36,26 @@ pub fn clear_udp(family_v6: bool, flows: &[UdpFlow]) -> Result<usize> {
     if flows.is_empty() {
         return Ok(0);
     }
-    let sock = Socket::open()?;
+    let sock = Socket::open("conntrack")?;
     let family = if family_v6 { nix::libc::AF_INET6 } else { nix::libc::AF_INET } as u8;
     let mut victims = Vec::new();
-    sock.send(&message(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, family, &[]))?;
-    sock.receive(|payload| {
+    sock.send(&request(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, family, &[]))?;
+    receive(&sock, |payload| {
         if let Some(orig) = find_attr(payload, CTA_TUPLE_ORIG) {
             if matches_any(orig, flows) {
-                let mut attrs = raw_attr(CTA_TUPLE_ORIG | 0x8000, orig);
+                let mut attrs = Attrs::new();
+                attrs.bytes(CTA_TUPLE_ORIG | 0x8000, orig);
                 if let Some(zone) = find_attr(payload, CTA_ZONE) {
-                    attrs.extend(raw_attr(CTA_ZONE, zone));
+                    attrs.bytes(CTA_ZONE, zone);
                 }
-                victims.push(attrs);
+                victims.push(attrs.buf);
             }
         }
     })?;
     let mut deleted = 0;
     for attrs in victims {
-        sock.send(&message(IPCTNL_MSG_CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, family, &attrs))?;
-        match sock.receive(|_| {}) {
+        sock.send(&request(IPCTNL_MSG_CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, family, &attrs))?;
+        match receive(&sock, |_| {}) {
             Ok(()) => deleted += 1,
             // Expired between the dump and the delete: what we wanted anyway.
             Err(e) if e.details == "ENOENT" => {}
@@ -69,6 +63,35 @@ pub fn clear_udp(family_v6: bool, flows: &[UdpFlow]) -> Result<usize> {
         }
     }
     Ok(deleted)
+}
+
+fn request(kind: u16, flags: u16, family: u8, attrs: &[u8]) -> Vec<u8> {
+    // One request in flight at a time: the sequence number can stay 1.
+    message((NFNL_SUBSYS_CTNETLINK << 8) | kind, flags, 1, family, 0, attrs)
+}
+
+/// Read replies until DONE or an ACK/error, handing each conntrack message's attributes to `f`.
+fn receive(sock: &Socket, mut f: impl FnMut(&[u8])) -> Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut outcome = None;
+    while outcome.is_none() {
+        sock.receive(false, &mut buf, |reply| match reply {
+            Reply::Message { attrs, .. } => {
+                f(attrs);
+                true
+            }
+            Reply::Done { .. } => {
+                outcome = Some(Ok(()));
+                false
+            }
+            Reply::Ack { errno, .. } => {
+                outcome =
+                    Some(if errno == 0 { Ok(()) } else { Err(errno_error(code::IO, "conntrack netlink", errno)) });
+                false
+            }
+        })?;
+    }
+    outcome.unwrap_or(Ok(()))
 }
 
 fn matches_any(orig: &[u8], flows: &[UdpFlow]) -> bool {
@@ -93,131 +116,13 @@ fn matches_any(orig: &[u8], flows: &[UdpFlow]) -> bool {
     flows.iter().any(|f| f.port == port && (f.dst.is_none() || f.dst == dst))
 }
 
-/// Iterate netlink attributes (`len`, `type`, payload padded to 4) and return the first of `kind`.
-fn find_attr(mut buf: &[u8], kind: u16) -> Option<&[u8]> {
-    while buf.len() >= 4 {
-        let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
-        let ty = u16::from_ne_bytes([buf[2], buf[3]]) & NLA_TYPE_MASK;
-        if len < 4 || len > buf.len() {
-            return None;
-        }
-        if ty == kind {
-            return Some(&buf[4..len]);
-        }
-        buf = &buf[align4(len).min(buf.len())..];
-    }
-    None
-}
-
-fn align4(n: usize) -> usize {
-    (n + 3) & !3
-}
-
-fn raw_attr(kind: u16, payload: &[u8]) -> Vec<u8> {
-    let len = 4 + payload.len();
-    let mut out = Vec::with_capacity(align4(len));
-    out.extend((len as u16).to_ne_bytes());
-    out.extend(kind.to_ne_bytes());
-    out.extend(payload);
-    out.resize(align4(len), 0);
-    out
-}
-
-fn message(kind: u16, flags: u16, family: u8, attrs: &[u8]) -> Vec<u8> {
-    let len = 16 + 4 + attrs.len();
-    let mut out = Vec::with_capacity(len);
-    out.extend((len as u32).to_ne_bytes());
-    out.extend(((NFNL_SUBSYS_CTNETLINK << 8) | kind).to_ne_bytes());
-    out.extend(flags.to_ne_bytes());
-    out.extend(1u32.to_ne_bytes()); // sequence: one request in flight at a time
-    out.extend(0u32.to_ne_bytes());
-    out.extend([family, 0, 0, 0]); // nfgenmsg: family, NFNETLINK_V0, res_id
-    out.extend(attrs);
-    out
-}
-
-struct Socket {
-    fd: OwnedFd,
-}
-
-fn errno_error(what: &str) -> Error {
-    let e = std::io::Error::last_os_error();
-    Error::new(code::IO, format!("conntrack netlink {what}: {e}"))
-}
-
-impl Socket {
-    fn open() -> Result<Socket> {
-        // SAFETY: plain socket(2); the fd is owned immediately.
-        let fd = unsafe {
-            nix::libc::socket(nix::libc::AF_NETLINK, nix::libc::SOCK_RAW | nix::libc::SOCK_CLOEXEC, NETLINK_NETFILTER)
-        };
-        if fd < 0 {
-            return Err(errno_error("socket"));
-        }
-        // SAFETY: fd is a fresh, valid descriptor we own.
-        Ok(Socket { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
-    }
-
-    fn send(&self, msg: &[u8]) -> Result<()> {
-        // SAFETY: the kernel reads msg.len() bytes from a live slice; a zeroed sockaddr_nl targets the kernel.
-        let n = unsafe {
-            let mut addr: nix::libc::sockaddr_nl = std::mem::zeroed();
-            addr.nl_family = nix::libc::AF_NETLINK as u16;
-            nix::libc::sendto(
-                self.fd.as_raw_fd(),
-                msg.as_ptr().cast(),
-                msg.len(),
-                0,
-                (&addr as *const nix::libc::sockaddr_nl).cast(),
-                std::mem::size_of::<nix::libc::sockaddr_nl>() as u32,
-            )
-        };
-        if n < 0 {
-            return Err(errno_error("send"));
-        }
-        Ok(())
-    }
-
-    /// Read replies until DONE or an ACK/error, handing each conntrack message's attributes to `f`.
-    fn receive(&self, mut f: impl FnMut(&[u8])) -> Result<()> {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            // SAFETY: the kernel writes at most buf.len() bytes into our buffer.
-            let n = unsafe { nix::libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                return Err(errno_error("recv"));
-            }
-            let mut data = &buf[..n as usize];
-            while data.len() >= 16 {
-                let len = u32::from_ne_bytes(data[0..4].try_into().unwrap()) as usize;
-                let kind = u16::from_ne_bytes([data[4], data[5]]);
-                if len < 16 || len > data.len() {
-                    return Err(Error::new(code::IO, "conntrack netlink: truncated message"));
-                }
-                let body = &data[16..len];
-                match kind {
-                    NLMSG_DONE => return Ok(()),
-                    NLMSG_ERROR => {
-                        let errno = body.get(..4).map(|b| i32::from_ne_bytes(b.try_into().unwrap())).unwrap_or(0);
-                        if errno == 0 {
-                            return Ok(());
-                        }
-                        let err = std::io::Error::from_raw_os_error(-errno);
-                        let name = if -errno == nix::libc::ENOENT { "ENOENT" } else { "" };
-                        return Err(Error::new(code::IO, format!("conntrack netlink: {err}")).with_details(name));
-                    }
-                    _ if body.len() >= 4 => f(&body[4..]),
-                    _ => {}
-                }
-                data = &data[align4(len).min(data.len())..];
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn raw_attr(kind: u16, payload: &[u8]) -> Vec<u8> {
+        Attrs::new().bytes(kind, payload).buf.clone()
+    }
 
     fn nested(kind: u16, parts: &[Vec<u8>]) -> Vec<u8> {
         raw_attr(kind | 0x8000, &parts.concat())
@@ -248,9 +153,7 @@ mod tests {
     }
 
     #[test]
-    fn malformed_attributes_do_not_panic() {
-        assert_eq!(find_attr(&[0xff, 0xff, 1, 0], 1), None);
-        assert_eq!(find_attr(&[2, 0, 1, 0], 1), None);
+    fn malformed_tuples_do_not_panic() {
         assert!(!matches_any(&[8, 0, 2, 0, 1], &[UdpFlow { port: 1, dst: None }]));
     }
 }

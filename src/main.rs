@@ -8,7 +8,10 @@ mod conntrack;
 mod crashpoint;
 mod error;
 mod firewall;
+mod index;
 mod logging;
+mod nfnetlink;
+mod nft;
 mod plan;
 mod prev_result;
 mod routing;
@@ -28,7 +31,7 @@ fn main() -> ExitCode {
     // Panic messages go to stderr (never stdout); the runtime gets a CNI error.
     let outcome = std::panic::catch_unwind(|| run(&command))
         .unwrap_or_else(|_| Err((Error::new(code::INTERNAL, "internal error: the plugin panicked; see stderr"), None)));
-    match outcome {
+    let code = match outcome {
         Ok(Some(result)) => {
             cni::write_stdout(&result);
             ExitCode::SUCCESS
@@ -41,7 +44,9 @@ fn main() -> ExitCode {
             cni::write_stdout(&cni::error_json(&err, &version));
             ExitCode::FAILURE
         }
-    }
+    };
+    nfnetlink::release();
+    code
 }
 
 /// Ok(Some) is printed as the result; errors carry the cniVersion to answer in, when known.

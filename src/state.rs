@@ -4,9 +4,10 @@
 //!   lock                                   one lock for every call that reads or changes the node
 //!   records/<network>/<container>.<ifname>.json   one record per attachment, written atomically
 
-use crate::config::AttachmentId;
+use crate::config::{AttachmentId, Backend};
 use crate::error::{code, Error, Result};
 use crate::firewall::Rule;
+use crate::nft::elements::Element;
 use crate::plan::{HostPort, Sysctl};
 use crate::routing::{IpRule, Route, TableSpec};
 use serde::{Deserialize, Serialize};
@@ -50,6 +51,20 @@ pub struct Record {
     /// record. DEL flushes whole tables instead, and CHECK resolves next hops again.
     #[serde(default)]
     pub routes: Vec<Route>,
+    #[serde(default)]
+    pub backend: Backend,
+    /// nftables backend: the table contents this attachment needs (its `rules` stay empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nft: Option<NftRecord>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NftRecord {
+    pub own: Vec<Element>,
+    pub shared: Vec<Element>,
+    /// (mark, mask) pairs whose chains this attachment's forwards jump to.
+    pub marks: Vec<(u32, u32)>,
 }
 
 impl Record {
@@ -68,6 +83,8 @@ impl Record {
             ip_rules: Vec::new(),
             tables: Vec::new(),
             routes: Vec::new(),
+            backend: Backend::Iptables,
+            nft: None,
         }
     }
 
@@ -126,6 +143,10 @@ impl Store {
                 Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(format!("lock {}", path.display()), e)),
             }
         }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     fn network_dir(&self, network: &str) -> PathBuf {
@@ -206,7 +227,7 @@ impl Store {
 }
 
 /// Interface names may hold characters unsafe in file names; keep the safe ones, escape the rest.
-fn encode_ifname(ifname: &str) -> String {
+pub(crate) fn encode_ifname(ifname: &str) -> String {
     ifname
         .bytes()
         .map(|b| match b {
@@ -268,7 +289,7 @@ fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
 
 /// Create `dir` 0700 if missing; refuse a symlink, or a directory owned by someone else or
 /// writable by others, since records decide what DEL removes.
-fn ensure_private_dir(dir: &Path) -> Result<()> {
+pub(crate) fn ensure_private_dir(dir: &Path) -> Result<()> {
     match fs::symlink_metadata(dir) {
         Ok(meta) => {
             if meta.file_type().is_symlink() || !meta.is_dir() {

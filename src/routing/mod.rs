@@ -91,7 +91,10 @@ pub struct RoutingPlan {
 }
 
 /// Which mark and table (if any) a forward's replies are routed by.
-fn route_for_forward<'a>(conf: &'a NetConf, f: &Forward) -> Option<(u32, u32, &'a Outbound, &'a Option<String>)> {
+pub(crate) fn route_for_forward<'a>(
+    conf: &'a NetConf,
+    f: &Forward,
+) -> Option<(u32, u32, &'a Outbound, &'a Option<String>)> {
     if !f.pod_ip.is_ipv4() {
         return None;
     }

@@ -1,0 +1,230 @@
+//! What one attachment puts into the table: set and map elements (pure), and how they are encoded.
+
+use super::layout::{set_spec, Mark};
+use crate::config::{NetConf, Protocol};
+use crate::firewall::Family;
+use crate::nfnetlink::Attrs;
+use crate::plan::{family_of, Plan};
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Value {
+    Ip(IpAddr),
+    /// A subnet in an interval set: matches every address in it.
+    Net(IpNetwork),
+    Proto(Protocol),
+    Port(u16),
+    Ifname(String),
+    Jump(String),
+}
+
+impl std::fmt::Display for Value {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Value::Ip(ip) => write!(f, "{ip}"),
+            Value::Net(n) => write!(f, "{n}"),
+            Value::Proto(p) => write!(f, "{}", p.as_str()),
+            Value::Port(p) => write!(f, "{p}"),
+            Value::Ifname(n) => write!(f, "\"{n}\""),
+            Value::Jump(c) => write!(f, "jump {c}"),
+        }
+    }
+}
+
+impl Value {
+    /// The bytes of this field as a set key; `end` gives the last address of a subnet.
+    fn bytes(&self, end: bool) -> Vec<u8> {
+        match self {
+            Value::Ip(IpAddr::V4(ip)) => ip.octets().to_vec(),
+            Value::Ip(IpAddr::V6(ip)) => ip.octets().to_vec(),
+            Value::Net(n) => {
+                let ip = if end { n.broadcast() } else { n.network() };
+                Value::Ip(ip).bytes(false)
+            }
+            Value::Proto(p) => vec![match p {
+                Protocol::Tcp => 6,
+                Protocol::Udp => 17,
+                Protocol::Sctp => 132,
+            }],
+            Value::Port(p) => p.to_be_bytes().to_vec(),
+            Value::Ifname(n) => {
+                let mut b = n.as_bytes().to_vec();
+                b.resize(16, 0);
+                b
+            }
+            Value::Jump(_) => Vec::new(),
+        }
+    }
+}
+
+/// One element of one of the table's sets or maps.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Element {
+    pub set: String,
+    pub key: Vec<Value>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data: Vec<Value>,
+}
+
+fn join(values: &[Value]) -> String {
+    values.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(" . ")
+}
+
+impl std::fmt::Display for Element {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {{ {}", self.set, join(&self.key))?;
+        if !self.data.is_empty() {
+            write!(f, " : {}", join(&self.data))?;
+        }
+        write!(f, " }}")
+    }
+}
+
+fn concat(values: &[Value], end: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    for v in values {
+        out.extend(v.bytes(end));
+        if values.len() > 1 {
+            out.resize((out.len() + 3) & !3, 0);
+        }
+    }
+    out
+}
+
+const NFTA_LIST_ELEM: u16 = 1;
+const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFTA_SET_ELEM_DATA: u16 = 2;
+const NFTA_SET_ELEM_KEY_END: u16 = 10;
+
+impl Element {
+    fn new(set: &str, key: Vec<Value>, data: Vec<Value>) -> Element {
+        Element { set: set.into(), key, data }
+    }
+
+    pub fn key_bytes(&self) -> Vec<u8> {
+        concat(&self.key, false)
+    }
+
+    pub fn data_bytes(&self) -> Vec<u8> {
+        concat(&self.data, false)
+    }
+
+    /// One NFTA_LIST_ELEM of a set element list; `with_data` is false for deletions and lookups.
+    pub fn encode(&self, with_data: bool, a: &mut Attrs) {
+        let interval = set_spec(&self.set).is_some_and(|s| s.interval);
+        a.nest(NFTA_LIST_ELEM, |a| {
+            a.nest(NFTA_SET_ELEM_KEY, |a| {
+                a.bytes(super::expr::NFTA_DATA_VALUE, &self.key_bytes());
+            });
+            if interval {
+                a.nest(NFTA_SET_ELEM_KEY_END, |a| {
+                    a.bytes(super::expr::NFTA_DATA_VALUE, &concat(&self.key, true));
+                });
+            }
+            if with_data && !self.data.is_empty() {
+                a.nest(NFTA_SET_ELEM_DATA, |a| match &self.data[..] {
+                    [Value::Jump(chain)] => super::expr::Verdict::Jump(chain.clone()).encode(a),
+                    _ => {
+                        a.bytes(super::expr::NFTA_DATA_VALUE, &self.data_bytes());
+                    }
+                });
+            }
+        });
+    }
+}
+
+/// The table contents one attachment needs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Contents {
+    /// Elements only this attachment puts there: its forwards and their marks.
+    pub own: BTreeSet<Element>,
+    /// Elements every attachment on the same bridge and subnet needs.
+    pub shared: BTreeSet<Element>,
+    pub marks: BTreeSet<Mark>,
+}
+
+fn suffix(family: Family) -> &'static str {
+    match family {
+        Family::Ipv4 => "4",
+        Family::Ipv6 => "6",
+    }
+}
+
+pub fn plan_contents(conf: &NetConf, planned: &Plan) -> Contents {
+    let mut c = Contents::default();
+    for a in &planned.addresses {
+        let fam = suffix(family_of(a.ip));
+        let bridge = Value::Ifname(planned.bridge.clone());
+        c.shared.insert(Element::new("bridges", vec![bridge.clone()], vec![]));
+        c.shared.insert(Element::new(&format!("own{fam}"), vec![Value::Net(a.subnet), bridge.clone()], vec![]));
+        if conf.masquerade {
+            c.shared.insert(Element::new(&format!("masq{fam}"), vec![Value::Net(a.subnet), bridge], vec![]));
+        }
+    }
+    for f in &planned.forwards {
+        let fam = suffix(family_of(f.pod_ip));
+        let proto = Value::Proto(f.host.protocol);
+        let (set, mut key) = match f.host.host_ip {
+            Some(ip) => (format!("dnat{fam}-addr"), vec![Value::Ip(ip)]),
+            None => (format!("dnat{fam}-any"), vec![]),
+        };
+        key.extend([proto.clone(), Value::Port(f.host.port)]);
+        c.own.insert(Element::new(&set, key.clone(), vec![Value::Ip(f.pod_ip), Value::Port(f.pod_port)]));
+        c.own.insert(Element::new(
+            &format!("fwd{fam}"),
+            vec![Value::Ip(f.pod_ip), proto, Value::Port(f.pod_port)],
+            vec![],
+        ));
+        if let Some((value, ..)) = crate::routing::route_for_forward(conf, f) {
+            let mark = Mark { value, mask: conf.settings.mark_mask };
+            let set = set.replace("dnat", "mark");
+            c.own.insert(Element::new(&set, key, vec![Value::Jump(mark.chain())]));
+            c.marks.insert(mark);
+        }
+    }
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_concatenate_in_four_byte_fields() {
+        let e = Element::new(
+            "dnat4-any",
+            vec![Value::Proto(Protocol::Tcp), Value::Port(8080)],
+            vec![Value::Ip("10.20.0.5".parse().unwrap()), Value::Port(80)],
+        );
+        assert_eq!(e.key_bytes(), vec![6, 0, 0, 0, 0x1f, 0x90, 0, 0]);
+        assert_eq!(e.data_bytes(), vec![10, 20, 0, 5, 0, 80, 0, 0]);
+        assert_eq!(e.to_string(), "dnat4-any { tcp . 8080 : 10.20.0.5 . 80 }");
+    }
+
+    #[test]
+    fn subnet_keys_span_the_subnet() {
+        let e = Element::new(
+            "own4",
+            vec![Value::Net("10.20.0.0/24".parse().unwrap()), Value::Ifname("br0".into())],
+            vec![],
+        );
+        let mut a = Attrs::new();
+        e.encode(false, &mut a);
+        let start = concat(&e.key, false);
+        let end = concat(&e.key, true);
+        assert_eq!(&start[..4], &[10, 20, 0, 0]);
+        assert_eq!(&end[..4], &[10, 20, 0, 255]);
+        assert_eq!(&start[4..7], b"br0");
+        assert_eq!(start.len(), 20);
+    }
+
+    #[test]
+    fn single_field_keys_are_not_padded_beyond_their_type() {
+        let e = Element::new("bridges", vec![Value::Ifname("dind-br0".into())], vec![]);
+        assert_eq!(e.key_bytes().len(), 16);
+    }
+}

@@ -1,0 +1,521 @@
+//! The one nftables table, `inet bridge-nat`: its sets and maps, chains and static rules. The rules
+//! never change with attachments; attachments only add and remove set elements (see elements.rs),
+//! so both the cost of a call and the per-packet lookup stay constant as attachments grow.
+//!
+//! In nft syntax (`nft list table inet bridge-nat` prints it):
+//!   to-pod:      dnat ip to ip daddr . meta l4proto . th dport map @dnat4-addr   (and -any, and ip6)
+//!   nat-pre/out: fib daddr type local jump to-pod                 (never traffic the node forwards)
+//!   nat-post:    hairpin and localhost masquerade, traffic staying on its own bridge returns,
+//!                then ip saddr . iifname @masq4 masquerade
+//!   filter-fwd:  from a bridge, established to a bridge, DNAT'd to a forwarded pod port: accept
+//!   mangle-pre:  established: jump restore; new to a local port: vmap @mark4-addr / @mark4-any
+//!   mangle-post: new: jump save
+//! Per routing mark M with mask K: chain mark-M-K sets the mark, and one rule each in restore and
+//! save copies it between packet and connection (masked, as CONNMARK --nfmask/--ctmask does).
+
+use super::expr::*;
+use crate::nfnetlink::Attrs;
+
+pub const TABLE: &str = "bridge-nat";
+pub const FAMILY_INET: u8 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldType {
+    Ipv4,
+    Ipv6,
+    Proto,
+    Port,
+    Ifname,
+}
+
+impl FieldType {
+    /// nft's datatype ids, so `nft list` prints the elements in their own syntax.
+    fn type_id(self) -> u32 {
+        match self {
+            FieldType::Ipv4 => 7,
+            FieldType::Ipv6 => 8,
+            FieldType::Proto => 12,
+            FieldType::Port => 13,
+            FieldType::Ifname => 41,
+        }
+    }
+
+    pub fn len(self) -> u32 {
+        match self {
+            FieldType::Ipv4 => 4,
+            FieldType::Ipv6 => 16,
+            FieldType::Proto => 1,
+            FieldType::Port => 2,
+            FieldType::Ifname => 16,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataType {
+    None,
+    /// address . port
+    Nat(FieldType),
+    Verdict,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct SetSpec {
+    pub name: &'static str,
+    pub key: &'static [FieldType],
+    pub data: DataType,
+    pub interval: bool,
+}
+
+use FieldType::*;
+
+pub const SETS: &[SetSpec] = &[
+    SetSpec { name: "dnat4-addr", key: &[Ipv4, Proto, Port], data: DataType::Nat(Ipv4), interval: false },
+    SetSpec { name: "dnat4-any", key: &[Proto, Port], data: DataType::Nat(Ipv4), interval: false },
+    SetSpec { name: "dnat6-addr", key: &[Ipv6, Proto, Port], data: DataType::Nat(Ipv6), interval: false },
+    SetSpec { name: "dnat6-any", key: &[Proto, Port], data: DataType::Nat(Ipv6), interval: false },
+    SetSpec { name: "fwd4", key: &[Ipv4, Proto, Port], data: DataType::None, interval: false },
+    SetSpec { name: "fwd6", key: &[Ipv6, Proto, Port], data: DataType::None, interval: false },
+    SetSpec { name: "bridges", key: &[Ifname], data: DataType::None, interval: false },
+    SetSpec { name: "own4", key: &[Ipv4, Ifname], data: DataType::None, interval: true },
+    SetSpec { name: "own6", key: &[Ipv6, Ifname], data: DataType::None, interval: true },
+    SetSpec { name: "masq4", key: &[Ipv4, Ifname], data: DataType::None, interval: true },
+    SetSpec { name: "masq6", key: &[Ipv6, Ifname], data: DataType::None, interval: true },
+    SetSpec { name: "mark4-addr", key: &[Ipv4, Proto, Port], data: DataType::Verdict, interval: false },
+    SetSpec { name: "mark4-any", key: &[Proto, Port], data: DataType::Verdict, interval: false },
+];
+
+pub fn set_spec(name: &str) -> Option<&'static SetSpec> {
+    SETS.iter().find(|s| s.name == name)
+}
+
+/// Concatenated fields each take a multiple of 4 bytes.
+pub fn key_len(fields: &[FieldType]) -> u32 {
+    if fields.len() == 1 {
+        return fields[0].len();
+    }
+    fields.iter().map(|f| (f.len() + 3) & !3).sum()
+}
+
+fn concat_type(fields: &[FieldType]) -> u32 {
+    fields.iter().fold(0, |t, f| (t << 6) | f.type_id())
+}
+
+const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
+const NFT_SET_INTERVAL: u32 = 0x4;
+const NFT_SET_MAP: u32 = 0x8;
+const NFT_SET_CONCAT: u32 = 0x80;
+
+impl SetSpec {
+    /// NFTA_SET_* attributes of NEWSET.
+    pub fn encode(&self, id: u32, a: &mut Attrs) {
+        let mut flags = 0;
+        if self.interval {
+            flags |= NFT_SET_INTERVAL | NFT_SET_CONCAT;
+        }
+        if self.data != DataType::None {
+            flags |= NFT_SET_MAP;
+        }
+        a.str(1, TABLE).str(2, self.name).be32(3, flags).be32(4, concat_type(self.key)).be32(5, key_len(self.key));
+        match self.data {
+            DataType::None => {}
+            DataType::Nat(addr) => {
+                a.be32(6, concat_type(&[addr, Port])).be32(7, key_len(&[addr, Port]));
+            }
+            DataType::Verdict => {
+                a.be32(6, NFT_DATA_VERDICT);
+            }
+        }
+        // Field lengths are only given (and only allowed) for concatenated intervals.
+        if self.interval && self.key.len() > 1 {
+            // NFTA_SET_DESC { NFTA_SET_DESC_CONCAT { elem { NFTA_SET_FIELD_LEN } ... } }
+            a.nest(9, |a| {
+                a.nest(2, |a| {
+                    for f in self.key {
+                        a.nest(1, |a| {
+                            a.be32(1, f.len());
+                        });
+                    }
+                });
+            });
+        }
+        a.be32(10, id);
+        if self.key == [Ifname] {
+            // nft's set userdata: the key is host byte order (a string), so `nft list` shows names.
+            a.bytes(13, &[0, 4, 1, 0, 0, 0]);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Hook {
+    pub kind: &'static str,
+    pub hooknum: u32,
+    pub priority: i32,
+}
+
+pub struct ChainSpec {
+    pub name: &'static str,
+    pub hook: Option<Hook>,
+}
+
+const PREROUTING: u32 = 0;
+const FORWARD: u32 = 2;
+const OUTPUT: u32 = 3;
+const POSTROUTING: u32 = 4;
+
+pub const CHAINS: &[ChainSpec] = &[
+    ChainSpec { name: "to-pod", hook: None },
+    ChainSpec { name: "restore", hook: None },
+    ChainSpec { name: "save", hook: None },
+    ChainSpec { name: "nat-pre", hook: Some(Hook { kind: "nat", hooknum: PREROUTING, priority: -100 }) },
+    ChainSpec { name: "nat-out", hook: Some(Hook { kind: "nat", hooknum: OUTPUT, priority: -100 }) },
+    ChainSpec { name: "nat-post", hook: Some(Hook { kind: "nat", hooknum: POSTROUTING, priority: 100 }) },
+    ChainSpec { name: "filter-fwd", hook: Some(Hook { kind: "filter", hooknum: FORWARD, priority: 0 }) },
+    ChainSpec { name: "mangle-pre", hook: Some(Hook { kind: "filter", hooknum: PREROUTING, priority: -150 }) },
+    ChainSpec { name: "mangle-post", hook: Some(Hook { kind: "filter", hooknum: POSTROUTING, priority: -150 }) },
+];
+
+/// NFTA_CHAIN_* attributes of NEWCHAIN.
+pub fn encode_chain(name: &str, hook: Option<Hook>, a: &mut Attrs) {
+    a.str(1, TABLE).str(3, name);
+    if let Some(h) = hook {
+        a.nest(4, |a| {
+            a.be32(1, h.hooknum).be32(2, h.priority as u32);
+        });
+        a.str(7, h.kind);
+    }
+}
+
+/// A rule and the comment that names it; CHECK finds rules by chain and comment.
+pub struct RuleSpec {
+    pub chain: String,
+    pub comment: String,
+    pub exprs: Vec<Expr>,
+}
+
+impl RuleSpec {
+    fn new(chain: &str, comment: &str, parts: Vec<Vec<Expr>>) -> RuleSpec {
+        RuleSpec { chain: chain.into(), comment: comment.into(), exprs: parts.concat() }
+    }
+
+    /// NFTA_RULE_* attributes of NEWRULE; the comment is nft's userdata TLV, so `nft list` shows it.
+    pub fn encode(&self, a: &mut Attrs) {
+        a.str(1, TABLE).str(2, &self.chain);
+        a.nest(4, |a| {
+            for e in &self.exprs {
+                e.encode(a);
+            }
+        });
+        a.bytes(7, &comment_udata(&self.comment));
+    }
+}
+
+pub fn comment_udata(text: &str) -> Vec<u8> {
+    let mut v = vec![0u8, (text.len() + 1) as u8];
+    v.extend(text.as_bytes());
+    v.push(0);
+    v
+}
+
+pub fn comment_of_udata(udata: &[u8]) -> Option<String> {
+    let mut rest = udata;
+    while rest.len() >= 2 {
+        let (ty, len) = (rest[0], rest[1] as usize);
+        let value = rest.get(2..2 + len)?;
+        if ty == 0 {
+            return Some(crate::nfnetlink::str_of(value));
+        }
+        rest = &rest[2 + len..];
+    }
+    None
+}
+
+fn one(e: Expr) -> Vec<Expr> {
+    vec![e]
+}
+
+fn lookup(set: &str, sreg: u32, dreg: Option<u32>) -> Vec<Expr> {
+    one(Expr::Lookup { set: set.into(), sreg, dreg })
+}
+
+fn verdict(v: Verdict) -> Vec<Expr> {
+    one(Expr::Verdict(v))
+}
+
+fn oifname(dreg: u32) -> Vec<Expr> {
+    one(Expr::MetaLoad(MetaKey::OifName, dreg))
+}
+
+/// The static rules, in chain order.
+pub fn static_rules() -> Vec<RuleSpec> {
+    let (v4, v6) = (nfproto_is(NFPROTO_IPV4), nfproto_is(NFPROTO_IPV6));
+    let dnat = |v6: bool, port: u32| one(Expr::Dnat { v6, addr: reg(0), port });
+    let dnat_status = ct_has(CtKey::Status, CT_STATUS_DNAT);
+    vec![
+        RuleSpec::new(
+            "to-pod",
+            "dnat4-addr",
+            vec![
+                v4.clone(),
+                one(address(false, false, reg(0))),
+                proto_port(reg(1)),
+                lookup("dnat4-addr", reg(0), Some(reg(0))),
+                dnat(false, reg(1)),
+            ],
+        ),
+        RuleSpec::new(
+            "to-pod",
+            "dnat4-any",
+            vec![v4.clone(), proto_port(reg(0)), lookup("dnat4-any", reg(0), Some(reg(0))), dnat(false, reg(1))],
+        ),
+        RuleSpec::new(
+            "to-pod",
+            "dnat6-addr",
+            vec![
+                v6.clone(),
+                one(address(true, false, reg(0))),
+                proto_port(reg(4)),
+                lookup("dnat6-addr", reg(0), Some(reg(0))),
+                dnat(true, reg(4)),
+            ],
+        ),
+        RuleSpec::new(
+            "to-pod",
+            "dnat6-any",
+            vec![v6.clone(), proto_port(reg(0)), lookup("dnat6-any", reg(0), Some(reg(0))), dnat(true, reg(4))],
+        ),
+        RuleSpec::new("nat-pre", "local", vec![daddr_is_local(), verdict(Verdict::Jump("to-pod".into()))]),
+        RuleSpec::new("nat-out", "local", vec![daddr_is_local(), verdict(Verdict::Jump("to-pod".into()))]),
+        RuleSpec::new(
+            "nat-post",
+            "hairpin4",
+            vec![
+                v4.clone(),
+                one(address(false, true, reg(0))),
+                oifname(reg(1)),
+                lookup("own4", reg(0), None),
+                dnat_status.clone(),
+                one(Expr::Masquerade),
+            ],
+        ),
+        RuleSpec::new(
+            "nat-post",
+            "localhost4",
+            vec![
+                v4.clone(),
+                one(Expr::Payload { base: Base::Network, offset: 12, len: 1, dreg: reg(0) }),
+                one(Expr::Cmp { reg: reg(0), eq: true, data: vec![127] }),
+                oifname(reg(0)),
+                lookup("bridges", reg(0), None),
+                dnat_status.clone(),
+                one(Expr::Masquerade),
+            ],
+        ),
+        RuleSpec::new(
+            "nat-post",
+            "own4",
+            vec![
+                v4.clone(),
+                one(address(false, true, reg(0))),
+                oifname(reg(1)),
+                lookup("own4", reg(0), None),
+                verdict(Verdict::Return),
+            ],
+        ),
+        RuleSpec::new(
+            "nat-post",
+            "masq4",
+            vec![
+                v4.clone(),
+                one(address(false, true, reg(0))),
+                one(Expr::MetaLoad(MetaKey::IifName, reg(1))),
+                lookup("masq4", reg(0), None),
+                one(Expr::Masquerade),
+            ],
+        ),
+        RuleSpec::new(
+            "nat-post",
+            "hairpin6",
+            vec![
+                v6.clone(),
+                one(address(true, true, reg(0))),
+                oifname(reg(4)),
+                lookup("own6", reg(0), None),
+                dnat_status.clone(),
+                one(Expr::Masquerade),
+            ],
+        ),
+        RuleSpec::new(
+            "nat-post",
+            "own6",
+            vec![
+                v6.clone(),
+                one(address(true, true, reg(0))),
+                oifname(reg(4)),
+                lookup("own6", reg(0), None),
+                verdict(Verdict::Return),
+            ],
+        ),
+        RuleSpec::new(
+            "nat-post",
+            "masq6",
+            vec![
+                v6.clone(),
+                one(address(true, true, reg(0))),
+                one(Expr::MetaLoad(MetaKey::IifName, reg(4))),
+                lookup("masq6", reg(0), None),
+                one(Expr::Masquerade),
+            ],
+        ),
+        RuleSpec::new(
+            "filter-fwd",
+            "from-bridge",
+            vec![
+                one(Expr::MetaLoad(MetaKey::IifName, reg(0))),
+                lookup("bridges", reg(0), None),
+                verdict(Verdict::Accept),
+            ],
+        ),
+        RuleSpec::new(
+            "filter-fwd",
+            "to-bridge-established",
+            vec![
+                oifname(reg(0)),
+                lookup("bridges", reg(0), None),
+                ct_has(CtKey::State, CT_STATE_ESTABLISHED_RELATED),
+                verdict(Verdict::Accept),
+            ],
+        ),
+        RuleSpec::new(
+            "filter-fwd",
+            "forward4",
+            vec![
+                oifname(reg(0)),
+                lookup("bridges", reg(0), None),
+                dnat_status.clone(),
+                v4.clone(),
+                one(address(false, false, reg(0))),
+                proto_port(reg(1)),
+                lookup("fwd4", reg(0), None),
+                verdict(Verdict::Accept),
+            ],
+        ),
+        RuleSpec::new(
+            "filter-fwd",
+            "forward6",
+            vec![
+                oifname(reg(0)),
+                lookup("bridges", reg(0), None),
+                dnat_status,
+                v6,
+                one(address(true, false, reg(0))),
+                proto_port(reg(4)),
+                lookup("fwd6", reg(0), None),
+                verdict(Verdict::Accept),
+            ],
+        ),
+        RuleSpec::new(
+            "mangle-pre",
+            "restore",
+            vec![ct_has(CtKey::State, CT_STATE_ESTABLISHED_RELATED), verdict(Verdict::Jump("restore".into()))],
+        ),
+        RuleSpec::new(
+            "mangle-pre",
+            "mark4-addr",
+            vec![
+                ct_has(CtKey::State, CT_STATE_NEW),
+                daddr_is_local(),
+                v4.clone(),
+                one(address(false, false, reg(0))),
+                proto_port(reg(1)),
+                lookup("mark4-addr", reg(0), Some(REG_VERDICT)),
+            ],
+        ),
+        RuleSpec::new(
+            "mangle-pre",
+            "mark4-any",
+            vec![
+                ct_has(CtKey::State, CT_STATE_NEW),
+                daddr_is_local(),
+                v4,
+                proto_port(reg(0)),
+                lookup("mark4-any", reg(0), Some(REG_VERDICT)),
+            ],
+        ),
+        RuleSpec::new(
+            "mangle-post",
+            "save",
+            vec![ct_has(CtKey::State, CT_STATE_NEW), verdict(Verdict::Jump("save".into()))],
+        ),
+    ]
+}
+
+/// A routing mark as the table knows it: one chain that sets it, one restore and one save rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Mark {
+    pub value: u32,
+    pub mask: u32,
+}
+
+impl Mark {
+    pub fn chain(&self) -> String {
+        format!("mark-{:#x}-{:#x}", self.value, self.mask)
+    }
+
+    pub fn rules(&self) -> Vec<RuleSpec> {
+        let c = self.chain();
+        vec![
+            RuleSpec::new(&c, &c, vec![set_mark(true, self.mask, self.value)]),
+            RuleSpec::new(
+                "restore",
+                &c,
+                vec![mark_is(false, self.mask, self.value), set_mark(true, self.mask, self.value)],
+            ),
+            RuleSpec::new(
+                "save",
+                &c,
+                vec![mark_is(true, self.mask, self.value), set_mark(false, self.mask, self.value)],
+            ),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn concatenated_keys_pad_each_field() {
+        assert_eq!(key_len(&[Ipv4, Proto, Port]), 12);
+        assert_eq!(key_len(&[Ipv6, Proto, Port]), 24);
+        assert_eq!(key_len(&[Ifname]), 16);
+        assert_eq!(concat_type(&[Proto, Port]), (12 << 6) | 13);
+    }
+
+    #[test]
+    fn every_lookup_names_a_declared_set_and_every_rule_a_declared_chain() {
+        for r in static_rules() {
+            assert!(CHAINS.iter().any(|c| c.name == r.chain), "chain {}", r.chain);
+            for e in &r.exprs {
+                if let Expr::Lookup { set, .. } = e {
+                    assert!(set_spec(set).is_some(), "set {set}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn comments_round_trip_through_udata() {
+        assert_eq!(comment_of_udata(&comment_udata("dnat4-any")).as_deref(), Some("dnat4-any"));
+        assert_eq!(comment_of_udata(&[1, 2, 0, 0, 0, 3, b'a', b'b', 0]).as_deref(), Some("ab"));
+        assert_eq!(comment_of_udata(&[0, 9, b'a']), None);
+    }
+
+    #[test]
+    fn mark_chain_names_carry_value_and_mask() {
+        let m = Mark { value: 0x10, mask: 0x1fff };
+        assert_eq!(m.chain(), "mark-0x10-0x1fff");
+        assert_eq!(m.rules().len(), 3);
+    }
+}
