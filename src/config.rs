@@ -9,7 +9,8 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/cni/bridge-nat";
+/// On tmpfs: what a record describes dies with the boot, and a pod start then costs no disk writes.
+pub const DEFAULT_STATE_DIR: &str = "/run/bridge-nat";
 pub const DEFAULT_LOG_FILE: &str = "/var/log/bridge-nat.log";
 pub const DEFAULT_LOCK_TIMEOUT_MS: u64 = 20_000;
 pub const DEFAULT_RULE_PRIORITY: u32 = 100;

@@ -49,6 +49,13 @@ pub fn release() {
                 next = fd as u32 + 1;
             }
             nix::libc::close_range(next, u32::MAX, 0);
+            // Let a grace period pass before closing, so the close finds nothing left to wait
+            // for and does not hold nf_tables' commit mutex (which the next call needs) while
+            // it waits. MEMBARRIER_CMD_GLOBAL is one synchronize_rcu(); sleep where it is refused.
+            if nix::libc::syscall(nix::libc::SYS_membarrier, 1, 0, 0) != 0 {
+                nix::libc::usleep(50_000);
+            }
+            nix::libc::usleep(2_000);
             for fd in keep {
                 nix::libc::close(fd);
             }

@@ -150,7 +150,8 @@ impl Nft {
         self.seq
     }
 
-    /// Send the transaction as one batch; the kernel applies all of it or none.
+    /// Send the transaction as one batch; the kernel applies all of it or none. Only failures are
+    /// answered (no NLM_F_ACK), and the kernel has answered by the time the send returns.
     pub fn commit(&mut self, tx: Tx) -> Result<()> {
         if tx.is_empty() {
             return Ok(());
@@ -160,29 +161,21 @@ impl Nft {
         let mut what = BTreeMap::new();
         for (kind, flags, attrs, desc) in tx.msgs {
             let seq = self.next_seq();
-            out.extend(nl::message(SUBSYS | kind, NLM_F_REQUEST | NLM_F_ACK | flags, seq, FAMILY_INET, 0, &attrs));
+            out.extend(nl::message(SUBSYS | kind, NLM_F_REQUEST | flags, seq, FAMILY_INET, 0, &attrs));
             what.insert(seq, desc);
         }
         let end = self.next_seq();
         out.extend(nl::message(BATCH_END, NLM_F_REQUEST, end, 0, 10, &[]));
         self.sock.send(&out)?;
-        // The kernel has processed the whole batch when send returns: every answer is queued.
         let mut errors = Vec::new();
-        let mut acked = 0;
-        while acked < what.len() && errors.is_empty() {
-            let got = self.sock.receive(acked > 0, &mut self.buf, |reply| {
-                if let Reply::Ack { seq, errno } = reply {
-                    acked += 1;
-                    if errno != 0 {
-                        errors.push((seq, errno));
-                    }
+        while self.sock.receive(true, &mut self.buf, |reply| {
+            if let Reply::Ack { seq, errno } = reply {
+                if errno != 0 && (first..=end).contains(&seq) {
+                    errors.push((seq, errno));
                 }
-                true
-            })?;
-            if !got {
-                break;
             }
-        }
+            true
+        })? {}
         match errors.first() {
             None => Ok(()),
             Some(&(seq, errno)) => {
