@@ -325,4 +325,4 @@ fn forward_rules(family: Family, tag: &str, bridge: &str, f: &Forward) -> Vec<Ru
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -222,6 +222,73 @@ mod tests {
         assert_eq!(start.len(), 20);
     }
 
+    fn contents(extra: serde_json::Value, addrs: &[&str]) -> (Contents, Vec<String>, Vec<String>) {
+        use crate::plan::tests::{att, conf, id};
+        let c = conf(extra);
+        let planned = crate::plan::plan(&c, &id(), &att(&c, addrs)).expect("plan");
+        let got = plan_contents(&c, &planned);
+        let own = got.own.iter().map(|e| e.to_string()).collect();
+        let shared = got.shared.iter().map(|e| e.to_string()).collect();
+        (got, own, shared)
+    }
+
+    #[test]
+    fn forwards_become_dnat_and_forward_elements() {
+        let (_, own, shared) = contents(
+            serde_json::json!({ "runtimeConfig": { "portMappings": [
+                { "hostPort": 8080, "containerPort": 80, "protocol": "tcp" },
+                { "hostPort": 5353, "containerPort": 53, "protocol": "udp", "hostIP": "192.168.1.2" }
+            ] } }),
+            &["10.20.0.5/24"],
+        );
+        assert_eq!(
+            own,
+            vec![
+                "dnat4-addr { 192.168.1.2 . udp . 5353 : 10.20.0.5 . 53 }",
+                "dnat4-any { tcp . 8080 : 10.20.0.5 . 80 }",
+                "fwd4 { 10.20.0.5 . tcp . 80 }",
+                "fwd4 { 10.20.0.5 . udp . 53 }",
+            ]
+        );
+        assert_eq!(
+            shared,
+            vec![
+                "bridges { \"dind-br0\" }",
+                "masq4 { 10.20.0.0/24 . \"dind-br0\" }",
+                "own4 { 10.20.0.0/24 . \"dind-br0\" }",
+            ]
+        );
+    }
+
+    #[test]
+    fn dual_stack_fills_both_families_and_masquerade_off_drops_masq() {
+        let (_, own, shared) = contents(
+            serde_json::json!({ "masquerade": false, "runtimeConfig": { "portMappings": [
+                { "hostPort": 8080, "containerPort": 80, "protocol": "tcp" }
+            ] } }),
+            &["10.20.0.5/24", "fd00:20::5/64"],
+        );
+        assert!(own.contains(&"dnat6-any { tcp . 8080 : fd00:20::5 . 80 }".to_string()));
+        assert!(own.contains(&"fwd6 { fd00:20::5 . tcp . 80 }".to_string()));
+        assert!(shared.contains(&"own6 { fd00:20::/64 . \"dind-br0\" }".to_string()));
+        assert!(shared.iter().all(|e| !e.starts_with("masq")), "{shared:?}");
+    }
+
+    #[test]
+    fn routed_forwards_jump_to_their_mark_chain() {
+        let (got, own, _) = contents(
+            serde_json::json!({ "portForwarding": { "rules": [
+                { "name": "web", "hostPort": 30080, "destPort": 8080, "protocol": "tcp",
+                  "routing": { "fwmark": "0x65", "tableId": 101, "outbound": { "interface": "eth0" } } },
+                { "name": "plain", "hostPort": 2376, "destPort": 2376, "protocol": "tcp" }
+            ] } }),
+            &["10.20.0.10/24"],
+        );
+        assert!(own.contains(&"mark4-any { tcp . 30080 : jump mark-0x65-0x1fff }".to_string()), "{own:?}");
+        assert!(own.iter().all(|e| !e.contains(". 2376 : jump")), "{own:?}");
+        assert_eq!(got.marks.into_iter().collect::<Vec<_>>(), vec![Mark { value: 0x65, mask: 0x1fff }]);
+    }
+
     #[test]
     fn single_field_keys_are_not_padded_beyond_their_type() {
         let e = Element::new("bridges", vec![Value::Ifname("dind-br0".into())], vec![]);

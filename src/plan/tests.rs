@@ -16,7 +16,7 @@ const NET: &str = "-m comment --comment bridge-nat:dind";
 /// The comment on the global jumps.
 const GLOBAL: &str = "-m comment --comment bridge-nat";
 
-fn conf(extra: Value) -> NetConf {
+pub(crate) fn conf(extra: Value) -> NetConf {
     let mut v = json!({ "cniVersion": "1.0.0", "name": "dind", "type": "bridge-nat" });
     for (k, x) in extra.as_object().expect("object").clone() {
         v[k] = x;
@@ -48,11 +48,11 @@ fn prev(addrs: &[&str]) -> Value {
     })
 }
 
-fn att(c: &NetConf, addrs: &[&str]) -> Attachment {
+pub(crate) fn att(c: &NetConf, addrs: &[&str]) -> Attachment {
     prev_result::parse(&prev(addrs), c.bridge.as_deref()).expect("prevResult parses")
 }
 
-fn id() -> AttachmentId {
+pub(crate) fn id() -> AttachmentId {
     AttachmentId { network: "dind".into(), container_id: "CID".into(), ifname: "net1".into() }
 }
 
