@@ -8,15 +8,22 @@
 //!   remote 198.51.100.2 ──veth── 198.51.100.1 [up1] node                          (test 6 only)
 //! ```
 //!
-//! The node's FORWARD policy is DROP in both families (as on a Docker host),
-//! so forwarded traffic only flows through the plugin's own ACCEPT rules.
+//! Every scenario runs under both firewall backends (`NAME::iptables`, `NAME::nftables`).
+//! Under iptables the node's FORWARD policy is DROP in both families (as on a Docker host),
+//! so forwarded traffic only flows through the plugin's own ACCEPT rules. Under nftables it is
+//! not: an accept in one nftables base chain never overrides a drop in another (iptables-nft's
+//! FORWARD included), so no plugin table could let traffic through such a policy; there the
+//! accepts are checked as set elements instead.
 
 mod common;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{error_code, plugin_stdin, require_root, wait_for, Background, DriverOutput, Netns, Node};
+use common::{
+    both_backends, error_code, nft_missing_element, plugin_stdin, require_root, wait_for, Backend, Background,
+    DriverOutput, Netns, Node, NFT_TABLE,
+};
 use serde_json::{json, Value};
 
 const UPLINK: &str = "203.0.113.1";
@@ -37,10 +44,12 @@ struct Site {
 }
 
 impl Site {
-    fn new() -> Site {
-        let node = Node::new();
+    fn new(backend: Backend) -> Site {
+        let node = Node::with_backend(backend);
         node.prime_firewall();
-        node.ns.sh_ok("iptables -P FORWARD DROP && ip6tables -P FORWARD DROP");
+        if backend == Backend::Iptables {
+            node.ns.sh_ok("iptables -P FORWARD DROP && ip6tables -P FORWARD DROP");
+        }
         let client = Netns::new("bn-client");
         node.veth_to(&client, "up0", "eth0", &format!("{UPLINK}/24"), &format!("{CLIENT}/24"));
         Site { node, client }
@@ -87,7 +96,7 @@ fn add_pod(node: &Node, conf: &Path, name: &str, extra: &[&str]) -> Pod {
 /// Everything useful when a packet did not arrive.
 fn diagnostics(node: &Node) -> String {
     let out = node.ns.sh("echo '--- iptables-save'; iptables-save; echo '--- ip6tables-save'; ip6tables-save; \
-         echo '--- conntrack'; conntrack -L 2>&1; echo '--- addresses'; ip -br addr; \
+         echo '--- nft list ruleset'; nft list ruleset; echo '--- conntrack'; conntrack -L 2>&1; echo '--- addresses'; ip -br addr; \
          echo '--- routes'; ip route; ip -6 route");
     format!(
         "{}{}\n--- plugin log\n{}",
@@ -110,11 +119,12 @@ impl Pod {
         Pod { ns: node.add_pod(name), id: format!("ctr-{name}"), result: Value::Null }
     }
 
-    /// ADD through the driver; panics unless it succeeds.
+    /// ADD through the driver; panics unless it succeeds and used the node's backend.
     fn add(&mut self, node: &Node, conf: &Path, extra: &[&str]) {
         let out = self.cni(node, "add", conf, extra);
         out.assert_ok(&format!("ADD {}", self.id));
         self.result = out.json.expect("ADD prints a JSON result");
+        node.assert_backend_in_use();
     }
 
     /// The pod's address of the given family, without the prefix length.
@@ -261,12 +271,11 @@ fn expect_reply(node: &Node, from: &Netns, proto: Proto, host: &str, port: u16, 
 
 /// 1. TCP (static rule) and UDP (runtime portMapping) from outside reach the
 ///    pod through the uplink address, and the pod sees the client's address.
-#[test]
-fn outside_client_reaches_pod_over_tcp_and_udp_without_snat() {
+fn outside_client_reaches_pod_over_tcp_and_udp_without_snat(backend: Backend) {
     if !require_root() {
         return;
     }
-    let site = Site::new();
+    let site = Site::new(backend);
     let conf = site.conflist("1.0.0", entry(&site.node, static_rules(&[rule("web", 30080, 8080, "tcp", None)])));
     let pm = mappings(&[mapping(35353, 5353, "udp", None)]);
     let pod = site.add_pod(&conf, "a", &["--port-mappings", &pm]);
@@ -276,16 +285,23 @@ fn outside_client_reaches_pod_over_tcp_and_udp_without_snat() {
     let expected = format!("pod-a {CLIENT}");
     expect_reply(&site.node, &site.client, Proto::Tcp, UPLINK, 30080, &expected);
     expect_reply(&site.node, &site.client, Proto::Udp, UPLINK, 35353, &expected);
+    if backend == Backend::Nftables {
+        // No FORWARD DROP policy here (see the module's doc): the accepts must be there anyway.
+        let fwd = site.node.nft_elements("fwd4");
+        for want in [format!("{} . tcp . 8080", pod.ipv4()), format!("{} . udp . 5353", pod.ipv4())] {
+            assert!(fwd.contains(&want), "fwd4 lacks {want:?}: {fwd:?}\n{}", site.diagnostics());
+        }
+    }
 }
+both_backends!(outside_client_reaches_pod_over_tcp_and_udp_without_snat);
 
 /// 2. Two pods on one bridge, each with its own forward (static rules picked
 ///    by destIP): each host port reaches the right pod.
-#[test]
-fn two_pods_each_reached_through_their_own_port() {
+fn two_pods_each_reached_through_their_own_port(backend: Backend) {
     if !require_root() {
         return;
     }
-    let site = Site::new();
+    let site = Site::new(backend);
     let conf = site.conflist(
         "1.0.0",
         entry(
@@ -305,15 +321,15 @@ fn two_pods_each_reached_through_their_own_port() {
     expect_reply(&site.node, &site.client, Proto::Tcp, UPLINK, 30081, "pod-a");
     expect_reply(&site.node, &site.client, Proto::Tcp, UPLINK, 30082, "pod-b");
 }
+both_backends!(two_pods_each_reached_through_their_own_port);
 
 /// 3. Hairpin: a pod reaches its own forwarded port through the node's
 ///    uplink address, and so does another pod on the bridge.
-#[test]
-fn hairpin_from_the_pod_itself_and_from_a_neighbour() {
+fn hairpin_from_the_pod_itself_and_from_a_neighbour(backend: Backend) {
     if !require_root() {
         return;
     }
-    let site = Site::new();
+    let site = Site::new(backend);
     let conf = site.conflist("1.0.0", entry(&site.node, json!({})));
     let pm = mappings(&[mapping(30080, 8080, "tcp", None)]);
     let a = site.add_pod(&conf, "a", &["--port-mappings", &pm]);
@@ -323,14 +339,14 @@ fn hairpin_from_the_pod_itself_and_from_a_neighbour() {
     expect_reply(&site.node, &a.ns, Proto::Tcp, UPLINK, 30080, "pod-a");
     expect_reply(&site.node, &b.ns, Proto::Tcp, UPLINK, 30080, "pod-a");
 }
+both_backends!(hairpin_from_the_pod_itself_and_from_a_neighbour);
 
 /// 4. From the node itself: 127.0.0.1:hostPort and uplink:hostPort both reach the pod.
-#[test]
-fn node_reaches_pod_through_localhost_and_its_own_address() {
+fn node_reaches_pod_through_localhost_and_its_own_address(backend: Backend) {
     if !require_root() {
         return;
     }
-    let site = Site::new();
+    let site = Site::new(backend);
     let conf = site.conflist("1.0.0", entry(&site.node, json!({})));
     let pm = mappings(&[mapping(30080, 8080, "tcp", None)]);
     let a = site.add_pod(&conf, "a", &["--port-mappings", &pm]);
@@ -339,14 +355,14 @@ fn node_reaches_pod_through_localhost_and_its_own_address() {
     expect_reply(&site.node, &site.node.ns, Proto::Tcp, "127.0.0.1", 30080, "pod-a");
     expect_reply(&site.node, &site.node.ns, Proto::Tcp, UPLINK, 30080, "pod-a");
 }
+both_backends!(node_reaches_pod_through_localhost_and_its_own_address);
 
 /// 5. A mapping with hostIP only answers on that address.
-#[test]
-fn host_ip_restricts_the_mapping_to_one_address() {
+fn host_ip_restricts_the_mapping_to_one_address(backend: Backend) {
     if !require_root() {
         return;
     }
-    let site = Site::new();
+    let site = Site::new(backend);
     site.add_uplink_address(UPLINK2);
     let conf = site.conflist("1.0.0", entry(&site.node, json!({})));
     let pm = mappings(&[mapping(30080, 8080, "tcp", Some(UPLINK))]);
@@ -360,16 +376,25 @@ fn host_ip_restricts_the_mapping_to_one_address() {
         "{UPLINK2}:30080 must not be forwarded (hostIP is {UPLINK}), got: {other}\n{}",
         site.diagnostics()
     );
+    if backend == Backend::Nftables {
+        let node = &site.node;
+        let want = format!("{UPLINK} . tcp . 30080 : {} . 8080", a.ipv4());
+        let (addr, any) = (node.nft_elements("dnat4-addr"), node.nft_elements("dnat4-any"));
+        assert!(
+            addr == [want.clone()] && any.is_empty(),
+            "want only {want:?} in dnat4-addr: {addr:?}, dnat4-any {any:?}"
+        );
+    }
 }
+both_backends!(host_ip_restricts_the_mapping_to_one_address);
 
 /// 6. A host port forward does not capture traffic to the same port on
 ///    other hosts: the pod (and the node) still reach the remote server.
-#[test]
-fn forward_does_not_hijack_connections_to_remote_hosts() {
+fn forward_does_not_hijack_connections_to_remote_hosts(backend: Backend) {
     if !require_root() {
         return;
     }
-    let site = Site::new();
+    let site = Site::new(backend);
     let remote = site.add_remote();
     let _remote_server = remote.spawn("exec socat TCP-LISTEN:2376,reuseaddr,fork SYSTEM:'echo remote'");
     let conf = site.conflist("1.0.0", entry(&site.node, static_rules(&[rule("docker-tls", 2376, 2376, "tcp", None)])));
@@ -382,6 +407,7 @@ fn forward_does_not_hijack_connections_to_remote_hosts() {
     expect_reply(&site.node, &a.ns, Proto::Tcp, REMOTE, 2376, "remote");
     expect_reply(&site.node, &site.node.ns, Proto::Tcp, REMOTE, 2376, "remote");
 }
+both_backends!(forward_does_not_hijack_connections_to_remote_hosts);
 
 /// Whether conntrack holds a UDP entry to uplink:`port` that is not DNAT'd
 /// (its reply tuple comes from the uplink address itself).
@@ -397,16 +423,23 @@ fn file_len(path: &Path) -> u64 {
 
 /// 7. A UDP flow that keeps sending from one source port follows the host
 ///    port to a re-created pod (the plugin clears stale conntrack entries).
-#[test]
-fn udp_flow_follows_a_recreated_pod() {
+fn udp_flow_follows_a_recreated_pod(backend: Backend) {
     if !require_root() {
         return;
     }
-    let site = Site::new();
+    let site = Site::new(backend);
     let node = &site.node;
     // Any node with a stateful firewall tracks connections; a namespace with
-    // no conntrack user would not track the flow at all.
-    node.ns.sh_ok("iptables -A INPUT -m conntrack --ctstate INVALID -j DROP");
+    // no conntrack user would not track the flow at all. The node's own firewall
+    // speaks the backend's language.
+    match backend {
+        Backend::Iptables => node.ns.sh_ok("iptables -A INPUT -m conntrack --ctstate INVALID -j DROP"),
+        Backend::Nftables => node.ns.sh_ok(
+            "nft add table inet node-fw && \
+             nft add chain inet node-fw input '{ type filter hook input priority filter; }' && \
+             nft add rule inet node-fw input ct state invalid drop",
+        ),
+    };
     let conf = site.conflist("1.0.0", entry(node, json!({})));
     let pm = mappings(&[mapping(5353, 5353, "udp", None)]);
     let pm = ["--port-mappings", pm.as_str()];
@@ -453,15 +486,15 @@ fn udp_flow_follows_a_recreated_pod() {
         site.diagnostics()
     );
 }
+both_backends!(udp_flow_follows_a_recreated_pod);
 
 /// 8. A host port held by one pod is refused to another; the failed ADD
 ///    leaves the firewall as it was.
-#[test]
-fn port_conflict_is_refused_without_touching_the_firewall() {
+fn port_conflict_is_refused_without_touching_the_firewall(backend: Backend) {
     if !require_root() {
         return;
     }
-    let node = Node::new();
+    let node = Node::with_backend(backend);
     node.prime_firewall();
     let conf = node.write_conflist(&node.conflist("1.0.0", entry(&node, json!({}))));
     let pm = mappings(&[mapping(30080, 8080, "tcp", None)]);
@@ -483,6 +516,7 @@ fn port_conflict_is_refused_without_touching_the_firewall() {
     b.cni(&node, "del", &conf, &pm).assert_ok("DEL b");
     assert_eq!(node.snapshot(), before, "node differs after the refused pod's DEL");
 }
+both_backends!(port_conflict_is_refused_without_touching_the_firewall);
 
 /// The `-A BRIDGE-NAT-DNAT ...` line of iptables-save for `port`.
 fn dnat_line(node: &Node, port: u16) -> Option<String> {
@@ -491,33 +525,66 @@ fn dnat_line(node: &Node, port: u16) -> Option<String> {
     save.lines().find(|l| l.starts_with("-A BRIDGE-NAT-DNAT ") && l.contains(&dport)).map(str::to_owned)
 }
 
-/// 9. CHECK notices a rule deleted by hand; a runtime's repeated ADD puts it back.
-#[test]
-fn check_fails_on_a_deleted_rule_and_re_add_restores_it() {
+/// The IPv4 tcp forward of host `port` as the backend holds it: the iptables DNAT rule, or the
+/// dnat4-any element `tcp . PORT : POD . DPORT`.
+fn tcp_forward(node: &Node, port: u16) -> Option<String> {
+    match node.backend() {
+        Backend::Iptables => dnat_line(node, port),
+        Backend::Nftables => {
+            let key = format!("tcp . {port} : ");
+            node.nft_elements("dnat4-any").into_iter().find(|e| e.starts_with(&key))
+        }
+    }
+}
+
+/// Deletes [`tcp_forward`] by hand, as an admin would (`iptables -D`, `nft delete element`).
+/// Returns the rule as CHECK should name it.
+fn delete_tcp_forward(node: &Node, port: u16, forward: &str) -> String {
+    match node.backend() {
+        Backend::Iptables => {
+            let spec = forward.trim_start_matches("-A ").replace('"', "");
+            let mut delete = vec!["iptables", "-t", "nat", "-D"];
+            delete.extend(spec.split_whitespace());
+            let out = node.ns.exec(&delete);
+            assert!(out.status.success(), "{delete:?}: {}", String::from_utf8_lossy(&out.stderr));
+            spec
+        }
+        Backend::Nftables => {
+            node.ns.sh_ok(&format!("nft delete element inet {NFT_TABLE} dnat4-any '{{ tcp . {port} }}'"));
+            forward.to_string()
+        }
+    }
+}
+
+/// 9. CHECK notices a forward deleted by hand (an iptables rule, an nftables map element); a
+///    runtime's repeated ADD puts it back.
+fn check_fails_on_a_deleted_rule_and_re_add_restores_it(backend: Backend) {
     if !require_root() {
         return;
     }
-    let node = Node::new();
+    let node = Node::with_backend(backend);
     let bridge_nat = entry(&node, static_rules(&[rule("web", 30080, 8080, "tcp", None)]));
     let conf = node.write_conflist(&node.conflist("1.0.0", bridge_nat.clone()));
     let a = add_pod(&node, &conf, "a", &[]);
     a.cni(&node, "check", &conf, &[]).assert_ok("CHECK before tampering");
 
-    let line = dnat_line(&node, 30080).unwrap_or_else(|| panic!("no DNAT rule for 30080\n{}", diagnostics(&node)));
-    let spec = line.trim_start_matches("-A ").replace('"', "");
-    let mut delete = vec!["iptables", "-t", "nat", "-D"];
-    delete.extend(spec.split_whitespace());
-    let out = node.ns.exec(&delete);
-    assert!(out.status.success(), "{delete:?}: {}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(dnat_line(&node, 30080), None);
+    let forward = tcp_forward(&node, 30080).unwrap_or_else(|| panic!("no forward of 30080\n{}", diagnostics(&node)));
+    let destination = match backend {
+        Backend::Iptables => format!("--to-destination {}:8080", a.ipv4()),
+        Backend::Nftables => format!(": {} . 8080", a.ipv4()),
+    };
+    assert!(forward.contains(&destination), "the forward of 30080 does not go to {destination:?}: {forward}");
+    let named = delete_tcp_forward(&node, 30080, &forward);
+    assert_eq!(tcp_forward(&node, 30080), None, "the forward is still there\n{}", diagnostics(&node));
 
     let check = a.cni(&node, "check", &conf, &[]);
     assert_eq!(error_code(&check), Some(102), "CHECK must fail: {check:?}");
     let msg = check.json.as_ref().and_then(|j| j["msg"].as_str()).unwrap_or_default();
-    assert!(
-        msg.contains("missing") && msg.contains(&spec) && spec.contains(&format!("--to-destination {}:8080", a.ipv4())),
-        "CHECK must name the missing rule {spec:?}: {msg}"
-    );
+    let names_it = match backend {
+        Backend::Iptables => msg.contains("missing") && msg.contains(&named),
+        Backend::Nftables => msg.contains(&nft_missing_element("dnat4-any", &named)),
+    };
+    assert!(names_it, "CHECK must name the missing forward {named:?}: {msg}");
 
     // A runtime repeating ADD for the same attachment (libcni cannot: the
     // bridge plugin refuses the existing veth).
@@ -525,25 +592,26 @@ fn check_fails_on_a_deleted_rule_and_re_add_restores_it() {
     let readd = node.plugin("ADD", &a.ns, &a.id, "eth0", &stdin);
     readd.assert_ok("direct re-ADD");
     assert_eq!(readd.json.as_ref(), Some(&a.result), "re-ADD must print the prevResult");
-    assert_eq!(dnat_line(&node, 30080).as_deref(), Some(line.as_str()), "re-ADD did not restore the rule");
+    assert_eq!(tcp_forward(&node, 30080).as_deref(), Some(forward.as_str()), "re-ADD did not restore the forward");
     a.cni(&node, "check", &conf, &[]).assert_ok("CHECK after re-ADD");
 }
+both_backends!(check_fails_on_a_deleted_rule_and_re_add_restores_it);
 
 /// 10. After the last DEL the node is exactly as before the first ADD, with
 ///     pods removed in the order they were added.
-#[test]
-fn teardown_leaves_the_node_as_it_was() {
+fn teardown_leaves_the_node_as_it_was(backend: Backend) {
     if !require_root() {
         return;
     }
-    let node = Node::new();
+    let node = Node::with_backend(backend);
     node.prime_firewall();
     // The bridge plugin never deletes the bridge it creates: let it create
     // it first, with a bridge-only network, so only bridge-nat's traces count.
     let mut bridge_only = node.conflist("1.0.0", json!({}));
     bridge_only["plugins"].as_array_mut().expect("plugins").truncate(1);
     let bridge_only = node.write_conflist(&bridge_only);
-    let warm = add_pod(&node, &bridge_only, "warmup", &[]);
+    let warm = Pod::new(&node, "warmup");
+    warm.cni(&node, "add", &bridge_only, &[]).assert_ok("ADD warmup");
     warm.cni(&node, "del", &bridge_only, &[]).assert_ok("DEL warmup");
 
     let before = node.snapshot();
@@ -554,7 +622,7 @@ fn teardown_leaves_the_node_as_it_was() {
     let a = add_pod(&node, &conf, "a", &["--port-mappings", &pm_a]);
     let b = add_pod(&node, &conf, "b", &["--port-mappings", &pm_b]);
     let during = node.snapshot();
-    assert!(during.contains("BRIDGE-NAT-DNAT"), "no forwards installed:\n{during}");
+    assert!(during != before && tcp_forward(&node, 30080).is_some(), "no forwards installed:\n{during}");
 
     a.cni(&node, "del", &conf, &["--port-mappings", &pm_a]).assert_ok("DEL a");
     b.cni(&node, "del", &conf, &["--port-mappings", &pm_b]).assert_ok("DEL b");
@@ -565,14 +633,14 @@ fn teardown_leaves_the_node_as_it_was() {
         node.log()
     );
 }
+both_backends!(teardown_leaves_the_node_as_it_was);
 
 /// 11. IPv6: a dual-stack pod is reached through the node's v6 uplink address.
-#[test]
-fn ipv6_client_reaches_dual_stack_pod() {
+fn ipv6_client_reaches_dual_stack_pod(backend: Backend) {
     if !require_root() {
         return;
     }
-    let site = Site::new();
+    let site = Site::new(backend);
     site.add_uplink_v6();
     let node = &site.node;
     let conf = node.write_conflist(&dual_stack(node.conflist("1.0.0", entry(node, json!({})))));
@@ -584,31 +652,56 @@ fn ipv6_client_reaches_dual_stack_pod() {
     expect_reply(node, &site.client, Proto::Tcp, UPLINK, 30080, "pod-a");
 
     let v6 = a.ip(true);
-    let save = node.ns.sh_ok("ip6tables-save");
-    for wanted in [
-        format!("-j DNAT --to-destination [{v6}]:8080"),
-        format!("-A BRIDGE-NAT-FORWARD -d {v6}/128 -o {} -p tcp", common::BRIDGE),
-    ] {
-        assert!(save.contains(&wanted), "ip6tables-save lacks {wanted:?}:\n{save}");
+    match backend {
+        Backend::Iptables => {
+            let save = node.ns.sh_ok("ip6tables-save");
+            for wanted in [
+                format!("-j DNAT --to-destination [{v6}]:8080"),
+                format!("-A BRIDGE-NAT-FORWARD -d {v6}/128 -o {} -p tcp", common::BRIDGE),
+            ] {
+                assert!(save.contains(&wanted), "ip6tables-save lacks {wanted:?}:\n{save}");
+            }
+            assert!(!save.contains("127.0.0.0/8"), "IPv4 loopback rule in ip6tables:\n{save}");
+        }
+        Backend::Nftables => {
+            for (set, wanted) in [
+                ("dnat6-any", format!("tcp . 30080 : {v6} . 8080")),
+                ("fwd6", format!("{v6} . tcp . 8080")),
+                ("dnat4-any", format!("tcp . 30080 : {} . 8080", a.ipv4())),
+            ] {
+                let elements = node.nft_elements(set);
+                assert!(elements.contains(&wanted), "{set} lacks {wanted:?}: {elements:?}");
+            }
+        }
     }
-    assert!(!save.contains("127.0.0.0/8"), "IPv4 loopback rule in ip6tables:\n{save}");
 }
+both_backends!(ipv6_client_reaches_dual_stack_pod);
 
 /// 12. At 0.3.1 libcni sends DEL without prevResult; DEL without the
 ///     runtime's portMappings still removes every rule from the record.
-#[test]
-fn del_without_prev_result_or_runtime_config_removes_everything() {
+fn del_without_prev_result_or_runtime_config_removes_everything(backend: Backend) {
     if !require_root() {
         return;
     }
-    let node = Node::new();
+    let node = Node::with_backend(backend);
     let conf = node.write_conflist(&node.conflist("0.3.1", entry(&node, json!({}))));
     let pm = mappings(&[mapping(30080, 8080, "tcp", None), mapping(35353, 5353, "udp", None)]);
     let a = add_pod(&node, &conf, "a", &["--port-mappings", &pm]);
-    let save = node.ns.sh_ok("iptables-save");
-    assert!(save.contains("bridge-nat") && save.contains("--dport 30080"), "ADD installed nothing:\n{save}");
+    match backend {
+        Backend::Iptables => {
+            let save = node.ns.sh_ok("iptables-save");
+            assert!(save.contains("bridge-nat") && save.contains("--dport 30080"), "ADD installed nothing:\n{save}");
+        }
+        Backend::Nftables => {
+            let dnat = node.nft_elements("dnat4-any");
+            let want = [format!("tcp . 30080 : {} . 8080", a.ipv4()), format!("udp . 35353 : {} . 5353", a.ipv4())];
+            assert_eq!(dnat, want, "dnat4-any after ADD");
+        }
+    }
 
     a.cni(&node, "del", &conf, &[]).assert_ok("DEL at 0.3.1");
-    let save = node.ns.sh_ok("iptables-save; ip6tables-save");
-    assert!(!save.to_lowercase().contains("bridge-nat"), "rules left after DEL:\n{save}\n--- log\n{}", node.log());
+    let traces = node.iptables_traces();
+    assert!(traces.is_empty(), "rules left after DEL:\n{}\n--- log\n{}", traces.join("\n"), node.log());
+    assert!(!node.nft_table_exists(), "table inet {NFT_TABLE} left after DEL:\n{}", diagnostics(&node));
 }
+both_backends!(del_without_prev_result_or_runtime_config_removes_everything);

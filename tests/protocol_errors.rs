@@ -1,9 +1,10 @@
 //! The CNI protocol at its edges: error codes a person can act on, nothing changed by a refused
-//! call, idempotent ADD and DEL, the lock's bounded wait, GC and STATUS.
+//! call, idempotent ADD and DEL, the lock's bounded wait, GC and STATUS. What touches the
+//! firewall runs under both backends (`NAME::iptables`, `NAME::nftables`).
 
 mod common;
 
-use common::{error_code, require_root, DriverOutput, Node};
+use common::{both_backends, error_code, require_root, Backend, DriverOutput, Node, NFT_TABLE};
 use serde_json::{json, Value};
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
@@ -16,6 +17,7 @@ fn attached(node: &Node, entry: Value, version: &str) -> (std::path::PathBuf, Va
     let conf = node.write_conflist(&node.conflist(version, entry));
     let add = node.cni("add", &conf, &pod, CID, "net1", &[]);
     add.assert_ok("ADD");
+    node.assert_backend_in_use();
     let result = add.json.clone().expect("ADD result");
     (conf, result, pod)
 }
@@ -55,12 +57,11 @@ fn a_person_at_a_shell_gets_the_version_on_stderr_and_nothing_on_stdout() {
     assert!(err.contains("bridge-nat") && err.contains("0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0"), "{err}");
 }
 
-#[test]
-fn refused_calls_name_the_problem_and_change_nothing() {
+fn refused_calls_name_the_problem_and_change_nothing(backend: Backend) {
     if !require_root() {
         return;
     }
-    let node = Node::new();
+    let node = Node::with_backend(backend);
     let entry = node.bridge_nat_entry();
     let (_conf, result, pod) = attached(&node, entry.clone(), "1.0.0");
     let netns = pod.path().to_string_lossy().to_string();
@@ -121,13 +122,29 @@ fn refused_calls_name_the_problem_and_change_nothing() {
 
     assert_eq!(node.snapshot(), before, "a refused call changed the node");
 }
+both_backends!(refused_calls_name_the_problem_and_change_nothing);
 
-#[test]
-fn add_twice_replaces_and_del_is_idempotent() {
+/// The host-port forwards of `port` the node's firewall holds (iptables DNAT rules, or
+/// dnat4-any elements).
+fn forwards_of(node: &Node, port: u16) -> Vec<String> {
+    match node.backend() {
+        Backend::Iptables => {
+            let needle = format!("--dport {port} ");
+            let nat = node.ns.sh_ok("iptables-save -t nat");
+            nat.lines().filter(|l| l.starts_with("-A ") && l.contains(&needle)).map(String::from).collect()
+        }
+        Backend::Nftables => {
+            let key = format!(" . {port} : ");
+            node.nft_elements("dnat4-any").into_iter().filter(|e| e.contains(&key)).collect()
+        }
+    }
+}
+
+fn add_twice_replaces_and_del_is_idempotent(backend: Backend) {
     if !require_root() {
         return;
     }
-    let node = Node::new();
+    let node = Node::with_backend(backend);
     let mut entry = node.bridge_nat_entry();
     entry["portForwarding"] = json!({"rules": [{"name": "web", "hostPort": 30080, "destPort": 8080}]});
     let (_conf, result, pod) = attached(&node, entry.clone(), "1.0.0");
@@ -136,8 +153,13 @@ fn add_twice_replaces_and_del_is_idempotent() {
     let again = direct(&node, "ADD", &netns, &stdin);
     assert!(again.status_ok, "{}", again.stdout);
     assert_eq!(again.json.as_ref(), Some(&result), "ADD prints prevResult unchanged");
-    let dnat = node.ns.sh_ok("iptables-save -t nat | grep -c 'dport 30080'");
-    assert_eq!(dnat.trim(), "1", "a repeated ADD duplicated the DNAT rule");
+    let pod_ip = common::result_ip(&result, false);
+    let dnat = forwards_of(&node, 30080);
+    assert!(
+        dnat.len() == 1 && dnat[0].contains(&pod_ip),
+        "want exactly one forward of 30080 to {pod_ip} after a repeated ADD: {dnat:?}"
+    );
+    let table_after_add = node.nft_table();
 
     let state = node.state_dir();
     assert_eq!(std::fs::metadata(&state).unwrap().permissions().mode() & 0o777, 0o700);
@@ -151,8 +173,10 @@ fn add_twice_replaces_and_del_is_idempotent() {
     let none = node
         .exec_plugin(&[("CNI_COMMAND", "DEL"), ("CNI_CONTAINERID", "never-added"), ("CNI_IFNAME", "net1")], &del_stdin);
     assert!(none.status_ok, "DEL without record and without CNI_NETNS: {}", none.stdout);
-    assert!(!node.ns.sh_ok("iptables-save").contains("bridge-nat"));
+    assert_eq!(node.iptables_traces(), Vec::<String>::new(), "iptables rules left after DEL");
+    assert!(!node.nft_table_exists(), "table inet {NFT_TABLE} left after DEL:\n{table_after_add:?}");
 }
+both_backends!(add_twice_replaces_and_del_is_idempotent);
 
 #[test]
 fn a_held_lock_times_out_with_code_11() {
@@ -174,12 +198,11 @@ fn a_held_lock_times_out_with_code_11() {
     assert_code(&out, 11, "lock");
 }
 
-#[test]
-fn gc_removes_what_the_runtime_forgot_and_keeps_the_rest() {
+fn gc_removes_what_the_runtime_forgot_and_keeps_the_rest(backend: Backend) {
     if !require_root() {
         return;
     }
-    let node = Node::new();
+    let node = Node::with_backend(backend);
     let mut entry = node.bridge_nat_entry();
     entry["capabilities"] = json!({"portMappings": true});
     let conf = node.write_conflist(&node.conflist("1.1.0", entry));
@@ -196,11 +219,14 @@ fn gc_removes_what_the_runtime_forgot_and_keeps_the_rest() {
         &["--port-mappings", r#"[{"hostPort":30002,"containerPort":80}]"#],
     )
     .assert_ok("ADD forget");
+    node.assert_backend_in_use();
+    assert!(forwards_of(&node, 30002).len() == 1, "no forward of 30002 before GC");
 
     node.cni_gc(&conf, &[("keep", "net1")]).assert_ok("GC");
-    let nat = node.ns.sh_ok("iptables-save -t nat");
-    assert!(nat.contains("--dport 30001"), "GC removed a valid attachment's forward:\n{nat}");
-    assert!(!nat.contains("--dport 30002"), "GC left a forgotten attachment's forward:\n{nat}");
+    let kept = forwards_of(&node, 30001);
+    assert_eq!(kept.len(), 1, "GC removed a valid attachment's forward: {kept:?}");
+    let forgotten = forwards_of(&node, 30002);
+    assert!(forgotten.is_empty(), "GC left a forgotten attachment's forward: {forgotten:?}");
     let records: Vec<String> = std::fs::read_dir(node.state_dir().join("records/dind"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
@@ -208,7 +234,9 @@ fn gc_removes_what_the_runtime_forgot_and_keeps_the_rest() {
     assert_eq!(records, vec!["keep.net1.json".to_string()]);
     node.cni("check", &conf, &keep, "keep", "net1", &[]).assert_ok("CHECK of the kept attachment after GC");
     node.cni("del", &conf, &forget, "forget", "net1", &[]).assert_ok("DEL of a GC'd attachment");
+    assert_eq!(forwards_of(&node, 30001).len(), 1, "DEL of the GC'd attachment removed the kept forward");
 }
+both_backends!(gc_removes_what_the_runtime_forgot_and_keeps_the_rest);
 
 #[test]
 fn status_reports_whether_add_can_be_served() {

@@ -1,10 +1,11 @@
 //! CNI protocol conformance through a real runtime library (libcni): ADD,
 //! CHECK and DEL (twice) for every supported spec version, chained after
-//! Debian's bridge + host-local.
+//! Debian's bridge + host-local, under both firewall backends (`cni_X_Y_Z::iptables`,
+//! `cni_X_Y_Z::nftables`).
 
 mod common;
 
-use common::{require_root, Node};
+use common::{both_backends, require_root, Backend, Node};
 
 const VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 
@@ -20,18 +21,22 @@ fn prime_like_a_real_node(node: &Node, iptables: &str) {
     ));
 }
 
-fn add_check_del(version: &str) {
-    add_check_del_with(version, "iptables");
+fn add_check_del(version: &str, backend: Backend) {
+    add_check_del_with(version, "iptables", backend);
 }
 
-fn add_check_del_with(version: &str, iptables: &str) {
+/// `iptables` is the binary the node's other components use (and, under the iptables backend,
+/// the plugin's `iptables` setting).
+fn add_check_del_with(version: &str, iptables: &str, backend: Backend) {
     if !require_root() {
         return;
     }
-    let node = Node::new();
+    let node = Node::with_backend(backend);
     let pod = node.add_pod("pod");
     let mut entry = node.bridge_nat_entry();
-    entry["iptables"] = serde_json::json!(iptables);
+    if backend == Backend::Iptables {
+        entry["iptables"] = serde_json::json!(iptables);
+    }
     entry["capabilities"] = serde_json::json!({"portMappings": true});
     entry["portForwarding"] =
         serde_json::json!({"rules": [{"name": "web", "hostPort": 30080, "destPort": 8080, "protocol": "tcp"}]});
@@ -51,9 +56,20 @@ fn add_check_del_with(version: &str, iptables: &str) {
         node.log()
     );
 
-    let nat = node.ns.sh_ok(&format!("{iptables}-save -t nat"));
-    for want in ["--dport 30080", "--dport 5353", "-j DNAT --to-destination 10.20.0."] {
-        assert!(nat.contains(want), "ADD at {version} installed no {want:?}:\n{nat}");
+    node.assert_backend_in_use();
+    match backend {
+        Backend::Iptables => {
+            let nat = node.ns.sh_ok(&format!("{iptables}-save -t nat"));
+            for want in ["--dport 30080", "--dport 5353", "-j DNAT --to-destination 10.20.0."] {
+                assert!(nat.contains(want), "ADD at {version} installed no {want:?}:\n{nat}");
+            }
+        }
+        Backend::Nftables => {
+            let pod_ip = common::result_ip(result, false);
+            let dnat = node.nft_elements("dnat4-any");
+            let want = [format!("tcp . 30080 : {pod_ip} . 8080"), format!("udp . 5353 : {pod_ip} . 53")];
+            assert_eq!(dnat, want, "ADD at {version}: dnat4-any");
+        }
     }
 
     if version >= "0.4.0" {
@@ -65,34 +81,32 @@ fn add_check_del_with(version: &str, iptables: &str) {
     run("del").assert_ok(&format!("second DEL at {version}"));
 }
 
-#[test]
-fn cni_0_3_0() {
-    add_check_del("0.3.0");
+fn cni_0_3_0(backend: Backend) {
+    add_check_del("0.3.0", backend);
 }
 
-#[test]
-fn cni_0_3_1() {
-    add_check_del("0.3.1");
+fn cni_0_3_1(backend: Backend) {
+    add_check_del("0.3.1", backend);
 }
 
-#[test]
-fn cni_0_4_0() {
-    add_check_del("0.4.0");
+fn cni_0_4_0(backend: Backend) {
+    add_check_del("0.4.0", backend);
 }
 
-#[test]
-fn cni_1_0_0() {
-    add_check_del("1.0.0");
+fn cni_1_0_0(backend: Backend) {
+    add_check_del("1.0.0", backend);
 }
 
-#[test]
-fn cni_1_1_0() {
-    add_check_del("1.1.0");
+fn cni_1_1_0(backend: Backend) {
+    add_check_del("1.1.0", backend);
 }
 
+both_backends!(cni_0_3_0, cni_0_3_1, cni_0_4_0, cni_1_0_0, cni_1_1_0);
+
+/// The iptables backend with `"iptables": "iptables-legacy"` (no nftables counterpart).
 #[test]
 fn iptables_legacy_backend() {
-    add_check_del_with("1.0.0", "iptables-legacy");
+    add_check_del_with("1.0.0", "iptables-legacy", Backend::Iptables);
 }
 
 #[test]

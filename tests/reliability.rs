@@ -2,6 +2,10 @@
 //! a firewall or ip rules changed behind the plugin's back, refused input, and the state
 //! directory's permissions. Every node is left as it was found, or the difference is named.
 //!
+//! What the firewall backend could change runs under both (`NAME::iptables`,
+//! `NAME::nftables`); where a test reads or damages the firewall, the nftables variant does
+//! the same to the table `inet bridge-nat` (its elements, chains, the table itself).
+//!
 //! Topology (every address lives in a namespace the test creates):
 //!
 //! ```text
@@ -22,8 +26,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::{
-    dir_tree, error_code, error_msg, plugin_stdin, require_root, wait_for, Background, DriverOutput, Netns, Node,
-    NETWORK_NAME,
+    both_backends, contains_word, dir_tree, error_code, error_msg, nft_chain_rules, nft_missing_element, plugin_stdin,
+    require_root, wait_for, Backend, Background, DriverOutput, Netns, Node, NETWORK_NAME, NFT_TABLE,
 };
 use serde_json::{json, Value};
 
@@ -51,8 +55,8 @@ struct Site {
 }
 
 impl Site {
-    fn new() -> Site {
-        let node = Node::new();
+    fn new(backend: Backend) -> Site {
+        let node = Node::with_backend(backend);
         node.prime_firewall();
         node.ns.sh_ok(
             "iptables -t mangle -N BN-PRIME && iptables -t mangle -X BN-PRIME && \
@@ -100,10 +104,11 @@ impl Pod {
         Pod { ns: node.add_pod(name), id: id.to_string(), result: Value::Null }
     }
 
-    /// A new pod added through the driver; panics unless ADD succeeds.
+    /// A new pod added through the driver; panics unless ADD succeeds and used the node's backend.
     fn added(node: &Node, conf: &Path, name: &str, extra: &[&str]) -> Pod {
         let mut pod = Pod::new(node, name, &format!("ctr-{name}"));
         pod.add(node, conf, extra);
+        node.assert_backend_in_use();
         pod
     }
 
@@ -251,7 +256,7 @@ fn assert_same_state(node: &Node, expected: &str, actual: &str, what: &str) {
 
 /// Everything useful when something is not where it should be.
 fn diagnostics(node: &Node) -> String {
-    let script = ["iptables-save", "ip -N rule", "ip -4 route show table all", "conntrack -L 2>&1"]
+    let script = ["iptables-save", "nft list ruleset", "ip -N rule", "ip -4 route show table all", "conntrack -L 2>&1"]
         .map(|cmd| format!("echo '--- {cmd}'; {cmd}"))
         .join("; ");
     let out = node.ns.sh(&script);
@@ -264,7 +269,8 @@ fn diagnostics(node: &Node) -> String {
     )
 }
 
-/// Rule lines that occur more than once in iptables-save, ip6tables-save or ip rule.
+/// Rule lines that occur more than once in iptables-save, ip6tables-save, ip rule, or one chain
+/// of bridge-nat's nftables table (set elements cannot repeat).
 fn duplicated_lines(node: &Node) -> Vec<String> {
     let mut dups = Vec::new();
     for cmd in ["iptables-save", "ip6tables-save", "ip -N rule", "ip -6 rule"] {
@@ -275,7 +281,62 @@ fn duplicated_lines(node: &Node) -> Vec<String> {
         }
         dups.extend(seen.into_iter().filter(|(_, n)| *n > 1).map(|(l, n)| format!("{cmd}: {n}x {l}")));
     }
+    let table = node.nft_table().unwrap_or_default();
+    let mut seen: BTreeMap<(String, &str), usize> = BTreeMap::new();
+    let mut chain: Option<String> = None;
+    for line in table.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("chain ").and_then(|l| l.strip_suffix(" {")) {
+            chain = Some(name.to_string());
+        } else if line == "}" {
+            chain = None;
+        } else if let Some(c) = &chain {
+            if !line.is_empty() && !line.starts_with("type ") {
+                *seen.entry((c.clone(), line)).or_default() += 1;
+            }
+        }
+    }
+    dups.extend(seen.into_iter().filter(|(_, n)| *n > 1).map(|((c, l), n)| format!("nft chain {c}: {n}x {l}")));
     dups
+}
+
+/// The IPv4 forwards of host `port` the firewall holds: iptables DNAT rules, or dnat4-any and
+/// dnat4-addr elements.
+fn forwards_of(node: &Node, port: u16) -> Vec<String> {
+    match node.backend() {
+        Backend::Iptables => {
+            let needle = format!("--dport {port} ");
+            rule_lines(node, "nat")
+                .into_iter()
+                .filter(|l| l.starts_with("-A BRIDGE-NAT-DNAT ") && l.contains(&needle))
+                .collect()
+        }
+        Backend::Nftables => {
+            let key = format!("tcp . {port} : ");
+            ["dnat4-any", "dnat4-addr"]
+                .iter()
+                .flat_map(|set| node.nft_elements(set))
+                .filter(|e| e.starts_with(&key) || e.contains(&format!(" . {key}")))
+                .collect()
+        }
+    }
+}
+
+/// Whether the firewall holds anything of `pod` (forwarded by host `port`): iptables rules
+/// with its comment or that port, or nftables elements with its port or its address.
+fn has_traces_of(node: &Node, pod: &Pod, port: u16) -> bool {
+    match node.backend() {
+        Backend::Iptables => {
+            let save = node.ns.sh_ok("iptables-save");
+            save.contains(&pod.tag()) || save.contains(&format!("--dport {port} "))
+        }
+        Backend::Nftables => {
+            let ip = pod.ipv4();
+            node.nft_all_elements()
+                .values()
+                .flatten()
+                .any(|e| contains_word(e, &ip) || contains_word(e, &port.to_string()))
+        }
+    }
 }
 
 fn record_names(node: &Node) -> BTreeSet<String> {
@@ -467,18 +528,105 @@ fn log_span(node: &Node, needles: &[&str]) -> Duration {
     }
 }
 
+/// What is wrong with the firewall for `live` pods (each forwarded from its port to its 8080)
+/// and `gone` ones: every live pod needs exactly one forward of its port, to its address, and
+/// its accept; no gone pod's port may be forwarded; nothing else is. Under iptables every live
+/// pod also has the same number of rules with its comment, `rules_per_pod` (learnt on the
+/// first call, at least a DNAT and an accept).
+fn storm_firewall_problems(
+    node: &Node,
+    live: &[(Pod, u16)],
+    gone: &[(Pod, u16)],
+    rules_per_pod: &mut Option<usize>,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    match node.backend() {
+        Backend::Iptables => {
+            let save = node.ns.sh_ok("iptables-save");
+            let dnat: Vec<&str> = save.lines().filter(|l| l.starts_with("-A BRIDGE-NAT-DNAT ")).collect();
+            for (pod, port) in live {
+                let want =
+                    format!("--dport {port} -m comment {} -j DNAT --to-destination {}:8080", pod.tag(), pod.ipv4());
+                let n = dnat.iter().filter(|l| l.contains(&format!("--dport {port} "))).count();
+                if n != 1 || !dnat.iter().any(|l| l.ends_with(&want)) {
+                    problems
+                        .push(format!("{} (port {port}): {n} DNAT rules, want exactly one ending {want:?}", pod.id));
+                }
+            }
+            let counts: BTreeSet<usize> = live.iter().map(|(p, _)| save.matches(&p.tag()).count()).collect();
+            match *rules_per_pod {
+                None if counts.len() == 1 && counts.iter().all(|&n| n >= 2) => *rules_per_pod = counts.first().copied(),
+                None => {
+                    problems.push(format!("rules per pod differ or are too few (a DNAT and an accept): {counts:?}"))
+                }
+                Some(want) => {
+                    for (pod, _) in live {
+                        let own = save.matches(&pod.tag()).count();
+                        if own != want {
+                            problems.push(format!("{}: {own} rules, want {want}", pod.id));
+                        }
+                    }
+                }
+            }
+            for (pod, port) in gone {
+                if save.contains(&pod.tag()) || save.contains(&format!("--dport {port} ")) {
+                    problems.push(format!("deleted {} (port {port}) still has rules", pod.id));
+                }
+            }
+            if dnat.len() != live.len() {
+                problems.push(format!("{} DNAT rules for {} live pods", dnat.len(), live.len()));
+            }
+            if !problems.is_empty() {
+                problems.push(save);
+            }
+        }
+        Backend::Nftables => {
+            let (dnat, fwd) = (node.nft_elements("dnat4-any"), node.nft_elements("fwd4"));
+            for (pod, port) in live {
+                let key = format!("tcp . {port} : ");
+                let want = format!("{key}{} . 8080", pod.ipv4());
+                let n = dnat.iter().filter(|e| e.starts_with(&key)).count();
+                if n != 1 || !dnat.contains(&want) {
+                    problems.push(format!("{} (port {port}): {n} dnat4-any elements, want exactly {want:?}", pod.id));
+                }
+                let accept = format!("{} . tcp . 8080", pod.ipv4());
+                if !fwd.contains(&accept) {
+                    problems.push(format!("{}: fwd4 lacks {accept:?}", pod.id));
+                }
+            }
+            for (pod, port) in gone {
+                if dnat.iter().any(|e| e.starts_with(&format!("tcp . {port} : "))) {
+                    problems.push(format!("deleted {} (port {port}) is still forwarded", pod.id));
+                }
+            }
+            let live_ips: BTreeSet<String> = live.iter().map(|(p, _)| p.ipv4()).collect();
+            if dnat.len() != live.len() || fwd.len() != live_ips.len() {
+                problems.push(format!(
+                    "{} dnat4-any and {} fwd4 elements for {} live pods",
+                    dnat.len(),
+                    fwd.len(),
+                    live.len()
+                ));
+            }
+            if !problems.is_empty() {
+                problems.push(format!("dnat4-any {dnat:#?}\nfwd4 {fwd:#?}"));
+            }
+        }
+    }
+    problems
+}
+
 /// 1. 64 pods added through libcni at once, each with its own host port: every call succeeds
 ///    within the default lock wait, every forward carries traffic, no rule is duplicated, 64
 ///    records. 64 parallel DELs take the node back to its snapshot. Then 32 ADDs run
 ///    interleaved with 32 DELs of other pods: the firewall holds exactly the live pods' rules,
 ///    CHECK passes for each, and their DELs restore the snapshot again.
-#[test]
-fn storm_of_parallel_adds_and_dels_keeps_the_node_consistent() {
+fn storm_of_parallel_adds_and_dels_keeps_the_node_consistent(backend: Backend) {
     if !require_root() {
         return;
     }
     const STORM: usize = 64;
-    let site = Site::new();
+    let site = Site::new(backend);
     let node = &site.node;
     let before = node.snapshot();
     let conf = site.conflist("1.0.0", mapping_entry(node));
@@ -525,12 +673,11 @@ fn storm_of_parallel_adds_and_dels_keeps_the_node_consistent() {
     assert_eq!(record_names(node).len(), STORM, "records after the storm: {:?}", record_names(node));
     let dups = duplicated_lines(node);
     assert!(dups.is_empty(), "duplicated rules after the storm:\n{}\n{}", dups.join("\n"), diagnostics(node));
-    // Every pod's own rules: the same number for each, and exactly one DNAT to it.
-    let save = node.ns.sh_ok("iptables-save");
-    let per_pod: BTreeSet<usize> = pods.iter().map(|(p, _)| save.matches(&p.tag()).count()).collect();
-    assert_eq!(per_pod.len(), 1, "pods got different numbers of rules: {per_pod:?}\n{save}");
-    let rules_per_pod = *per_pod.iter().next().expect("one count");
-    assert!(rules_per_pod >= 2, "a pod's forward needs a DNAT and an accept: {rules_per_pod}");
+    node.assert_backend_in_use();
+    // Every pod's own forward, exactly once (iptables: the same number of rules for each).
+    let mut rules_per_pod = None;
+    let problems = storm_firewall_problems(node, &pods, &[], &mut rules_per_pod);
+    assert!(problems.is_empty(), "firewall after the storm:\n{}", problems.join("\n"));
 
     let started = Instant::now();
     let unreachable: Vec<String> =
@@ -601,29 +748,8 @@ fn storm_of_parallel_adds_and_dels_keeps_the_node_consistent() {
     assert_eq!(record_names(node), expected_records, "records after the mixed run");
     let dups = duplicated_lines(node);
     assert!(dups.is_empty(), "duplicated rules after the mixed run:\n{}\n{}", dups.join("\n"), diagnostics(node));
-    let save = node.ns.sh_ok("iptables-save");
-    let dnat: Vec<&str> = save.lines().filter(|l| l.starts_with("-A BRIDGE-NAT-DNAT ")).collect();
-    let mut problems = Vec::new();
-    for (pod, port) in &new {
-        let want = format!("--dport {port} -m comment {} -j DNAT --to-destination {}:8080", pod.tag(), pod.ipv4());
-        let n = dnat.iter().filter(|l| l.contains(&format!("--dport {port} "))).count();
-        if n != 1 || !dnat.iter().any(|l| l.ends_with(&want)) {
-            problems.push(format!("{} (port {port}): {n} DNAT rules, want exactly one ending {want:?}", pod.id));
-        }
-        let own = save.matches(&pod.tag()).count();
-        if own != rules_per_pod {
-            problems.push(format!("{}: {own} rules, want {rules_per_pod}", pod.id));
-        }
-    }
-    for (pod, port) in &old {
-        if save.contains(&pod.tag()) || save.contains(&format!("--dport {port} ")) {
-            problems.push(format!("deleted {} (port {port}) still has rules", pod.id));
-        }
-    }
-    if dnat.len() != new.len() {
-        problems.push(format!("{} DNAT rules for {} live pods", dnat.len(), new.len()));
-    }
-    assert!(problems.is_empty(), "firewall after the mixed run:\n{}\n{save}", problems.join("\n"));
+    let problems = storm_firewall_problems(node, &new, &old, &mut rules_per_pod);
+    assert!(problems.is_empty(), "firewall after the mixed run:\n{}", problems.join("\n"));
     let checks = parallel(&new, 8, |(pod, _)| pod.cni(node, "check", &conf, &[]));
     let failed = failures("CHECK", new.iter().zip(&checks).map(|((p, _), o)| (p.id.as_str(), o)));
     assert!(failed.is_empty(), "CHECK of live pods failed:\n{}\n{}", failed.join("\n"), diagnostics(node));
@@ -637,6 +763,7 @@ fn storm_of_parallel_adds_and_dels_keeps_the_node_consistent() {
     let complaints: Vec<&str> = log.lines().filter(|l| !l.contains(" INFO ")).collect();
     assert!(complaints.is_empty(), "warnings or errors during the storm:\n{}", complaints.join("\n"));
 }
+both_backends!(storm_of_parallel_adds_and_dels_keeps_the_node_consistent);
 
 // ---------------------------------------------------------------- 2./3. killed mid-call
 
@@ -655,8 +782,8 @@ struct CrashBench {
 }
 
 impl CrashBench {
-    fn new() -> CrashBench {
-        let site = Site::new();
+    fn new(backend: Backend) -> CrashBench {
+        let site = Site::new(backend);
         let node = &site.node;
         let entry = routed_entry(node);
         let conf = site.conflist(V110, entry.clone());
@@ -668,8 +795,9 @@ impl CrashBench {
         x.check_ok(node, &conf, "after ADD");
         let with_x = node_state(node);
         assert!(with_x.contains("fwmark 0x66/0x1fff"), "X's mark rule is missing:\n{with_x}");
+        assert_eq!(forwards_of(node, PORT_SECOND).len(), 1, "X's forward is missing:\n{with_x}");
         x.direct(node, "DEL", &plugin_stdin(V110, &entry, Some(&x.result))).assert_ok("direct DEL of X");
-        assert_eq!(node.firewall_snapshot(), firewall_before_x, "direct DEL of X left firewall changes");
+        assert_same_state(node, &firewall_before_x, &node.firewall_snapshot(), "direct DEL of X (firewall)");
         assert_eq!(ip_rules(node), rules_before_x, "direct DEL of X left ip rule changes");
         let without_x = node_state(node);
         CrashBench { site, entry, conf, y, x, with_x, without_x }
@@ -698,12 +826,11 @@ impl CrashBench {
 /// 2. ADD killed at each crash point, then the runtime either (a) repeats ADD: CHECK passes and
 ///    the node holds exactly one copy of X's rules, ip rules and routes; or (b) calls DEL: the
 ///    node is exactly as before X's ADD. Y stays intact throughout.
-#[test]
-fn add_killed_midway_is_completed_by_a_retry_or_undone_by_del() {
+fn add_killed_midway_is_completed_by_a_retry_or_undone_by_del(backend: Backend) {
     if !require_root() {
         return;
     }
-    let b = CrashBench::new();
+    let b = CrashBench::new(backend);
     let node = b.node();
     for point in ["add:after-intent", "add:after-firewall", "add:after-routing"] {
         // (a) retry
@@ -727,15 +854,15 @@ fn add_killed_midway_is_completed_by_a_retry_or_undone_by_del() {
         b.y_intact(&format!("after DEL of the killed ADD ({point})"));
     }
 }
+both_backends!(add_killed_midway_is_completed_by_a_retry_or_undone_by_del);
 
 /// 3. DEL killed after routing and after the firewall; then either DEL is repeated or GC runs
 ///    with only Y valid: the node is exactly as before X's ADD, and Y is intact.
-#[test]
-fn del_killed_midway_is_finished_by_a_retry_or_by_gc() {
+fn del_killed_midway_is_finished_by_a_retry_or_by_gc(backend: Backend) {
     if !require_root() {
         return;
     }
-    let b = CrashBench::new();
+    let b = CrashBench::new(backend);
     let node = b.node();
     for point in ["del:after-routing", "del:after-firewall"] {
         for recovery in ["retried DEL", "GC"] {
@@ -753,18 +880,18 @@ fn del_killed_midway_is_finished_by_a_retry_or_by_gc() {
         }
     }
 }
+both_backends!(del_killed_midway_is_finished_by_a_retry_or_by_gc);
 
 // ---------------------------------------------------------------- 4. corrupt record
 
 /// 4. X's record is half-written garbage and a stray temp file lies next to it: another pod's
 ///    ADD, X's DEL and GC all succeed, GC removes X's rules from the kernel, the log names the
 ///    unreadable record, and after the last DEL the node is as before.
-#[test]
-fn corrupt_record_blocks_nothing_and_gc_clears_its_rules() {
+fn corrupt_record_blocks_nothing_and_gc_clears_its_rules(backend: Backend) {
     if !require_root() {
         return;
     }
-    let site = Site::new();
+    let site = Site::new(backend);
     let node = &site.node;
     let before = node.snapshot();
     let conf = site.conflist(V110, mapping_entry(node));
@@ -786,13 +913,15 @@ fn corrupt_record_blocks_nothing_and_gc_clears_its_rules() {
 
     x.cni(node, "del", &conf, &["--port-mappings", &port_mapping(30081)]).assert_ok("DEL of x (corrupt record)");
     node.cni_gc(&conf, &[(&y.id, IFNAME), (&z.id, IFNAME)]).assert_ok("GC");
-    let save = node.ns.sh_ok("iptables-save");
+    assert!(!has_traces_of(node, &x, 30081), "GC left x's rules (it should read the kernel):\n{}", diagnostics(node));
     assert!(
-        !save.contains(&x.tag()) && !save.contains("--dport 30081 "),
-        "GC left x's rules (it should read the kernel):\n{save}\n{}",
+        has_traces_of(node, &y, 30080) && has_traces_of(node, &z, 30082),
+        "GC removed valid rules:\n{}",
         diagnostics(node)
     );
-    assert!(save.contains(&y.tag()) && save.contains(&z.tag()), "GC removed valid rules:\n{save}");
+    for (pod, port) in [(&y, 30080), (&z, 30082)] {
+        assert_eq!(forwards_of(node, port).len(), 1, "{}'s forward after GC:\n{}", pod.id, diagnostics(node));
+    }
     y.check_ok(node, &conf, "after GC");
     z.check_ok(node, &conf, "after GC");
     expect_reply(node, &site.outside, UPLINK, 30082, "pod-z");
@@ -809,16 +938,16 @@ fn corrupt_record_blocks_nothing_and_gc_clears_its_rules() {
     z.cni(node, "del", &conf, &[]).assert_ok("DEL z");
     assert_same_state(node, &before, &node.snapshot(), "after the last DEL beside a corrupt record");
 }
+both_backends!(corrupt_record_blocks_nothing_and_gc_clears_its_rules);
 
 /// 4b. The same with policy routing: X has its own mark rule and table. Once its record is
 ///     unreadable, DEL and GC must still leave no ip rule or table route of X behind (the table
 ///     ids and marks are the plugin's by configuration, which GC has).
-#[test]
-fn corrupt_record_of_a_routed_pod_leaves_no_ip_rule_or_table_after_gc() {
+fn corrupt_record_of_a_routed_pod_leaves_no_ip_rule_or_table_after_gc(backend: Backend) {
     if !require_root() {
         return;
     }
-    let site = Site::new();
+    let site = Site::new(backend);
     let node = &site.node;
     let conf = site.conflist(V110, routed_entry(node));
     let y = Pod::added(node, &conf, "y", &[]);
@@ -831,6 +960,7 @@ fn corrupt_record_of_a_routed_pod_leaves_no_ip_rule_or_table_after_gc() {
     y.check_ok(node, &conf, "after GC");
     assert_same_state(node, &with_y, &node.snapshot(), "GC after x's record became unreadable");
 }
+both_backends!(corrupt_record_of_a_routed_pod_leaves_no_ip_rule_or_table_after_gc);
 
 // ---------------------------------------------------------------- 5. tampered firewall
 
@@ -875,13 +1005,15 @@ fn expect_exact_check_problems(node: &Node, pod: &Pod, conf: &Path, expected: &B
 
 /// 5. Someone flushes the DNAT and FORWARD chains and deletes the ip rules: CHECK lists exactly
 ///    what is gone; a repeated ADD restores it all. Then the chains are deleted outright (jumps
-///    first): CHECK lists every rule, and ADD restores them.
-#[test]
-fn check_names_exactly_what_was_flushed_and_readd_restores_it() {
+///    first): CHECK lists every rule, and ADD restores them. Under nftables: the attachment's
+///    set and map elements and the ip rules are deleted, then the chains nat-pre and filter-fwd
+///    flushed, then the whole table deleted; each time CHECK names what is gone and ADD puts
+///    the node back exactly.
+fn check_names_exactly_what_was_flushed_and_readd_restores_it(backend: Backend) {
     if !require_root() {
         return;
     }
-    let site = Site::new();
+    let site = Site::new(backend);
     let node = &site.node;
     let entry = routed_entry(node);
     let conf = site.conflist(V110, entry.clone());
@@ -889,53 +1021,124 @@ fn check_names_exactly_what_was_flushed_and_readd_restores_it() {
     let a = Pod::added(node, &conf, "a", &[]);
     a.check_ok(node, &conf, "after ADD");
     let intact = node_state(node);
-    let fw_intact = all_rule_lines(node);
     let own_ip_rules: BTreeSet<String> = ip_rules(node).difference(&rules_without).cloned().collect();
     assert!(own_ip_rules.len() >= 3, "expected the plugin's ip rules, got {own_ip_rules:?}");
+    let delete_own_ip_rules = || {
+        for rule in &own_ip_rules {
+            let (prio, selector) = rule.split_once(':').expect("priority");
+            node.ns.sh_ok(&format!("ip rule del pref {prio} {}", selector.trim()));
+        }
+    };
+    let missing_ip_rules: BTreeSet<String> =
+        own_ip_rules.iter().map(|r| format!("missing {}", ip_rule_as_plugin_names_it(r))).collect();
     let readd = || a.direct(node, "ADD", &plugin_stdin(V110, &entry, Some(&a.result)));
 
-    // Flushed chains, deleted ip rules.
-    node.ns.sh_ok("iptables -t nat -F BRIDGE-NAT-DNAT && iptables -F BRIDGE-NAT-FORWARD");
-    for rule in &own_ip_rules {
-        let (prio, selector) = rule.split_once(':').expect("priority");
-        node.ns.sh_ok(&format!("ip rule del pref {prio} {}", selector.trim()));
-    }
-    let gone: BTreeSet<(String, String)> = fw_intact.difference(&all_rule_lines(node)).cloned().collect();
-    assert!(
-        gone.iter().any(|(t, _)| t == "nat") && gone.iter().any(|(t, _)| t == "filter"),
-        "the flush removed nothing? {gone:?}"
-    );
-    let mut expected: BTreeSet<String> = gone.iter().map(|(t, l)| rule_as_plugin_names_it(t, l)).collect();
-    expected.extend(own_ip_rules.iter().map(|r| format!("missing {}", ip_rule_as_plugin_names_it(r))));
-    expect_exact_check_problems(node, &a, &conf, &expected);
-    readd().assert_ok("ADD after the flush");
-    a.check_ok(node, &conf, "after ADD restored the flushed rules");
-    assert_same_state(node, &intact, &node_state(node), "ADD after the flush");
+    match backend {
+        Backend::Iptables => {
+            let fw_intact = all_rule_lines(node);
+            // Flushed chains, deleted ip rules.
+            node.ns.sh_ok("iptables -t nat -F BRIDGE-NAT-DNAT && iptables -F BRIDGE-NAT-FORWARD");
+            delete_own_ip_rules();
+            let gone: BTreeSet<(String, String)> = fw_intact.difference(&all_rule_lines(node)).cloned().collect();
+            assert!(
+                gone.iter().any(|(t, _)| t == "nat") && gone.iter().any(|(t, _)| t == "filter"),
+                "the flush removed nothing? {gone:?}"
+            );
+            let mut expected: BTreeSet<String> = gone.iter().map(|(t, l)| rule_as_plugin_names_it(t, l)).collect();
+            expected.extend(missing_ip_rules.iter().cloned());
+            expect_exact_check_problems(node, &a, &conf, &expected);
+            readd().assert_ok("ADD after the flush");
+            a.check_ok(node, &conf, "after ADD restored the flushed rules");
+            assert_same_state(node, &intact, &node_state(node), "ADD after the flush");
 
-    // Chains deleted outright, jumps first.
-    for table in ["nat", "filter", "mangle"] {
-        delete_own_chains(node, table);
+            // Chains deleted outright, jumps first.
+            for table in ["nat", "filter", "mangle"] {
+                delete_own_chains(node, table);
+            }
+            let left = node.ns.sh_ok("iptables-save");
+            assert!(!left.contains("BRIDGE-NAT-"), "chains survived:\n{left}");
+            let gone: BTreeSet<(String, String)> = fw_intact.difference(&all_rule_lines(node)).cloned().collect();
+            let expected: BTreeSet<String> = gone.iter().map(|(t, l)| rule_as_plugin_names_it(t, l)).collect();
+            expect_exact_check_problems(node, &a, &conf, &expected);
+            readd().assert_ok("ADD after the chains were deleted");
+            a.check_ok(node, &conf, "after ADD re-created the chains");
+            assert_same_state(node, &intact, &node_state(node), "ADD after the chains were deleted");
+        }
+        Backend::Nftables => {
+            // The attachment's own elements (forwards, accepts, marks: a is the only pod), and the ip rules.
+            let own: Vec<(String, String)> = node
+                .nft_all_elements()
+                .into_iter()
+                .filter(|(set, _)| ["dnat", "fwd", "mark"].iter().any(|p| set.starts_with(p)))
+                .flat_map(|(set, elements)| elements.into_iter().map(move |e| (set.clone(), e)))
+                .collect();
+            for want in ["dnat4-any", "fwd4", "mark4-any"] {
+                assert!(own.iter().any(|(set, _)| set == want), "a has no element in {want}: {own:?}");
+            }
+            for (set, element) in &own {
+                let key = element.split(" : ").next().expect("split yields one part");
+                node.ns.sh_ok(&format!("nft delete element inet {NFT_TABLE} {set} '{{ {key} }}'"));
+            }
+            delete_own_ip_rules();
+            let mut expected: BTreeSet<String> = own.iter().map(|(set, e)| nft_missing_element(set, e)).collect();
+            expected.extend(missing_ip_rules.iter().cloned());
+            expect_exact_check_problems(node, &a, &conf, &expected);
+            readd().assert_ok("ADD after the elements were deleted");
+            a.check_ok(node, &conf, "after ADD restored the elements");
+            assert_same_state(node, &intact, &node_state(node), "ADD after the elements were deleted");
+
+            // Flushed chains: CHECK names each rule that went, in its chain.
+            let table = node.nft_table().expect("the table exists");
+            let flushed = ["nat-pre", "filter-fwd"];
+            let rules: Vec<(&str, usize)> = flushed.iter().map(|&c| (c, nft_chain_rules(&table, c).len())).collect();
+            assert!(rules.iter().all(|&(_, n)| n > 0), "chains without rules to flush: {rules:?}\n{table}");
+            for chain in flushed {
+                node.ns.sh_ok(&format!("nft flush chain inet {NFT_TABLE} {chain}"));
+            }
+            let problems = check_failure(node, &a, &conf, "after flushing nat-pre and filter-fwd");
+            for &(chain, n) in &rules {
+                let suffix = format!(" in chain {chain}");
+                let named =
+                    problems.iter().filter(|p| p.starts_with("missing nftables rule ") && p.ends_with(&suffix)).count();
+                assert_eq!(named, n, "CHECK must name each of the {n} rules flushed from {chain}: {problems:#?}");
+            }
+            let total: usize = rules.iter().map(|&(_, n)| n).sum();
+            assert_eq!(problems.len(), total, "CHECK lists more than the flushed rules: {problems:#?}");
+            readd().assert_ok("ADD after the flush");
+            a.check_ok(node, &conf, "after ADD restored the flushed chains");
+            assert_same_state(node, &intact, &node_state(node), "ADD after the flush");
+
+            // The table deleted outright.
+            node.ns.sh_ok(&format!("nft delete table inet {NFT_TABLE}"));
+            let expected = BTreeSet::from([format!("nftables table inet {NFT_TABLE} is missing")]);
+            expect_exact_check_problems(node, &a, &conf, &expected);
+            readd().assert_ok("ADD after the table was deleted");
+            a.check_ok(node, &conf, "after ADD re-created the table");
+            assert_same_state(node, &intact, &node_state(node), "ADD after the table was deleted");
+        }
     }
-    let left = node.ns.sh_ok("iptables-save");
-    assert!(!left.contains("BRIDGE-NAT-"), "chains survived:\n{left}");
-    let gone: BTreeSet<(String, String)> = fw_intact.difference(&all_rule_lines(node)).cloned().collect();
-    let expected: BTreeSet<String> = gone.iter().map(|(t, l)| rule_as_plugin_names_it(t, l)).collect();
-    expect_exact_check_problems(node, &a, &conf, &expected);
-    readd().assert_ok("ADD after the chains were deleted");
-    a.check_ok(node, &conf, "after ADD re-created the chains");
-    assert_same_state(node, &intact, &node_state(node), "ADD after the chains were deleted");
+}
+both_backends!(check_names_exactly_what_was_flushed_and_readd_restores_it);
+
+/// CHECK must fail with 102; returns the problems it lists.
+#[track_caller]
+fn check_failure(node: &Node, pod: &Pod, conf: &Path, when: &str) -> Vec<String> {
+    let out = pod.cni(node, "check", conf, &[]);
+    assert_eq!(error_code(&out), Some(102), "CHECK {when} must fail with 102: {out:?}\n{}", diagnostics(node));
+    let problems = check_problems(&out);
+    assert!(!problems.is_empty(), "CHECK {when} lists no problems: {}", error_msg(&out));
+    problems
 }
 
 // ---------------------------------------------------------------- 6. GC keeps valid ones
 
 /// 6. Two routed pods; GC with only A valid: B's record, rules, mark rule, table and table name
 ///    are gone, B's port no longer forwards, A's traffic still flows and CHECK A passes.
-#[test]
-fn gc_removes_the_forgotten_pod_and_keeps_the_valid_one_working() {
+fn gc_removes_the_forgotten_pod_and_keeps_the_valid_one_working(backend: Backend) {
     if !require_root() {
         return;
     }
-    let site = Site::new();
+    let site = Site::new(backend);
     let node = &site.node;
     let conf = site.conflist(V110, routed_entry(node));
     let a = Pod::added(node, &conf, "a", &[]);
@@ -948,9 +1151,8 @@ fn gc_removes_the_forgotten_pod_and_keeps_the_valid_one_working() {
 
     node.cni_gc(&conf, &[(&a.id, IFNAME)]).assert_ok("GC with only a valid");
     assert_eq!(record_names(node), BTreeSet::from([format!("{}.{IFNAME}.json", a.id)]), "records after GC");
-    let save = node.ns.sh_ok("iptables-save");
-    assert!(!save.contains(&b.tag()), "GC left b's rules:\n{save}");
-    assert!(save.contains(&a.tag()), "GC removed a's rules:\n{save}");
+    assert!(!has_traces_of(node, &b, PORT_SECOND), "GC left b's rules:\n{}", diagnostics(node));
+    assert!(has_traces_of(node, &a, PORT_FIRST), "GC removed a's rules:\n{}", diagnostics(node));
     let rules = node.ns.sh_ok("ip -N rule");
     assert!(!rules.contains("fwmark 0x66/0x1fff"), "GC left b's mark rule:\n{rules}");
     assert!(rules.contains("fwmark 0x65/0x1fff lookup 101"), "GC removed a's mark rule:\n{rules}");
@@ -972,20 +1174,20 @@ fn gc_removes_the_forgotten_pod_and_keeps_the_valid_one_working() {
         diagnostics(node)
     );
 }
+both_backends!(gc_removes_the_forgotten_pod_and_keeps_the_valid_one_working);
 
 // ---------------------------------------------------------------- 7. bad input
 
 /// 7. Refused input: each bad stdin or environment gets its code and a message naming the
 ///    problem, and the node (firewall, rules, routes) and the state directory are byte for byte
 ///    unchanged; the shell metacharacters in a name are never run.
-#[test]
-fn bad_input_is_refused_with_the_right_code_and_changes_nothing() {
+fn bad_input_is_refused_with_the_right_code_and_changes_nothing(backend: Backend) {
     if !require_root() {
         return;
     }
     let pwned = Path::new("/tmp/pwned");
     let _ = fs::remove_file(pwned);
-    let node = Node::new();
+    let node = Node::with_backend(backend);
     node.prime_firewall();
     let mut entry = mapping_entry(&node);
     entry["portForwarding"] = json!({ "rules": [{ "name": "web", "hostPort": 30080, "destPort": 8080 }] });
@@ -1083,15 +1285,15 @@ fn bad_input_is_refused_with_the_right_code_and_changes_nothing() {
     assert!(!pwned.exists(), "/tmp/pwned exists: a name was run by a shell");
     pod.check_ok(&node, &conf, "after the refused calls");
 }
+both_backends!(bad_input_is_refused_with_the_right_code_and_changes_nothing);
 
 /// 7b. ADD with CNI_NETNS naming a namespace that does not exist is refused with code 3
 ///     (container unknown) and changes nothing.
-#[test]
-fn add_with_a_netns_path_that_does_not_exist_is_refused() {
+fn add_with_a_netns_path_that_does_not_exist_is_refused(backend: Backend) {
     if !require_root() {
         return;
     }
-    let node = Node::new();
+    let node = Node::with_backend(backend);
     node.prime_firewall();
     let mut entry = mapping_entry(&node);
     entry["portForwarding"] = json!({ "rules": [{ "name": "web", "hostPort": 30080, "destPort": 8080 }] });
@@ -1121,6 +1323,7 @@ fn add_with_a_netns_path_that_does_not_exist_is_refused() {
     assert_same_state(&node, &before, &node.snapshot(), "after ADD with a missing netns");
     assert_eq!(render(&dir_tree(&node.state_dir())), state_before, "state directory changed");
 }
+both_backends!(add_with_a_netns_path_that_does_not_exist_is_refused);
 
 // ---------------------------------------------------------------- 8. security
 

@@ -14,6 +14,9 @@
 //! The routers forward but know only their own two links: a reply to client2 that leaves by
 //! up1 dies at router1, and the other way round. Test 5 adds a gateway-less point-to-point
 //! uplink (up3), test 7 an uplink that appears after ADD (wwan0).
+//!
+//! Every scenario runs under both firewall backends (`NAME::iptables`, `NAME::nftables`): the
+//! marks differ in where they live, the routing (ip rules, tables) is the same.
 
 mod common;
 
@@ -21,7 +24,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{
-    dir_tree, error_code, error_msg, plugin_stdin, require_root, veth, wait_for, Background, DriverOutput, Netns, Node,
+    both_backends, dir_tree, error_code, error_msg, plugin_stdin, require_root, veth, wait_for, Backend, Background,
+    DriverOutput, Netns, Node,
 };
 use serde_json::{json, Value};
 
@@ -61,8 +65,8 @@ struct Topology {
 
 impl Topology {
     /// Builds the topology; the node's rp_filter is off (test 4 turns it on).
-    fn new() -> Topology {
-        let node = Node::new();
+    fn new(backend: Backend) -> Topology {
+        let node = Node::with_backend(backend);
         node.prime_firewall();
         // IPv4 settings of a new namespace are inherited from the machine's: pin them.
         node.ns.sh_ok("sysctl -qw net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0");
@@ -137,8 +141,15 @@ struct Pod {
 }
 
 impl Pod {
-    /// ADD through the driver; panics unless it succeeds.
+    /// ADD through the driver; panics unless it succeeds and used the node's backend.
     fn add(node: &Node, conf: &Path, name: &str) -> Pod {
+        let pod = Pod::attach(node, conf, name);
+        node.assert_backend_in_use();
+        pod
+    }
+
+    /// ADD through the driver of any conflist (bridge-nat need not be in it).
+    fn attach(node: &Node, conf: &Path, name: &str) -> Pod {
         let mut pod = Pod { ns: node.add_pod(name), id: format!("ctr-{name}"), result: Value::Null };
         let out = pod.cni(node, "add", conf);
         out.assert_ok(&format!("ADD {}", pod.id));
@@ -268,6 +279,7 @@ fn diagnostics(node: &Node) -> String {
         "ip -4 route show table all",
         "iptables-save -t mangle",
         "iptables-save -t nat",
+        "nft list ruleset",
         "conntrack -L 2>&1",
         "sysctl -a 2>/dev/null | grep -E 'ip_forward |rp_filter|src_valid_mark'",
         "ip -br addr",
@@ -318,13 +330,12 @@ fn assert_pod_outbound(t: &Topology, pod: &Pod) {
 /// 0. Table names land in the node's own iproute2 config (/etc/netns/NODE/iproute2), where
 ///    `ip route show table NAME` inside the node finds them; the machine's /etc/iproute2 is
 ///    left alone.
-#[test]
-fn table_names_are_registered_in_the_nodes_own_iproute2_config() {
+fn table_names_are_registered_in_the_nodes_own_iproute2_config(backend: Backend) {
     if !require_root() {
         return;
     }
     let machine_before = dir_tree(Path::new("/etc/iproute2"));
-    let t = Topology::new();
+    let t = Topology::new(backend);
     let conf = t.conflist(two_uplink_entry(&t.node));
     let _pod = Pod::add(&t.node, &conf, "a");
 
@@ -345,31 +356,31 @@ fn table_names_are_registered_in_the_nodes_own_iproute2_config() {
     let outside = std::process::Command::new("ip").args(["route", "show", "table", "dind_up2"]).output().unwrap();
     assert!(!outside.status.success(), "dind_up2 resolves outside the node: {outside:?}");
 }
+both_backends!(table_names_are_registered_in_the_nodes_own_iproute2_config);
 
 /// 1. Each routed port answers through its own uplink: client2 (behind router2 only) through
 ///    192.0.2.1:30080, client1 (behind router1 only) through 198.51.100.1:30081.
-#[test]
-fn replies_leave_by_the_uplink_of_the_port() {
+fn replies_leave_by_the_uplink_of_the_port(backend: Backend) {
     if !require_root() {
         return;
     }
-    let t = Topology::new();
+    let t = Topology::new(backend);
     let conf = t.conflist(two_uplink_entry(&t.node));
     let pod = Pod::add(&t.node, &conf, "a");
     let _server = pod.serve();
     assert_inbound_follows_port_uplink(&t);
     pod.cni(&t.node, "check", &conf).assert_ok("CHECK");
 }
+both_backends!(replies_leave_by_the_uplink_of_the_port);
 
 /// 2. Negative control: the same forwards without any routing block. The forward itself works
 ///    (client1 through up1), but client2 through up2 fails: the pod's replies follow main's
 ///    default out of up1 and die at router1. So test 1 is discriminating.
-#[test]
-fn without_routing_replies_follow_main_and_die() {
+fn without_routing_replies_follow_main_and_die(backend: Backend) {
     if !require_root() {
         return;
     }
-    let t = Topology::new();
+    let t = Topology::new(backend);
     let conf = t.conflist(entry(&t.node, None, &[forward("plain", PORT_UP2, None)]));
     let pod = Pod::add(&t.node, &conf, "a");
     let _server = pod.serve();
@@ -390,29 +401,29 @@ fn without_routing_replies_follow_main_and_die() {
     let route = t.node.ns.sh_ok(&format!("ip route get {CLIENT2} from {} iif {}", pod.ipv4(), common::BRIDGE));
     assert!(route.contains("dev up1"), "replies to client2 should follow main out of up1: {route}");
 }
+both_backends!(without_routing_replies_follow_main_and_die);
 
 /// 3. Pod-originated traffic leaves by routing.outbound (up2, masqueraded to 192.0.2.1) though
 ///    main's default is up1; networks the node is directly on still use main (router1 on up1's
 ///    subnet sees 198.51.100.1).
-#[test]
-fn pod_traffic_leaves_by_the_outbound_uplink_except_to_connected_networks() {
+fn pod_traffic_leaves_by_the_outbound_uplink_except_to_connected_networks(backend: Backend) {
     if !require_root() {
         return;
     }
-    let t = Topology::new();
+    let t = Topology::new(backend);
     let conf = t.conflist(two_uplink_entry(&t.node));
     let pod = Pod::add(&t.node, &conf, "a");
     assert_pod_outbound(&t, &pod);
 }
+both_backends!(pod_traffic_leaves_by_the_outbound_uplink_except_to_connected_networks);
 
 /// 4. Tests 1 and 3 again with strict rp_filter on the node (all, up1, up2): the plugin's
 ///    src_valid_mark on the uplinks lets the reverse-path check use the connection's mark.
-#[test]
-fn routing_works_under_strict_rp_filter() {
+fn routing_works_under_strict_rp_filter(backend: Backend) {
     if !require_root() {
         return;
     }
-    let t = Topology::new();
+    let t = Topology::new(backend);
     t.strict_rp_filter();
     let conf = t.conflist(two_uplink_entry(&t.node));
     let pod = Pod::add(&t.node, &conf, "a");
@@ -434,15 +445,15 @@ fn routing_works_under_strict_rp_filter() {
     assert!(!reply.ok && !reply.text.contains("pod"), "up1 got through without src_valid_mark: {reply:?}");
     expect_check_failure(&t.node, &pod, &conf, &["up1/src_valid_mark"]);
 }
+both_backends!(routing_works_under_strict_rp_filter);
 
 /// 5. A point-to-point uplink without any gateway (a cellular modem): the table's default is a
 ///    device route, and a client on the far end reaches the pod through 100.64.0.1.
-#[test]
-fn point_to_point_uplink_without_gateway_gets_a_device_default() {
+fn point_to_point_uplink_without_gateway_gets_a_device_default(backend: Backend) {
     if !require_root() {
         return;
     }
-    let t = Topology::new();
+    let t = Topology::new(backend);
     let peer = t.add_point_to_point_uplink();
     let conf = t.conflist(entry(
         &t.node,
@@ -460,15 +471,15 @@ fn point_to_point_uplink_without_gateway_gets_a_device_default() {
     expect_reply(&t.node, &peer, UP3, 30082, "pod");
     pod.cni(&t.node, "check", &conf).assert_ok("CHECK");
 }
+both_backends!(point_to_point_uplink_without_gateway_gets_a_device_default);
 
 /// 6. CHECK notices an ip rule or a table route deleted by hand (102, naming it); a repeated
 ///    ADD puts it back and CHECK passes again.
-#[test]
-fn check_names_a_deleted_rule_or_route_and_readd_restores_it() {
+fn check_names_a_deleted_rule_or_route_and_readd_restores_it(backend: Backend) {
     if !require_root() {
         return;
     }
-    let t = Topology::new();
+    let t = Topology::new(backend);
     let e = two_uplink_entry(&t.node);
     let conf = t.conflist(e.clone());
     let pod = Pod::add(&t.node, &conf, "a");
@@ -488,15 +499,15 @@ fn check_names_a_deleted_rule_or_route_and_readd_restores_it() {
     assert!(table.contains(&format!("default via {ROUTER2} dev up2")), "route not restored:\n{table}");
     pod.cni(&t.node, "check", &conf).assert_ok("CHECK after restoring the route");
 }
+both_backends!(check_names_a_deleted_rule_or_route_and_readd_restores_it);
 
 /// 7. An uplink that is absent at ADD (a modem not up yet): the pod still comes up, CHECK names
 ///    the uplink; once it exists with a gateway, a repeated ADD completes the table.
-#[test]
-fn absent_uplink_is_reported_by_check_until_it_appears() {
+fn absent_uplink_is_reported_by_check_until_it_appears(backend: Backend) {
     if !require_root() {
         return;
     }
-    let t = Topology::new();
+    let t = Topology::new(backend);
     let e =
         entry(&t.node, Some(global_routing()), &[routed("via-wwan", 30090, None, "0x68", 104, "dind_wwan", "wwan0")]);
     let conf = t.conflist(e.clone());
@@ -514,16 +525,16 @@ fn absent_uplink_is_reported_by_check_until_it_appears() {
     );
     pod.cni(&t.node, "check", &conf).assert_ok("CHECK once wwan0 exists");
 }
+both_backends!(absent_uplink_is_reported_by_check_until_it_appears);
 
 /// 8. Two pods (per-port tables picked by destIP), removed first-in first-out: after the last
 ///    DEL the firewall, ip rules and every table are as before the first ADD, and the node's
 ///    iproute2 config holds no table names.
-#[test]
-fn last_del_leaves_no_rules_routes_or_table_names() {
+fn last_del_leaves_no_rules_routes_or_table_names(backend: Backend) {
     if !require_root() {
         return;
     }
-    let t = Topology::new();
+    let t = Topology::new(backend);
     let node = &t.node;
     // iptables-nft creates a table on first use and never removes it.
     node.ns.sh_ok("iptables -t mangle -N BN-PRIME && iptables -t mangle -X BN-PRIME");
@@ -532,7 +543,7 @@ fn last_del_leaves_no_rules_routes_or_table_names() {
     let mut bridge_only = common::conflist(VERSION, &node.dir().join("ipam-warmup"), json!({}));
     bridge_only["plugins"].as_array_mut().expect("plugins").truncate(1);
     let bridge_only = node.write_conflist(&bridge_only);
-    let warm = Pod::add(node, &bridge_only, "warmup");
+    let warm = Pod::attach(node, &bridge_only, "warmup");
     warm.cni(node, "del", &bridge_only).assert_ok("DEL warmup");
 
     let etc = common::netns_etc(&node.ns);
@@ -576,18 +587,20 @@ fn last_del_leaves_no_rules_routes_or_table_names() {
     );
     assert_eq!(dir_tree(&etc), config_before, "the node's iproute2 config differs after the last DEL");
 }
+both_backends!(last_del_leaves_no_rules_routes_or_table_names);
 
-/// 9. Marks never touch foreign bits. kube-proxy's 0x4000 is set on the same packets by a rule
-///    that was there before ADD (the plugin's jump goes ahead of it), and 0x20000 by a rule
-///    another component inserts ahead of the plugin's jump afterwards: the plugin's marks and
-///    CONNMARK are masked with 0x1fff, so every packet forwarded to the pod carries all three
-///    (0x24065), conntrack holds exactly 0x65, and the connection works.
-#[test]
-fn marks_leave_foreign_bits_alone() {
+/// 9. Marks never touch foreign bits. kube-proxy's 0x4000 is set on the same packets by an
+///    iptables rule that was there before ADD (the plugin's jump goes ahead of it), and 0x20000
+///    by a rule another component adds afterwards, ahead of the plugin's marking (iptables: a
+///    rule inserted before the plugin's jump; nftables: a chain of its own table hooked at
+///    priority -180, before any mangle chain): the plugin's marks and CONNMARK are masked with
+///    0x1fff, so every packet forwarded to the pod carries all three (0x24065), conntrack holds
+///    exactly 0x65, and the connection works.
+fn marks_leave_foreign_bits_alone(backend: Backend) {
     if !require_root() {
         return;
     }
-    let t = Topology::new();
+    let t = Topology::new(backend);
     let node = &t.node;
     let bridge = common::BRIDGE;
     node.ns.sh_ok(&format!(
@@ -599,26 +612,47 @@ fn marks_leave_foreign_bits_alone() {
     ));
     let conf = t.conflist(two_uplink_entry(node));
     let pod = Pod::add(node, &conf, "a");
-    node.ns.sh_ok(&format!(
-        "iptables -t mangle -I PREROUTING 1 -p tcp --dport {PORT_UP2} -j MARK --set-xmark 0x20000/0x20000"
-    ));
-
-    let mangle = node.ns.sh_ok("iptables-save -t mangle");
-    let prerouting: Vec<&str> = mangle.lines().filter(|l| l.starts_with("-A PREROUTING ")).collect();
-    assert!(
-        prerouting.len() == 3
-            && prerouting[0].contains("0x20000/0x20000")
-            && prerouting[1].contains("-j BRIDGE-NAT-MARK")
-            && prerouting[2].contains("0x4000/0x4000"),
-        "expected foreign rule, the plugin's jump, foreign rule in mangle PREROUTING:\n{mangle}"
-    );
-    for needle in [
-        "--set-xmark 0x65/0x1fff",
-        "--set-xmark 0x66/0x1fff",
-        "--restore-mark --nfmask 0x1fff --ctmask 0x1fff",
-        "--save-mark --nfmask 0x1fff --ctmask 0x1fff",
-    ] {
-        assert!(mangle.contains(needle), "mangle lacks {needle:?}:\n{mangle}");
+    match backend {
+        Backend::Iptables => {
+            node.ns.sh_ok(&format!(
+                "iptables -t mangle -I PREROUTING 1 -p tcp --dport {PORT_UP2} -j MARK --set-xmark 0x20000/0x20000"
+            ));
+            let mangle = node.ns.sh_ok("iptables-save -t mangle");
+            let prerouting: Vec<&str> = mangle.lines().filter(|l| l.starts_with("-A PREROUTING ")).collect();
+            assert!(
+                prerouting.len() == 3
+                    && prerouting[0].contains("0x20000/0x20000")
+                    && prerouting[1].contains("-j BRIDGE-NAT-MARK")
+                    && prerouting[2].contains("0x4000/0x4000"),
+                "expected foreign rule, the plugin's jump, foreign rule in mangle PREROUTING:\n{mangle}"
+            );
+            for needle in [
+                "--set-xmark 0x65/0x1fff",
+                "--set-xmark 0x66/0x1fff",
+                "--restore-mark --nfmask 0x1fff --ctmask 0x1fff",
+                "--save-mark --nfmask 0x1fff --ctmask 0x1fff",
+            ] {
+                assert!(mangle.contains(needle), "mangle lacks {needle:?}:\n{mangle}");
+            }
+        }
+        Backend::Nftables => {
+            node.ns.sh_ok(&format!(
+                "nft add table ip foreign && \
+                 nft add chain ip foreign pre '{{ type filter hook prerouting priority -180; }}' && \
+                 nft add rule ip foreign pre tcp dport {PORT_UP2} meta mark set meta mark or 0x20000"
+            ));
+            let marks = node.nft_elements("mark4-any");
+            for want in [
+                format!("tcp . {PORT_UP2} : jump mark-0x65-0x1fff"),
+                format!("tcp . {PORT_UP1} : jump mark-0x66-0x1fff"),
+            ] {
+                assert!(marks.contains(&want), "mark4-any lacks {want:?}: {marks:?}\n{}", diagnostics(node));
+            }
+            let table = node.nft_table().unwrap_or_default();
+            for chain in ["chain mark-0x65-0x1fff {", "chain mark-0x66-0x1fff {"] {
+                assert!(table.contains(chain), "the table lacks {chain:?}:\n{table}");
+            }
+        }
     }
     let rules = node.ns.sh_ok("ip rule");
     assert!(rules.contains("fwmark 0x65/0x1fff"), "ip rule:\n{rules}");
@@ -635,3 +669,4 @@ fn marks_leave_foreign_bits_alone() {
     assert!(packets("bn-probe-all-bits") > 0, "no packet to the pod carried 0x24065:\n{counted}");
     assert_eq!(packets("bn-probe-other"), 0, "packets to the pod lost a foreign bit or ours:\n{counted}");
 }
+both_backends!(marks_leave_foreign_bits_alone);

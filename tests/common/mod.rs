@@ -28,6 +28,55 @@ pub const NETWORK_NAME: &str = "dind";
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
+/// The firewall backend of the bridge-nat entry (`"backend"` in the conflist entry).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// No `"backend"` field: the default, rules through iptables-restore.
+    Iptables,
+    /// `"backend": "nftables"`: everything in the table `inet bridge-nat`, no iptables rule.
+    Nftables,
+}
+
+impl Backend {
+    /// Selects this backend in a bridge-nat entry: iptables leaves the field out (the entry
+    /// then reads exactly as before backends existed), nftables sets `"backend": "nftables"`.
+    pub fn configure(self, entry: &mut Value) {
+        let map = entry.as_object_mut().expect("a bridge-nat entry is a JSON object");
+        match self {
+            Backend::Iptables => {
+                map.remove("backend");
+            }
+            Backend::Nftables => {
+                map.insert("backend".into(), json!("nftables"));
+            }
+        }
+    }
+}
+
+/// Two `#[test]`s for a scenario `fn NAME(backend: Backend)`: `NAME::iptables` and
+/// `NAME::nftables` (so `cargo test nftables` runs every nftables variant).
+#[allow(unused_macros)]
+macro_rules! both_backends {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn iptables() {
+                super::$name($crate::common::Backend::Iptables)
+            }
+
+            #[test]
+            fn nftables() {
+                super::$name($crate::common::Backend::Nftables)
+            }
+        }
+    )+};
+}
+#[allow(unused_imports)]
+pub(crate) use both_backends;
+
+/// The bridge-nat entry's nftables table (family inet), present while any attachment exists.
+pub const NFT_TABLE: &str = "bridge-nat";
+
 fn unique(prefix: &str) -> String {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     format!("{prefix}-{}-{n}", std::process::id())
@@ -325,21 +374,43 @@ pub fn conflist(version: &str, ipam_data_dir: &Path, bridge_nat_entry: Value) ->
     })
 }
 
+/// The minimal bridge-nat conflist entry for `backend` (see [`Backend::configure`]).
+pub fn bridge_nat_entry(backend: Backend, state_dir: &Path, log_file: &Path) -> Value {
+    let mut entry = json!({
+        "type": "bridge-nat",
+        "stateDir": state_dir,
+        "logFile": log_file,
+    });
+    backend.configure(&mut entry);
+    entry
+}
+
 /// A simulated host: its own network namespace plus a scratch directory
 /// for plugin state, logs, the libcni cache, IPAM data and conflists.
 /// The directory is kept when the test panics, to inspect the log.
 pub struct Node {
     pub ns: Netns,
     dir: PathBuf,
+    backend: Backend,
 }
 
 impl Node {
+    /// A node whose bridge-nat entries use the default (iptables) backend.
     pub fn new() -> Node {
+        Node::with_backend(Backend::Iptables)
+    }
+
+    /// A node whose [`Node::bridge_nat_entry`] selects `backend`.
+    pub fn with_backend(backend: Backend) -> Node {
         let ns = Netns::new("bn-node");
         let dir = std::env::temp_dir().join(unique("bridge-nat-test"));
         fs::create_dir_all(&dir).expect("create node temp dir");
         isolate_iproute2_config(&ns);
-        Node { ns, dir }
+        Node { ns, dir, backend }
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     pub fn dir(&self) -> &Path {
@@ -367,13 +438,9 @@ impl Node {
         fs::read_to_string(self.log_file()).unwrap_or_default()
     }
 
-    /// Minimal bridge-nat entry pointing state and log into this node.
+    /// Minimal bridge-nat entry pointing state and log into this node, with the node's backend.
     pub fn bridge_nat_entry(&self) -> Value {
-        json!({
-            "type": "bridge-nat",
-            "stateDir": self.state_dir(),
-            "logFile": self.log_file(),
-        })
+        bridge_nat_entry(self.backend, &self.state_dir(), &self.log_file())
     }
 
     /// [`conflist`] with host-local's data kept in this node's directory.
@@ -453,9 +520,10 @@ impl Node {
         self.driver(&["status", "--conflist", &conflist.to_string_lossy()])
     }
 
-    /// Firewall, policy rules and routes of the node, normalised so two
-    /// snapshots compare equal when nothing changed (comments, counters and
-    /// IPv6 link-local routes are dropped).
+    /// Firewall (iptables, iptables-legacy, the nftables table list and bridge-nat's own table),
+    /// policy rules and routes of the node, normalised so two snapshots compare equal when
+    /// nothing changed (comments, counters, IPv6 link-local routes and the order nft lists a
+    /// set's elements in are dropped).
     pub fn snapshot(&self) -> String {
         let mut snap = String::new();
         for cmd in ["iptables-save", "ip6tables-save", "iptables-legacy-save", "ip6tables-legacy-save"] {
@@ -465,6 +533,13 @@ impl Node {
                 snap.push('\n');
             }
         }
+        // Sorted: a table deleted and created again is listed last.
+        snap += "### nft list tables\n";
+        let mut tables: Vec<String> = self.ns.sh_ok("nft list tables").lines().map(|l| format!("{l}\n")).collect();
+        tables.sort();
+        snap += &tables.concat();
+        snap += &format!("### nft list table inet {NFT_TABLE}\n");
+        snap += &self.nft_table().unwrap_or_else(|| "(absent)\n".into());
         for cmd in ["ip rule", "ip -6 rule", "ip -4 route show table all", "ip -6 route show table all"] {
             snap += &format!("### {cmd}\n");
             // Link-local routes come and go with DAD timing; they are noise.
@@ -560,8 +635,8 @@ impl Node {
         }
     }
 
-    /// The firewall part of [`Node::snapshot`] (iptables-save and
-    /// ip6tables-save, counters and comments dropped).
+    /// The firewall part of [`Node::snapshot`] (iptables-save, ip6tables-save and nftables,
+    /// normalised the same way).
     pub fn firewall_snapshot(&self) -> String {
         let snap = self.snapshot();
         match snap.find("### ip rule") {
@@ -613,4 +688,188 @@ pub fn dir_tree(dir: &Path) -> std::collections::BTreeMap<PathBuf, String> {
         }
     }
     out
+}
+
+// ------------------------------------------------------------------
+// nftables: bridge-nat's own table
+
+impl Node {
+    /// `nft list table inet bridge-nat` normalised by [`normalise_nft`], or `None` when the
+    /// table does not exist.
+    pub fn nft_table(&self) -> Option<String> {
+        let out = self.ns.exec(&["nft", "list", "table", "inet", NFT_TABLE]);
+        if out.status.success() {
+            return Some(normalise_nft(&String::from_utf8_lossy(&out.stdout)));
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("No such file or directory"),
+            "nft list table inet {NFT_TABLE} failed other than by absence: {stderr}"
+        );
+        None
+    }
+
+    /// Whether the table `inet bridge-nat` exists (it is listed by `nft list tables`).
+    pub fn nft_table_exists(&self) -> bool {
+        let wanted = format!("table inet {NFT_TABLE}");
+        self.ns.sh_ok("nft list tables").lines().any(|l| l.trim() == wanted)
+    }
+
+    /// The elements of the set or map `name` of bridge-nat's table, as nft prints them
+    /// (`tcp . 8080 : 10.20.0.5 . 80`), sorted; empty when the table or set does not exist.
+    pub fn nft_elements(&self, name: &str) -> Vec<String> {
+        self.nft_table().map(|t| nft_sets(&t).remove(name).unwrap_or_default()).unwrap_or_default()
+    }
+
+    /// Every set and map of bridge-nat's table with its elements (empty without the table).
+    pub fn nft_all_elements(&self) -> std::collections::BTreeMap<String, Vec<String>> {
+        self.nft_table().map(|t| nft_sets(&t)).unwrap_or_default()
+    }
+
+    /// Lines of iptables-save and ip6tables-save (nft and legacy) that belong to bridge-nat:
+    /// its chains, jumps to them, rules carrying its comment.
+    pub fn iptables_traces(&self) -> Vec<String> {
+        let mut traces = Vec::new();
+        for cmd in ["iptables-save", "ip6tables-save", "iptables-legacy-save", "ip6tables-legacy-save"] {
+            for line in self.ns.sh_ok(cmd).lines() {
+                if !line.starts_with('#') && line.to_lowercase().contains("bridge-nat") {
+                    traces.push(format!("{cmd}: {line}"));
+                }
+            }
+        }
+        traces
+    }
+
+    /// Panics unless the plugin used the node's backend: under nftables, the table exists and
+    /// iptables holds nothing of bridge-nat; under iptables, no bridge-nat table exists. Catches
+    /// a plugin that ignores the `backend` field.
+    #[track_caller]
+    pub fn assert_backend_in_use(&self) {
+        match self.backend {
+            Backend::Nftables => {
+                let traces = self.iptables_traces();
+                assert!(
+                    self.nft_table_exists() && traces.is_empty(),
+                    "nftables backend: want the table inet {NFT_TABLE} and no iptables rule; table {}, \
+                     iptables:\n{}\n--- nft list ruleset\n{}\n--- log\n{}",
+                    if self.nft_table_exists() { "present" } else { "absent" },
+                    traces.join("\n"),
+                    String::from_utf8_lossy(&self.ns.sh("nft list ruleset").stdout),
+                    self.log()
+                );
+            }
+            Backend::Iptables => {
+                assert!(!self.nft_table_exists(), "iptables backend created the table inet {NFT_TABLE}");
+            }
+        }
+    }
+}
+
+/// A problem as CHECK lists it for an element gone from bridge-nat's table:
+/// `missing nftables element dnat4-any { tcp . 8080 : 10.20.0.5 . 80 }`.
+pub fn nft_missing_element(set: &str, element: &str) -> String {
+    format!("missing nftables element {set} {{ {element} }}")
+}
+
+/// The rule lines of `chain` in a [`normalise_nft`]ed table (its `type ... hook` line excluded).
+pub fn nft_chain_rules(normalised: &str, chain: &str) -> Vec<String> {
+    let header = format!("chain {chain} {{");
+    let mut lines = normalised.lines().map(str::trim).skip_while(|l| *l != header).skip(1);
+    let mut rules = Vec::new();
+    for line in lines.by_ref() {
+        if line == "}" {
+            break;
+        }
+        if !line.is_empty() && !line.starts_with("type ") {
+            rules.push(line.to_string());
+        }
+    }
+    rules
+}
+
+/// `word` occurs in `text` with no letter or digit right before or after it.
+pub fn contains_word(text: &str, word: &str) -> bool {
+    let is_word = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    text.match_indices(word)
+        .any(|(i, _)| !is_word(text[..i].chars().next_back()) && !is_word(text[i + word.len()..].chars().next()))
+}
+
+/// `nft list table` output made comparable: no `# handle N` comments, and each
+/// `elements = { a, b, ... }` block (which nft prints in hash order, over several lines)
+/// replaced by its elements one per line, sorted.
+pub fn normalise_nft(text: &str) -> String {
+    let mut out = String::new();
+    let mut pending: Option<(String, String)> = None; // (indent, elements text so far)
+    for raw in text.lines() {
+        let line = match raw.find(" # handle ") {
+            Some(i) => &raw[..i],
+            None => raw,
+        };
+        if let Some((indent, mut acc)) = pending.take() {
+            acc.push(' ');
+            acc.push_str(line.trim());
+            if acc.trim_end().ends_with('}') {
+                push_elements(&mut out, &indent, &acc);
+            } else {
+                pending = Some((indent, acc));
+            }
+            continue;
+        }
+        let trimmed = line.trim_start();
+        if let Some(rest) = trimmed.strip_prefix("elements = {") {
+            let indent = line[..line.len() - trimmed.len()].to_string();
+            if rest.trim_end().ends_with('}') {
+                push_elements(&mut out, &indent, rest);
+            } else {
+                pending = Some((indent, rest.to_string()));
+            }
+            continue;
+        }
+        out += line.trim_end();
+        out.push('\n');
+    }
+    if let Some((indent, acc)) = pending {
+        out += &format!("{indent}elements (unterminated) {{ {acc}\n");
+    }
+    out
+}
+
+fn push_elements(out: &mut String, indent: &str, list: &str) {
+    let inner = list.trim().trim_end_matches('}');
+    let mut elements: Vec<&str> = inner.split(',').map(str::trim).filter(|e| !e.is_empty()).collect();
+    elements.sort_unstable();
+    *out += &format!("{indent}elements = {{\n");
+    for e in elements {
+        *out += &format!("{indent}\t{e}\n");
+    }
+    *out += &format!("{indent}}}\n");
+}
+
+/// The sets and maps of a [`normalise_nft`]ed table with their elements.
+pub fn nft_sets(normalised: &str) -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut sets = std::collections::BTreeMap::new();
+    let mut current: Option<String> = None;
+    let mut in_elements = false;
+    for line in normalised.lines() {
+        let t = line.trim();
+        if let Some(name) = t.strip_prefix("set ").or_else(|| t.strip_prefix("map ")).and_then(|r| r.strip_suffix(" {"))
+        {
+            current = Some(name.trim().to_string());
+            sets.insert(name.trim().to_string(), Vec::new());
+            in_elements = false;
+        } else if t == "elements = {" {
+            in_elements = true;
+        } else if t == "}" {
+            if in_elements {
+                in_elements = false;
+            } else {
+                current = None;
+            }
+        } else if in_elements {
+            if let Some(name) = &current {
+                sets.get_mut(name).expect("set seen").push(t.to_string());
+            }
+        }
+    }
+    sets
 }
