@@ -150,7 +150,6 @@ pub fn find_attr(buf: &[u8], kind: u16) -> Option<&[u8]> {
     attrs(buf).find(|(t, _)| *t == kind).map(|(_, p)| p)
 }
 
-#[cfg(test)]
 pub fn be32_of(payload: &[u8]) -> Option<u32> {
     payload.get(..4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
 }

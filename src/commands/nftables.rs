@@ -150,6 +150,9 @@ pub fn add(conf: &NetConf, env: &Env, planned: &Plan) -> Result<()> {
     rec.status = Status::Applied;
     store.save(&rec).context("record result")?;
     clear_udp_conntrack(&planned.host_ports);
+    if let Some(warning) = forward_drop_warning() {
+        log::warn!("{warning}");
+    }
     log::info!(
         "added: {} forwards as {} nftables elements ({} shared), {} ip rules, {} routes",
         planned.forwards.len(),
@@ -331,7 +334,23 @@ pub fn check_firewall(conf: &NetConf, rec: &Record, planned: Option<&Plan>) -> R
     let elems: Vec<&Element> = n.own.iter().chain(&n.shared).collect();
     let mut nft = Nft::open()?;
     problems.extend(nft::check(&mut nft, &elems, &marks_of(&n))?);
+    // Not a CHECK failure: the admin may accept the bridge in that firewall before its policy.
+    if let Some(warning) = forward_drop_warning() {
+        log::warn!("{warning}");
+    }
     Ok(problems)
+}
+
+/// Why forwarded pod traffic may die outside our table, if it may.
+fn forward_drop_warning() -> Option<String> {
+    let chains = Nft::open().and_then(|mut nft| nft.dropping_forward_chains()).ok()?;
+    (!chains.is_empty()).then(|| {
+        format!(
+            "forward chain(s) with policy drop: {}; nftables accepts cannot overrule them, so forwarded pod \
+             traffic is dropped there (use the iptables backend, or accept the bridge in that firewall)",
+            chains.join(", ")
+        )
+    })
 }
 
 /// GC's part: the table and the index, rebuilt from the records that stay.

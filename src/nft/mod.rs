@@ -19,6 +19,7 @@ const NEWTABLE: u16 = 0;
 const GETTABLE: u16 = 1;
 const DELTABLE: u16 = 2;
 const NEWCHAIN: u16 = 3;
+const GETCHAIN: u16 = 4;
 const DELCHAIN: u16 = 5;
 const NEWRULE: u16 = 6;
 const GETRULE: u16 = 7;
@@ -186,16 +187,13 @@ impl Nft {
     }
 
     /// Send one request and hand each message of the answer to `f`, until its ack or DONE.
-    fn request(&mut self, kind: u16, flags: u16, attrs: &Attrs, mut f: impl FnMut(&[u8])) -> Result<()> {
+    fn request(&mut self, kind: u16, flags: u16, attrs: &Attrs, f: impl FnMut(&[u8])) -> Result<()> {
+        self.request_in(FAMILY_INET, kind, flags, attrs, f)
+    }
+
+    fn request_in(&mut self, family: u8, kind: u16, flags: u16, attrs: &Attrs, mut f: impl FnMut(&[u8])) -> Result<()> {
         let seq = self.next_seq();
-        self.sock.send(&nl::message(
-            SUBSYS | kind,
-            NLM_F_REQUEST | NLM_F_ACK | flags,
-            seq,
-            FAMILY_INET,
-            0,
-            &attrs.buf,
-        ))?;
+        self.sock.send(&nl::message(SUBSYS | kind, NLM_F_REQUEST | NLM_F_ACK | flags, seq, family, 0, &attrs.buf))?;
         let mut outcome: Option<i32> = None;
         while outcome.is_none() {
             self.sock.receive(false, &mut self.buf, |reply| match reply {
@@ -228,6 +226,27 @@ impl Nft {
             Err(e) if e.details == "ENOENT" => Ok(false),
             Err(e) => Err(e.context(format!("look up table inet {TABLE}"))),
         }
+    }
+
+    /// The base chains of other tables on the forward hook whose policy is drop (iptables' FORWARD
+    /// DROP, typically): our accepts cannot overrule them, so forwarded pod traffic would die there.
+    pub fn dropping_forward_chains(&mut self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for family in [expr::NFPROTO_IPV4, expr::NFPROTO_IPV6, FAMILY_INET] {
+            let mut found = Vec::new();
+            self.request_in(family, GETCHAIN, NLM_F_DUMP, &Attrs::new(), |attrs| {
+                let hook = find_attr(attrs, 4).and_then(|h| find_attr(h, 1)).and_then(nl::be32_of);
+                let policy = find_attr(attrs, 5).and_then(nl::be32_of);
+                if hook == Some(2) && policy == Some(0) {
+                    let table = find_attr(attrs, 1).map(str_of).unwrap_or_default();
+                    let chain = find_attr(attrs, 3).map(str_of).unwrap_or_default();
+                    found.push(format!("{} {table} {chain}", family_name(family)));
+                }
+            })
+            .map_err(|e| e.context("list chains"))?;
+            out.extend(found);
+        }
+        Ok(out)
     }
 
     /// Every rule in the table, in order, with its comment and handle.
@@ -275,6 +294,14 @@ impl Nft {
             Err(e) if e.details == "ENOENT" => Ok(None),
             Err(err) => Err(err.context(format!("look up element {e}"))),
         }
+    }
+}
+
+fn family_name(family: u8) -> &'static str {
+    match family {
+        expr::NFPROTO_IPV4 => "ip",
+        expr::NFPROTO_IPV6 => "ip6",
+        _ => "inet",
     }
 }
 
