@@ -72,8 +72,8 @@ pub struct Node {
     etc_netns: PathBuf,
     root_ns: File,
     entered: bool,
-    /// Log to show on stderr if the bench dies.
-    log_on_panic: Option<PathBuf>,
+    /// Logs to show on stderr if the bench dies.
+    logs_on_panic: Vec<PathBuf>,
 }
 
 impl Node {
@@ -85,7 +85,7 @@ impl Node {
         let dir = std::env::temp_dir().join(format!("bridge-nat-bench-{pid}"));
         let etc_netns = Path::new("/etc/netns").join(&name);
         // Construct the guard first: whatever of the following succeeds is undone on a panic.
-        let node = Node { name, dir, etc_netns, root_ns, entered: false, log_on_panic: None };
+        let node = Node { name, dir, etc_netns, root_ns, entered: false, logs_on_panic: Vec::new() };
         let _ = fs::remove_dir_all(&node.dir);
         fs::create_dir_all(node.dir.join("bin")).expect("create scratch dir");
         // `ip netns exec` would bind-mount /etc/netns/NAME/* over /etc; give the node its own
@@ -115,7 +115,7 @@ impl Node {
     }
 
     pub fn show_log_on_panic(&mut self, log: PathBuf) {
-        self.log_on_panic = Some(log);
+        self.logs_on_panic.push(log);
     }
 
     /// Moves this (single-threaded) process into the node namespace: every process spawned from
@@ -151,8 +151,11 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            if let Some(log) = &self.log_on_panic {
+            for log in &self.logs_on_panic {
                 let text = fs::read_to_string(log).unwrap_or_default();
+                if text.is_empty() {
+                    continue;
+                }
                 let tail: Vec<&str> = text.lines().rev().take(30).collect();
                 eprintln!("--- last lines of {} ---", log.display());
                 for l in tail.iter().rev() {
@@ -244,6 +247,37 @@ fn is_portmap_skeleton(line: &str) -> bool {
     (jumps_to_skeleton && !l.starts_with("-A CNI-")) || in_static_chain
 }
 
+/// bridge-nat's nftables table.
+pub const NFT_TABLE: &str = "inet bridge-nat";
+
+/// Tables `nft list tables` shows that belong to bridge-nat (any family, `bridge-nat` or
+/// `bridge_nat` in the name), e.g. `["inet bridge-nat"]`.
+pub fn bridge_nat_nft_tables() -> Vec<String> {
+    run_ok("nft", &["list", "tables"])
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("table "))
+        .filter(|t| {
+            let t = t.to_ascii_lowercase();
+            t.contains("bridge-nat") || t.contains("bridge_nat")
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// bridge-nat's lines in iptables-save and ip6tables-save (its chains and the jumps to them).
+pub fn bridge_nat_iptables_lines() -> Vec<String> {
+    let mut out = Vec::new();
+    for save in ["iptables-save", "ip6tables-save"] {
+        let text = run_ok(save, &[]);
+        out.extend(
+            text.lines()
+                .filter(|l| !l.starts_with('#') && l.to_ascii_lowercase().contains("bridge-nat"))
+                .map(|l| format!("{save}: {l}")),
+        );
+    }
+    out
+}
+
 /// What is left on the node after every attachment was deleted.
 pub struct Cleanliness {
     pub problems: Vec<String>,
@@ -251,8 +285,9 @@ pub struct Cleanliness {
     pub portmap_skeleton: Vec<String>,
 }
 
-/// Reads the node's firewall, policy routing and the plugin's state directory.
-pub fn inspect_clean(state_dir: &Path, extra_tables: &[u32]) -> Cleanliness {
+/// Reads the node's firewall (iptables and nftables), policy routing and every bridge-nat state
+/// directory.
+pub fn inspect_clean(state_dirs: &[PathBuf], extra_tables: &[u32]) -> Cleanliness {
     let mut problems = Vec::new();
     let mut portmap_skeleton = Vec::new();
     for save in ["iptables-save", "ip6tables-save"] {
@@ -269,6 +304,16 @@ pub fn inspect_clean(state_dir: &Path, extra_tables: &[u32]) -> Cleanliness {
             }
         }
     }
+    for t in bridge_nat_nft_tables() {
+        let listing = Command::new("nft")
+            .args(["list", "table"])
+            .args(t.split_whitespace())
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let lines = listing.lines().count();
+        problems.push(format!("nft list tables: table {t} left ({lines} lines in `nft list table {t}`)"));
+    }
     let rules = run_ok("ip", &["rule"]);
     let rule_lines: Vec<&str> = rules.lines().filter(|l| !l.trim().is_empty()).collect();
     let defaults = ["0:", "32766:", "32767:"];
@@ -276,26 +321,34 @@ pub fn inspect_clean(state_dir: &Path, extra_tables: &[u32]) -> Cleanliness {
         problems.push(format!("ip rule is not back to the 3 defaults:\n{rules}"));
     }
     for t in extra_tables {
-        let routes = run_ok("ip", &["route", "show", "table", &t.to_string()]);
-        if !routes.trim().is_empty() {
+        // A table nothing ever used does not exist: `ip route show table` then fails, which is clean.
+        let out = Command::new("ip").args(["route", "show", "table", &t.to_string()]).output().expect("run ip");
+        let routes = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() && !stderr.contains("does not exist") {
+            problems.push(format!("ip route show table {t} failed: {stderr}"));
+        } else if !routes.trim().is_empty() {
             problems.push(format!("table {t} still has routes:\n{routes}"));
         }
     }
-    let mut records = Vec::new();
-    collect_json(&state_dir.join("records"), &mut records);
-    for r in records {
-        problems.push(format!("bridge-nat record left: {}", r.display()));
+    for dir in state_dirs {
+        let mut records = Vec::new();
+        collect_files(&dir.join("records"), &mut records);
+        for r in records {
+            problems.push(format!("bridge-nat record left: {}", r.display()));
+        }
     }
     Cleanliness { problems, portmap_skeleton }
 }
 
-fn collect_json(dir: &Path, out: &mut Vec<PathBuf>) {
+/// Every file below `dir` (records, and temporary files a killed write would leave).
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
     let Ok(entries) = fs::read_dir(dir) else { return };
     for e in entries.flatten() {
         let p = e.path();
         if p.is_dir() {
-            collect_json(&p, out);
-        } else if p.extension().is_some_and(|x| x == "json") {
+            collect_files(&p, out);
+        } else {
             out.push(p);
         }
     }

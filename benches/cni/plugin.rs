@@ -16,18 +16,56 @@ use crate::node::{BRIDGE, GATEWAY};
 pub const NETWORK: &str = "bench";
 pub const IFNAME: &str = "net1";
 
+/// A contender. The order is the report's column order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
-    BridgeNat,
     Portmap,
+    /// bridge-nat with `"backend": "iptables"`.
+    Iptables,
+    /// bridge-nat with `"backend": "nftables"`.
+    Nftables,
 }
 
 impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::Portmap, Kind::Iptables, Kind::Nftables];
+
+    /// The name in `BENCH_CONTENDERS`.
+    pub fn key(self) -> &'static str {
+        match self {
+            Kind::Portmap => "portmap",
+            Kind::Iptables => "iptables",
+            Kind::Nftables => "nftables",
+        }
+    }
+
+    pub fn from_key(key: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.key() == key)
+    }
+
     pub fn label(self) -> &'static str {
         match self {
-            Kind::BridgeNat => "bridge-nat",
             Kind::Portmap => "portmap",
+            Kind::Iptables => "bridge-nat iptables",
+            Kind::Nftables => "bridge-nat nftables",
         }
+    }
+
+    /// Position among the contenders: each gets its own slice of pod addresses and host ports.
+    pub fn slot(self) -> usize {
+        self as usize
+    }
+
+    /// bridge-nat's `backend` field; None for portmap.
+    pub fn backend(self) -> Option<&'static str> {
+        match self {
+            Kind::Portmap => None,
+            Kind::Iptables => Some("iptables"),
+            Kind::Nftables => Some("nftables"),
+        }
+    }
+
+    pub fn is_bridge_nat(self) -> bool {
+        self.backend().is_some()
     }
 }
 
@@ -106,6 +144,7 @@ pub struct Plugin {
     pub cni_path: String,
     /// CNI_NETNS and the sandbox in prevResult: an existing netns path (neither plugin enters it).
     pub netns: String,
+    /// bridge-nat: its own per contender, so the backends never see each other's records.
     pub state_dir: PathBuf,
     pub log_file: PathBuf,
     pub log_level: String,
@@ -124,10 +163,11 @@ impl Plugin {
                 "capabilities": { "portMappings": true },
                 "snat": true,
             }),
-            Kind::BridgeNat => json!({
+            Kind::Iptables | Kind::Nftables => json!({
                 "cniVersion": "1.0.0",
                 "name": NETWORK,
                 "type": "bridge-nat",
+                "backend": self.kind.backend(),
                 "stateDir": self.state_dir,
                 "logFile": self.log_file,
                 "logLevel": self.log_level,
@@ -138,7 +178,7 @@ impl Plugin {
             conf["runtimeConfig"] = json!({ "portMappings": att.port_mappings() });
         }
         if let Some(rules) = &att.static_rules {
-            assert_eq!(self.kind, Kind::BridgeNat, "static rules are a bridge-nat feature");
+            assert!(self.kind.is_bridge_nat(), "static rules are a bridge-nat feature");
             conf["portForwarding"] = json!({ "rules": rules });
         }
         conf["prevResult"] = att.prev_result(&self.netns);
@@ -187,22 +227,37 @@ impl Plugin {
         Outcome { ok, status, elapsed, maxrss_kib: rusage.ru_maxrss, stdout, stderr }
     }
 
-    /// Like `run`, but aborts the bench with everything the plugin printed if it failed.
-    pub fn run_ok(&self, op: Op, att: &Attachment) -> Outcome {
+    /// Like `run`, but a failure is an error naming the contender, the command, the attachment and
+    /// everything the plugin printed (and the end of bridge-nat's log): the bench stops on it.
+    pub fn run_ok(&self, op: Op, att: &Attachment) -> Result<Outcome, String> {
         let out = self.run(op, att);
-        if !out.ok {
-            panic!(
-                "{} {} {} failed ({}) after {:?}\nstdout:\n{}\nstderr:\n{}",
-                self.kind.label(),
-                op.env(),
-                att.container_id,
-                out.status,
-                out.elapsed,
-                out.stdout,
-                out.stderr
-            );
+        if out.ok {
+            return Ok(out);
         }
-        out
+        let mut msg = format!(
+            "contender {} failed at {} of {} ({} after {:.1} ms)",
+            self.kind.label(),
+            op.env(),
+            att.container_id,
+            out.status,
+            out.elapsed.as_secs_f64() * 1e3
+        );
+        for (what, text) in [("stdout", &out.stdout), ("stderr", &out.stderr)] {
+            if !text.trim().is_empty() {
+                msg.push_str(&format!("\n  {what}: {}", text.trim()));
+            }
+        }
+        if self.kind.is_bridge_nat() {
+            let log = std::fs::read_to_string(&self.log_file).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            if !tail.is_empty() {
+                msg.push_str(&format!("\n  last lines of {}:", self.log_file.display()));
+                for l in tail.iter().rev() {
+                    msg.push_str(&format!("\n    {l}"));
+                }
+            }
+        }
+        Err(msg)
     }
 }
 

@@ -20,7 +20,7 @@ pub struct Case {
 impl Case {
     fn label(&self) -> String {
         if self.routed {
-            format!("{} (2 routed rules)", self.op.env())
+            format!("{} (2 routing blocks)", self.op.env())
         } else {
             self.op.env().to_string()
         }
@@ -28,7 +28,7 @@ impl Case {
 
     fn mappings_label(&self) -> String {
         if self.routed {
-            "2 static + routing".to_string()
+            "2 static".to_string()
         } else {
             self.mappings.to_string()
         }
@@ -98,7 +98,7 @@ impl Results {
     fn cell(&self, case: Case, kind: Kind) -> (String, Option<f64>) {
         let Some(s) = self.samples.get(&(case, kind)) else { return ("—".into(), None) };
         if !s.failed.is_empty() {
-            return (format!("n/a (fails, {}/{})", s.failed.len(), s.failed.len() + s.ok.len()), None);
+            return (format!("fails {}/{}", s.failed.len(), s.failed.len() + s.ok.len()), None);
         }
         match median_p95(&s.ok) {
             Some((m, p)) => (format!("{m:.1} / {p:.1}"), Some(m)),
@@ -106,73 +106,121 @@ impl Results {
         }
     }
 
-    pub fn markdown(&self, reps: &BTreeMap<usize, usize>) -> String {
+    /// The report: one table of times, one of peak RSS, the same columns in both: per contender
+    /// its cell and, for bridge-nat, portmap's value ÷ its value (above 1: better than portmap).
+    pub fn markdown(&self, kinds: &[Kind], reps: &BTreeMap<usize, usize>, layout: &str) -> String {
+        let with_ratio = |k: Kind| k.is_bridge_nat() && kinds.contains(&Kind::Portmap);
+        let ratio = |pm: Option<f64>, x: Option<f64>| match (pm, x) {
+            (Some(p), Some(x)) if x > 0.0 => format!("{:.1}×", p / x),
+            _ => "—".into(),
+        };
+        let header = |first: &str| {
+            let mut h = format!("| {first} |");
+            let mut rule = String::from(if first == "case" { "|---|---:|---:|" } else { "|---|" });
+            if first == "case" {
+                h.push_str(" N | mappings |");
+            }
+            for &k in kinds {
+                h.push_str(&format!(" {} |", k.label()));
+                rule.push_str("---:|");
+                if with_ratio(k) {
+                    h.push_str(" portmap ÷ |");
+                    rule.push_str("---:|");
+                }
+            }
+            format!("{h}\n{rule}")
+        };
+
         let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "| case | N | mappings | bridge-nat median / p95 ms | portmap median / p95 ms | ratio portmap/bridge-nat |"
-        );
-        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|");
+        if self.samples.is_empty() {
+            let _ = writeln!(out, "Nothing was measured.\n");
+            for n in &self.notes {
+                let _ = writeln!(out, "{n}");
+            }
+            return out;
+        }
+        let _ = writeln!(out, "{}", header("case"));
         let mut cases: Vec<Case> = self.samples.keys().map(|(c, _)| *c).collect();
         cases.dedup();
         for case in cases {
-            let (bn, bn_m) = self.cell(case, Kind::BridgeNat);
-            let (pm, pm_m) = self.cell(case, Kind::Portmap);
-            let ratio = match (bn_m, pm_m) {
-                (Some(b), Some(p)) if b > 0.0 => format!("{:.1}×", p / b),
-                _ => "—".into(),
-            };
-            let _ =
-                writeln!(out, "| {} | {} | {} | {bn} | {pm} | {ratio} |", case.label(), case.n, case.mappings_label());
+            let (_, pm) = self.cell(case, Kind::Portmap);
+            let _ = write!(out, "| {} | {} | {} |", case.label(), case.n, case.mappings_label());
+            for &k in kinds {
+                let (text, m) = self.cell(case, k);
+                let _ = write!(out, " {text} |");
+                if with_ratio(k) {
+                    let _ = write!(out, " {} |", ratio(pm, m));
+                }
+            }
+            let _ = writeln!(out);
         }
         let _ = writeln!(out);
         let reps: Vec<String> = reps.iter().map(|(n, r)| format!("N={n}: {r}")).collect();
         let _ = writeln!(
             out,
-            "Each row: R fresh attachments (R per N: {}), each ADD → CHECK → DEL, the two plugins alternating; \
-             time from spawn to exit of the plugin process. N = background attachments of *each* plugin \
-             (1 mapping each) present in the same node namespace.",
-            reps.join(", ")
+            "Median / p95 in ms of R fresh attachments per row (R per N: {}), each ADD → CHECK → DEL, from spawn \
+             to exit of the plugin process{}. {layout}",
+            reps.join(", "),
+            if kinds.iter().any(|&k| with_ratio(k)) {
+                "; `portmap ÷` = portmap's median ÷ that backend's"
+            } else {
+                ""
+            }
         );
-        // Failures, grouped by plugin and command: (first message, [(case, failed, total, median ms)]).
-        let mut failures: BTreeMap<(Kind, Op), (String, Vec<String>)> = BTreeMap::new();
+        // Failures, grouped by contender and command.
+        let mut failures: BTreeMap<(Kind, Op), (String, usize, usize, usize)> = BTreeMap::new();
         for ((case, kind), s) in &self.samples {
             if let Some(f) = &s.first_failure {
-                let (m, _) = median_p95(&s.failed).unwrap_or_default();
-                let e = failures.entry((*kind, case.op)).or_insert_with(|| (f.clone(), Vec::new()));
-                e.1.push(format!(
-                    "N={} m={}: {}/{} failed, median {m:.1} ms to fail",
-                    case.n,
-                    case.mappings_label(),
-                    s.failed.len(),
-                    s.failed.len() + s.ok.len()
-                ));
+                let e = failures.entry((*kind, case.op)).or_insert_with(|| (f.clone(), 0, 0, 0));
+                e.1 += s.failed.len();
+                e.2 += s.failed.len() + s.ok.len();
+                e.3 += 1;
             }
         }
-        for ((kind, op), (msg, cases)) in &failures {
-            let _ = writeln!(out, "- {} {} failed: `{msg}` ({})", kind.label(), op.env(), cases.join("; "));
+        for ((kind, op), (msg, failed, total, cases)) in &failures {
+            let _ = writeln!(
+                out,
+                "- {} {} fails ({failed} of {total} calls, {cases} rows): `{msg}`",
+                kind.label(),
+                op.env()
+            );
+        }
+        let _ = writeln!(out);
+
+        let _ = writeln!(out, "{}", header("peak RSS, MiB"));
+        let mib = |k: i64| k as f64 / 1024.0;
+        for op in [Op::Add, Op::Check, Op::Del] {
+            let pm_first = self.rss.get(&(Kind::Portmap, op)).and_then(|e| e.0);
+            if !kinds.iter().any(|k| self.rss.contains_key(&(*k, op))) {
+                continue;
+            }
+            let _ = write!(out, "| {} |", op.env());
+            for &k in kinds {
+                let (first, max) = self.rss.get(&(k, op)).copied().unwrap_or((None, 0));
+                let first_text = first.map(|f| format!("{:.1}", mib(f))).unwrap_or_else(|| "—".into());
+                let _ = write!(out, " {first_text} (max {:.1}) |", mib(max));
+                if with_ratio(k) {
+                    let _ = write!(out, " {} |", ratio(pm_first.map(mib), first.map(mib)));
+                }
+            }
+            let _ = writeln!(out);
         }
         let _ = writeln!(out);
         let _ = writeln!(
             out,
-            "Peak RSS (`ru_maxrss` from `wait4` of the plugin process, which also covers the children it waited for):"
+            "`ru_maxrss` from `wait4` of one call at N=0 with 1 mapping (max: over every measured call); it covers the \
+             children the plugin waited for (iptables-restore, iptables-save, nft, ...)."
         );
-        let _ = writeln!(out);
-        let _ = writeln!(out, "| plugin | op | one call at N=0, 1 mapping | max over all calls |");
-        let _ = writeln!(out, "|---|---|---:|---:|");
-        for ((kind, op), (first, max)) in &self.rss {
-            let first = first.map(|k| format!("{:.1} MiB", k as f64 / 1024.0)).unwrap_or_else(|| "—".into());
-            let _ = writeln!(out, "| {} | {} | {first} | {:.1} MiB |", kind.label(), op.env(), *max as f64 / 1024.0);
-        }
         let _ = writeln!(out);
         if !self.background.is_empty() {
             let _ = writeln!(out, "Background population / teardown:");
             let _ = writeln!(out);
             for ((kind, what), v) in &self.background {
                 let total: f64 = v.iter().map(|d| d.as_secs_f64()).sum();
+                let (median, p95) = median_p95(v).unwrap_or_default();
                 let _ = writeln!(
                     out,
-                    "- {} {what}: {} calls, {total:.1} s total, mean {:.1} ms",
+                    "- {} {what}: {} calls, {total:.1} s total, mean {:.1} ms, median / p95 {median:.1} / {p95:.1} ms",
                     kind.label(),
                     v.len(),
                     mean_ms(v)
@@ -197,7 +245,7 @@ fn command_line(cmd: &str, args: &[&str]) -> String {
         .unwrap_or_else(|| "?".into())
 }
 
-/// The machine, for the README.
+/// The header line naming the machine and the tools, for the README.
 pub fn machine() -> String {
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -206,13 +254,12 @@ pub fn machine() -> String {
                 .find_map(|l| l.strip_prefix("model name").map(|r| r.trim_start_matches([' ', '\t', ':']).to_string()))
         })
         .unwrap_or_else(|| "?".into());
-    let kernel =
-        std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default();
-    let packages =
-        command_line("dpkg-query", &["-W", "-f", "${Package} ${Version}, ", "containernetworking-plugins", "iptables"]);
-    let mut out = String::new();
-    let _ = writeln!(out, "- CPU: {model}, nproc {}", command_line("nproc", &[]));
-    let _ = writeln!(out, "- kernel {kernel}; {}", command_line("iptables", &["-V"]));
-    let _ = writeln!(out, "- portmap: /usr/lib/cni/portmap from {}", packages.trim_end_matches([',', ' ']));
-    out
+    let portmap = command_line("dpkg-query", &["-W", "-f", "${Version}", "containernetworking-plugins"]);
+    format!(
+        "Machine: nproc {}, kernel {}, {model}; portmap from containernetworking-plugins {portmap}; {}; {}.",
+        command_line("nproc", &[]),
+        command_line("uname", &["-r"]),
+        command_line("iptables", &["-V"]),
+        command_line("nft", &["--version"]),
+    )
 }
