@@ -516,3 +516,28 @@ fn fifty_attachments_each_hold_their_elements_and_the_last_del_removes_the_table
     let after = node.snapshot();
     assert!(after == before, "node differs after {PODS} DELs\n--- before\n{before}\n--- after\n{after}");
 }
+
+/// A forward chain elsewhere with policy drop (iptables' FORWARD DROP, as Docker sets it) cannot
+/// be overruled by the table's accepts: ADD and CHECK succeed but log a warning naming that chain,
+/// and without the policy they do not.
+#[test]
+fn a_dropping_forward_policy_elsewhere_is_named_in_the_log() {
+    if !require_root() {
+        return;
+    }
+    let site = Site::new();
+    let node = &site.node;
+    let conf = site.conflist(entry(node, json!({})));
+    let pm = mappings(&[(30090, 8080, "tcp", None)]);
+    let a = Pod::added(node, &conf, "quiet", &pm);
+    assert!(!node.log().contains("policy drop"), "warning without a drop policy:\n{}", node.log());
+    node.ns.sh_ok("iptables -P FORWARD DROP");
+    let b = Pod::added(node, &conf, "loud", &mappings(&[(30091, 8080, "tcp", None)]));
+    let warning = "forward chain(s) with policy drop: ip filter FORWARD";
+    assert!(node.log().contains(warning), "no warning naming ip filter FORWARD:\n{}", node.log());
+    b.cni(node, "check", &conf, &[]).assert_ok("CHECK with the drop policy (a warning, not a failure)");
+    for p in [&a, &b] {
+        p.cni(node, "del", &conf, &[]).assert_ok("DEL");
+    }
+    assert!(!node.nft_table_exists(), "table after the last DEL");
+}
