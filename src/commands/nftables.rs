@@ -8,7 +8,7 @@ use super::{apply_routing, apply_sysctls, attachment_id, clear_udp_conntrack, re
 use crate::cni::Env;
 use crate::config::{AttachmentId, Backend, NetConf};
 use crate::crashpoint;
-use crate::error::{code, Context, Error, Result};
+use crate::error::{Context, Error, Result};
 use crate::index::Index;
 use crate::nft::elements::{self, Element};
 use crate::nft::layout::Mark;
@@ -129,8 +129,9 @@ pub fn add(conf: &NetConf, env: &Env, planned: &Plan) -> Result<()> {
     hold_all(&index, &rec)?;
 
     let mut applied = Applied::default();
+    let mut nft = Nft::open()?;
     let result = apply_sysctls(&planned.sysctls)
-        .and_then(|()| install(&store, &rec, others_hold_table, &new_marks))
+        .and_then(|()| install(&mut nft, &store, &rec, others_hold_table, &new_marks))
         .inspect(|()| crashpoint::reached("add:after-firewall"))
         .and_then(|()| apply_routing(planned, &Needs::of(std::iter::once(&rec)), &mut applied))
         .inspect(|_| crashpoint::reached("add:after-routing"));
@@ -150,9 +151,7 @@ pub fn add(conf: &NetConf, env: &Env, planned: &Plan) -> Result<()> {
     rec.status = Status::Applied;
     store.save(&rec).context("record result")?;
     clear_udp_conntrack(&planned.host_ports);
-    if let Some(warning) = forward_drop_warning() {
-        log::warn!("{warning}");
-    }
+    warn_of_forward_drops(&mut nft);
     log::info!(
         "added: {} forwards as {} nftables elements ({} shared), {} ip rules, {} routes",
         planned.forwards.len(),
@@ -165,13 +164,12 @@ pub fn add(conf: &NetConf, env: &Env, planned: &Plan) -> Result<()> {
 }
 
 /// One batch: the table if it is not there, the shared elements and marks, then our elements.
-fn install(store: &Store, rec: &Record, others_hold_table: bool, new_marks: &[Mark]) -> Result<()> {
+fn install(nft: &mut Nft, store: &Store, rec: &Record, others_hold_table: bool, new_marks: &[Mark]) -> Result<()> {
     let n = rec.nft.as_ref().expect("nftables record");
-    let mut nft = Nft::open()?;
     let exists = nft.table_exists()?;
     if !exists && others_hold_table {
         log::warn!("table inet bridge-nat vanished while attachments need it; rebuilding it from the records");
-        return rebuild(&mut nft, &live_nft_records(store)?);
+        return rebuild(nft, &live_nft_records(store)?);
     }
     let mut tx = Tx::default();
     if !exists {
@@ -185,7 +183,7 @@ fn install(store: &Store, rec: &Record, others_hold_table: bool, new_marks: &[Ma
     tx.add_elements(&n.own);
     nft.commit(tx).or_else(|e| {
         log::warn!("table differs from the records ({e}); rebuilding it from them");
-        rebuild(&mut nft, &live_nft_records(store)?)
+        rebuild(nft, &live_nft_records(store)?)
     })
 }
 
@@ -335,22 +333,21 @@ pub fn check_firewall(conf: &NetConf, rec: &Record, planned: Option<&Plan>) -> R
     let mut nft = Nft::open()?;
     problems.extend(nft::check(&mut nft, &elems, &marks_of(&n))?);
     // Not a CHECK failure: the admin may accept the bridge in that firewall before its policy.
-    if let Some(warning) = forward_drop_warning() {
-        log::warn!("{warning}");
-    }
+    warn_of_forward_drops(&mut nft);
     Ok(problems)
 }
 
-/// Why forwarded pod traffic may die outside our table, if it may.
-fn forward_drop_warning() -> Option<String> {
-    let chains = Nft::open().and_then(|mut nft| nft.dropping_forward_chains()).ok()?;
-    (!chains.is_empty()).then(|| {
-        format!(
+/// Log why forwarded pod traffic may die outside our table, if it may.
+fn warn_of_forward_drops(nft: &mut Nft) {
+    match nft.dropping_forward_chains() {
+        Ok(chains) if chains.is_empty() => {}
+        Ok(chains) => log::warn!(
             "forward chain(s) with policy drop: {}; nftables accepts cannot overrule them, so forwarded pod \
              traffic is dropped there (use the iptables backend, or accept the bridge in that firewall)",
             chains.join(", ")
-        )
-    })
+        ),
+        Err(e) => log::warn!("look for forward chains that drop by policy: {e}"),
+    }
 }
 
 /// GC's part: the table and the index, rebuilt from the records that stay.
@@ -361,9 +358,5 @@ pub fn gc(store: &Store, kept: &[&Record]) -> Result<()> {
         hold_all(&index, r)?;
     }
     let nft_kept: Vec<Record> = kept.iter().filter(|r| r.backend == Backend::Nftables).map(|r| (*r).clone()).collect();
-    let mut nft = Nft::open()?;
-    if nft_kept.is_empty() && !nft.table_exists()? {
-        return Ok(());
-    }
-    rebuild(&mut nft, &nft_kept).map_err(|e| Error::new(code::FIREWALL, e.msg))
+    rebuild(&mut Nft::open()?, &nft_kept)
 }

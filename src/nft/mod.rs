@@ -228,23 +228,25 @@ impl Nft {
         }
     }
 
-    /// The base chains of other tables on the forward hook whose policy is drop (iptables' FORWARD
-    /// DROP, typically): our accepts cannot overrule them, so forwarded pod traffic would die there.
+    /// iptables' FORWARD chains (ip and ip6 `filter`) whose policy is drop, as Docker sets it: our
+    /// accepts cannot overrule them, so forwarded pod traffic would die there. Two lookups by name,
+    /// not a dump: a node with kube-proxy holds thousands of chains.
     pub fn dropping_forward_chains(&mut self) -> Result<Vec<String>> {
         let mut out = Vec::new();
-        for family in [expr::NFPROTO_IPV4, expr::NFPROTO_IPV6, FAMILY_INET] {
-            let mut found = Vec::new();
-            self.request_in(family, GETCHAIN, NLM_F_DUMP, &Attrs::new(), |attrs| {
-                let hook = find_attr(attrs, 4).and_then(|h| find_attr(h, 1)).and_then(nl::be32_of);
-                let policy = find_attr(attrs, 5).and_then(nl::be32_of);
-                if hook == Some(2) && policy == Some(0) {
-                    let table = find_attr(attrs, 1).map(str_of).unwrap_or_default();
-                    let chain = find_attr(attrs, 3).map(str_of).unwrap_or_default();
-                    found.push(format!("{} {table} {chain}", family_name(family)));
-                }
-            })
-            .map_err(|e| e.context("list chains"))?;
-            out.extend(found);
+        for (family, name) in [(expr::NFPROTO_IPV4, "ip"), (expr::NFPROTO_IPV6, "ip6")] {
+            let mut a = Attrs::new();
+            a.str(1, "filter").str(3, "FORWARD");
+            let mut drops = false;
+            match self.request_in(family, GETCHAIN, 0, &a, |attrs| {
+                drops = find_attr(attrs, 5).and_then(nl::be32_of) == Some(0);
+            }) {
+                Ok(()) => {}
+                Err(e) if e.details == "ENOENT" => {}
+                Err(e) => return Err(e.context("look up the FORWARD chain")),
+            }
+            if drops {
+                out.push(format!("{name} filter FORWARD"));
+            }
         }
         Ok(out)
     }
@@ -294,14 +296,6 @@ impl Nft {
             Err(e) if e.details == "ENOENT" => Ok(None),
             Err(err) => Err(err.context(format!("look up element {e}"))),
         }
-    }
-}
-
-fn family_name(family: u8) -> &'static str {
-    match family {
-        expr::NFPROTO_IPV4 => "ip",
-        expr::NFPROTO_IPV6 => "ip6",
-        _ => "inet",
     }
 }
 
