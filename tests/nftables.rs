@@ -15,12 +15,11 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use common::{
-    nft_sets, normalise_nft, require_root, wait_for, Backend, Background, DriverOutput, Netns, Node, NFT_TABLE,
+    nft_sets, normalise_nft, parallel, require_root, wait_for, Backend, Background, DriverOutput, Netns, Node,
+    NFT_TABLE,
 };
 use serde_json::{json, Value};
 
@@ -220,25 +219,6 @@ fn elements_mentioning(node: &Node, word: &str) -> Vec<String> {
         .flat_map(|(set, elements)| elements.into_iter().map(move |e| format!("{set}: {e}")))
         .filter(|e| common::contains_word(e, word))
         .collect()
-}
-
-/// Runs `f` on every item, at most `workers` at a time; results in item order.
-fn parallel<T: Sync, R: Send>(items: &[T], workers: usize, f: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<Option<R>>> = Mutex::new((0..items.len()).map(|_| None).collect());
-    std::thread::scope(|s| {
-        for _ in 0..workers.clamp(1, items.len().max(1)) {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= items.len() {
-                    break;
-                }
-                let r = f(&items[i]);
-                results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(r);
-            });
-        }
-    });
-    results.into_inner().unwrap_or_else(|e| e.into_inner()).into_iter().map(|r| r.expect("item ran")).collect()
 }
 
 // ---------------------------------------------------------------- tests

@@ -21,13 +21,11 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::{
-    both_backends, contains_word, dir_tree, error_code, error_msg, nft_chain_rules, nft_missing_element, plugin_stdin,
-    require_root, wait_for, Backend, Background, DriverOutput, Netns, Node, NETWORK_NAME, NFT_TABLE,
+    both_backends, contains_word, dir_tree, error_code, error_msg, nft_chain_rules, nft_missing_element, parallel,
+    plugin_stdin, require_root, wait_for, Backend, Background, DriverOutput, Netns, Node, NETWORK_NAME, NFT_TABLE,
 };
 use serde_json::{json, Value};
 
@@ -428,25 +426,6 @@ fn crash_at(node: &Node, pod: &Pod, command: &str, stdin: &Value, point: &str) {
     );
     assert!(out.stdout.is_empty(), "a killed {command} printed {:?}", String::from_utf8_lossy(&out.stdout));
     assert_eq!(node.log().matches(&marker).count(), seen_before + 1, "log lacks {marker:?}:\n{}", log_tail(node, 10));
-}
-
-/// Runs `f` on every item, at most `workers` at a time; results in item order.
-fn parallel<T: Sync, R: Send>(items: &[T], workers: usize, f: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<Option<R>>> = Mutex::new((0..items.len()).map(|_| None).collect());
-    std::thread::scope(|s| {
-        for _ in 0..workers.clamp(1, items.len().max(1)) {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= items.len() {
-                    break;
-                }
-                let r = f(&items[i]);
-                results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(r);
-            });
-        }
-    });
-    results.into_inner().unwrap_or_else(|e| e.into_inner()).into_iter().map(|r| r.expect("item ran")).collect()
 }
 
 /// The calls among `outs` that failed, described.
