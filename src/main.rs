@@ -1,19 +1,15 @@
 //! bridge-nat: a chained CNI plugin that forwards host ports to pods on a Linux bridge,
 //! masquerades their traffic and routes replies out of the uplink they came in on.
 
+mod backend;
 mod cni;
 mod commands;
 mod config;
-mod conntrack;
 mod crashpoint;
 mod error;
-mod firewall;
-mod index;
 mod logging;
-mod nfnetlink;
-mod nft;
+mod netlink;
 mod plan;
-mod prev_result;
 mod routing;
 mod state;
 
@@ -45,7 +41,7 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     };
-    nfnetlink::release();
+    netlink::nfnetlink::release();
     code
 }
 

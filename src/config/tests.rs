@@ -3,6 +3,7 @@
 use super::*;
 use proptest::prelude::*;
 use serde_json::{json, Value};
+use std::collections::HashSet;
 
 // ---------------------------------------------------------------- helpers
 

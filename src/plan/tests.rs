@@ -1,20 +1,14 @@
-//! plan::plan rule by rule: exact rule texts, sysctls, host ports, and conflicts.
+//! plan::plan in the product's own terms: forwards, host ports, marks, subnets, routing and
+//! sysctls, and host-port conflicts. How each backend renders a plan is tested beside it.
 
 use super::*;
+use crate::cni::prev_result;
 use crate::config::decode;
-use crate::prev_result;
-use proptest::prelude::*;
 use serde_json::{json, Value};
 
 // ---------------------------------------------------------------- helpers
 
 const BR: &str = "dind-br0";
-/// The comment on an attachment's own rules.
-const TAG: &str = "-m comment --comment bridge-nat:dind:CID:net1";
-/// The comment on rules shared by the network.
-const NET: &str = "-m comment --comment bridge-nat:dind";
-/// The comment on the global jumps.
-const GLOBAL: &str = "-m comment --comment bridge-nat";
 
 pub(crate) fn conf(extra: Value) -> NetConf {
     let mut v = json!({ "cniVersion": "1.0.0", "name": "dind", "type": "bridge-nat" });
@@ -24,14 +18,6 @@ pub(crate) fn conf(extra: Value) -> NetConf {
     decode(&serde_json::to_vec(&v).unwrap())
         .and_then(|d| d.validate())
         .unwrap_or_else(|e| panic!("config {v} does not validate: {}", e.msg))
-}
-
-fn rules_conf(rules: Value) -> NetConf {
-    conf(json!({ "portForwarding": { "rules": rules } }))
-}
-
-fn mappings_conf(mappings: Value) -> NetConf {
-    conf(json!({ "runtimeConfig": { "portMappings": mappings } }))
 }
 
 /// A prevResult as the bridge plugin writes it, with the given pod addresses (with prefix).
@@ -60,228 +46,15 @@ fn id_of(container: &str, ifname: &str) -> AttachmentId {
     AttachmentId { network: "dind".into(), container_id: container.into(), ifname: ifname.into() }
 }
 
-#[track_caller]
-fn plan_v4(c: &NetConf) -> Plan {
-    plan(c, &id(), &att(c, &["10.20.0.10/24"])).expect("plan")
-}
-
-fn r4(table: &str, chain: &str, spec: &str) -> Rule {
-    Rule::new(Family::Ipv4, table, chain, spec)
-}
-
-fn r6(table: &str, chain: &str, spec: &str) -> Rule {
-    Rule::new(Family::Ipv6, table, chain, spec)
-}
-
-fn rule_in(family: Family, table: &str, chain: &str, spec: &str) -> Rule {
-    Rule::new(family, table, chain, spec)
-}
-
-fn global_jumps(f: Family) -> Vec<Rule> {
-    vec![
-        rule_in(f, "nat", "PREROUTING", &format!("-m addrtype --dst-type LOCAL {GLOBAL} -j BRIDGE-NAT-DNAT")),
-        rule_in(f, "nat", "OUTPUT", &format!("-m addrtype --dst-type LOCAL {GLOBAL} -j BRIDGE-NAT-DNAT")),
-        rule_in(f, "nat", "POSTROUTING", &format!("{GLOBAL} -j BRIDGE-NAT-POSTRT")),
-        rule_in(f, "filter", "FORWARD", &format!("{GLOBAL} -j BRIDGE-NAT-FORWARD")),
-    ]
-}
-
-fn masquerade_v4() -> Rule {
-    r4("nat", "BRIDGE-NAT-POSTRT", &format!("-s 10.20.0.0/24 ! -o {BR} {NET} -j MASQUERADE"))
-}
-
-/// Everything a v4 attachment on 10.20.0.0/24 gets whatever its forwards.
-fn shared_v4() -> BTreeSet<Rule> {
-    let mut s: BTreeSet<Rule> = global_jumps(Family::Ipv4).into_iter().collect();
-    s.extend([
-        r4("filter", "BRIDGE-NAT-FORWARD", &format!("-i {BR} {NET} -j ACCEPT")),
-        r4(
-            "filter",
-            "BRIDGE-NAT-FORWARD",
-            &format!("-o {BR} -m conntrack --ctstate RELATED,ESTABLISHED {NET} -j ACCEPT"),
-        ),
-        r4(
-            "nat",
-            "BRIDGE-NAT-POSTRT",
-            &format!("-s 10.20.0.0/24 -o {BR} -m conntrack --ctstate DNAT {NET} -j MASQUERADE"),
-        ),
-        r4(
-            "nat",
-            "BRIDGE-NAT-POSTRT",
-            &format!("-s 127.0.0.0/8 -o {BR} -m conntrack --ctstate DNAT {NET} -j MASQUERADE"),
-        ),
-        masquerade_v4(),
-    ]);
-    s
-}
-
-fn shared_v6() -> BTreeSet<Rule> {
-    let mut s: BTreeSet<Rule> = global_jumps(Family::Ipv6).into_iter().collect();
-    s.extend([
-        r6("filter", "BRIDGE-NAT-FORWARD", &format!("-i {BR} {NET} -j ACCEPT")),
-        r6(
-            "filter",
-            "BRIDGE-NAT-FORWARD",
-            &format!("-o {BR} -m conntrack --ctstate RELATED,ESTABLISHED {NET} -j ACCEPT"),
-        ),
-        r6(
-            "nat",
-            "BRIDGE-NAT-POSTRT",
-            &format!("-s fd00::/64 -o {BR} -m conntrack --ctstate DNAT {NET} -j MASQUERADE"),
-        ),
-        r6("nat", "BRIDGE-NAT-POSTRT", &format!("-s fd00::/64 ! -o {BR} {NET} -j MASQUERADE")),
-    ]);
-    s
-}
-
-fn dnat_rules(p: &Plan) -> Vec<&Rule> {
-    p.rules.iter().filter(|r| r.chain == CHAIN_DNAT).collect()
-}
-
-fn sysctl(path: &str) -> Sysctl {
-    Sysctl { path: path.into(), value: "1".into(), required: true }
+fn rules_conf(rules: Value) -> NetConf {
+    conf(json!({ "portForwarding": { "rules": rules } }))
 }
 
 fn hp(port: u16, protocol: Protocol, host_ip: Option<&str>) -> HostPort {
     HostPort { port, protocol, host_ip: host_ip.map(|ip| ip.parse().unwrap()) }
 }
 
-// ---------------------------------------------------------------- exact rules
-
-#[test]
-fn one_static_tcp_rule() {
-    let c = rules_conf(
-        json!([{ "name": "web", "hostPort": 30080, "destIP": "10.20.0.10", "destPort": 8080, "protocol": "tcp" }]),
-    );
-    let p = plan_v4(&c);
-    let mut expected = shared_v4();
-    expected.extend([
-        r4(
-            "nat",
-            "BRIDGE-NAT-DNAT",
-            "-p tcp -m tcp --dport 30080 -m comment --comment bridge-nat:dind:CID:net1 -j DNAT --to-destination 10.20.0.10:8080",
-        ),
-        r4(
-            "filter",
-            "BRIDGE-NAT-FORWARD",
-            "-d 10.20.0.10/32 -o dind-br0 -p tcp -m tcp --dport 8080 -m conntrack --ctstate DNAT \
-             -m comment --comment bridge-nat:dind:CID:net1 -j ACCEPT",
-        ),
-    ]);
-    let got: Vec<String> = p.rules.iter().map(|r| r.to_string()).collect();
-    assert_eq!(p.rules, expected, "got:\n{}", got.join("\n"));
-    assert_eq!(p.rules.len(), 11);
-    assert_eq!(p.bridge, BR);
-    assert_eq!(
-        p.forwards,
-        vec![Forward { host: hp(30080, Protocol::Tcp, None), pod_ip: "10.20.0.10".parse().unwrap(), pod_port: 8080 }]
-    );
-    assert_eq!(p.host_ports, vec![hp(30080, Protocol::Tcp, None)]);
-    assert_eq!(
-        p.sysctls,
-        vec![sysctl("/proc/sys/net/ipv4/conf/dind-br0/route_localnet"), sysctl("/proc/sys/net/ipv4/ip_forward")]
-    );
-    assert_eq!(families_of(p.rules.iter()), vec![Family::Ipv4]);
-    assert_eq!(p.addresses.len(), 1);
-    // The chain constants are the names the texts use.
-    assert_eq!(
-        (CHAIN_DNAT, CHAIN_POSTROUTING, CHAIN_FORWARD),
-        ("BRIDGE-NAT-DNAT", "BRIDGE-NAT-POSTRT", "BRIDGE-NAT-FORWARD")
-    );
-}
-
-#[test]
-fn udp_and_sctp_rules() {
-    let c = rules_conf(json!([
-        { "hostPort": 5353, "destPort": 53, "protocol": "udp" },
-        { "hostPort": 3868, "destPort": 3869, "protocol": "sctp" }
-    ]));
-    let p = plan_v4(&c);
-    let mut expected = shared_v4();
-    expected.extend([
-        r4("nat", CHAIN_DNAT, &format!("-p udp -m udp --dport 5353 {TAG} -j DNAT --to-destination 10.20.0.10:53")),
-        r4(
-            "filter",
-            CHAIN_FORWARD,
-            &format!("-d 10.20.0.10/32 -o {BR} -p udp -m udp --dport 53 -m conntrack --ctstate DNAT {TAG} -j ACCEPT"),
-        ),
-        r4("nat", CHAIN_DNAT, &format!("-p sctp -m sctp --dport 3868 {TAG} -j DNAT --to-destination 10.20.0.10:3869")),
-        r4(
-            "filter",
-            CHAIN_FORWARD,
-            &format!(
-                "-d 10.20.0.10/32 -o {BR} -p sctp -m sctp --dport 3869 -m conntrack --ctstate DNAT {TAG} -j ACCEPT"
-            ),
-        ),
-    ]);
-    assert_eq!(p.rules, expected);
-    assert_eq!(p.host_ports, vec![hp(3868, Protocol::Sctp, None), hp(5353, Protocol::Udp, None)]);
-}
-
-#[test]
-fn port_mapping_with_host_ip() {
-    let c = mappings_conf(json!([
-        { "hostPort": 8443, "containerPort": 443, "protocol": "tcp", "hostIP": "192.168.1.5" },
-        { "hostPort": 8080, "containerPort": 80, "protocol": "tcp", "hostIP": "0.0.0.0" }
-    ]));
-    let p = plan_v4(&c);
-    let dnat: Vec<&str> = dnat_rules(&p).iter().map(|r| r.spec.as_str()).collect();
-    assert_eq!(
-        dnat,
-        vec![
-            format!("-d 192.168.1.5/32 -p tcp -m tcp --dport 8443 {TAG} -j DNAT --to-destination 10.20.0.10:443")
-                .as_str(),
-            format!("-p tcp -m tcp --dport 8080 {TAG} -j DNAT --to-destination 10.20.0.10:80").as_str(),
-        ]
-    );
-    assert!(dnat_rules(&p).iter().all(|r| r.table == "nat" && r.family == Family::Ipv4));
-    // The FORWARD accept is about the pod, not the host address.
-    assert!(p.rules.contains(&r4(
-        "filter",
-        CHAIN_FORWARD,
-        &format!("-d 10.20.0.10/32 -o {BR} -p tcp -m tcp --dport 443 -m conntrack --ctstate DNAT {TAG} -j ACCEPT")
-    )));
-    assert_eq!(p.host_ports, vec![hp(8080, Protocol::Tcp, None), hp(8443, Protocol::Tcp, Some("192.168.1.5"))]);
-    assert_eq!(p.rules.len(), shared_v4().len() + 4);
-}
-
-#[test]
-fn masquerade_false_removes_only_the_outbound_masquerade() {
-    let rules = json!([{ "hostPort": 30080, "destPort": 8080 }]);
-    let on = plan_v4(&conf(json!({ "portForwarding": { "rules": rules } })));
-    let off = plan_v4(&conf(json!({ "masquerade": false, "portForwarding": { "rules": rules } })));
-    let removed: Vec<&Rule> = on.rules.difference(&off.rules).collect();
-    assert_eq!(removed, vec![&masquerade_v4()]);
-    assert!(off.rules.is_subset(&on.rules));
-    // The hairpin and localhost masquerades stay.
-    assert_eq!(off.rules.iter().filter(|r| r.spec.ends_with("-j MASQUERADE")).count(), 2);
-}
-
-#[test]
-fn static_rule_for_another_pod_is_not_planned_here() {
-    let c = rules_conf(json!([
-        { "name": "other", "hostPort": 30080, "destIP": "10.20.0.11", "destPort": 8080 },
-        { "name": "mine", "hostPort": 30081, "destIP": "10.20.0.10", "destPort": 8081 }
-    ]));
-    let p = plan_v4(&c);
-    assert_eq!(p.forwards.len(), 1);
-    assert_eq!(p.forwards[0].host.port, 30081);
-    assert_eq!(p.host_ports, vec![hp(30081, Protocol::Tcp, None)]);
-    assert!(!p.rules.iter().any(|r| r.spec.contains("10.20.0.11") || r.spec.contains("30080")));
-    // The other pod's own ADD plans it.
-    let other = plan(&c, &id_of("OTHER", "net1"), &att(&c, &["10.20.0.11/24"])).unwrap();
-    assert_eq!(other.host_ports, vec![hp(30080, Protocol::Tcp, None)]);
-    assert!(other.rules.contains(&r4(
-        "nat",
-        CHAIN_DNAT,
-        "-p tcp -m tcp --dport 30080 -m comment --comment bridge-nat:dind:OTHER:net1 -j DNAT --to-destination 10.20.0.11:8080"
-    )));
-    // With no forward of its own an attachment still gets the shared rules.
-    let c = rules_conf(json!([{ "hostPort": 30080, "destIP": "10.20.0.11", "destPort": 8080 }]));
-    let p = plan_v4(&c);
-    assert_eq!(p.rules, shared_v4());
-    assert!(p.forwards.is_empty() && p.host_ports.is_empty());
-}
+// ---------------------------------------------------------------- forwards and host ports
 
 #[test]
 fn dest_ip_outside_the_subnet_is_rejected() {
@@ -298,90 +71,6 @@ fn dest_ip_outside_the_subnet_is_rejected() {
     let c = rules_conf(json!([{ "hostPort": 30081, "destIP": "fd00::10", "destPort": 8080 }]));
     let e = plan(&c, &id(), &att(&c, &["10.20.0.10/24"])).unwrap_err();
     assert!(e.msg.contains("portForwarding.rules[0].destIP: fd00::10"), "{}", e.msg);
-}
-
-#[test]
-fn rule_without_dest_ip_applies_to_the_attachments_own_address() {
-    let c = rules_conf(json!([{ "hostPort": 30080, "destPort": 80 }]));
-    for addr in ["10.20.0.10", "10.20.0.23"] {
-        let p = plan(&c, &id(), &att(&c, &[&format!("{addr}/24")])).unwrap();
-        let dnat = dnat_rules(&p);
-        assert_eq!(dnat.len(), 1);
-        assert!(dnat[0].spec.ends_with(&format!("-j DNAT --to-destination {addr}:80")), "{}", dnat[0].spec);
-        assert!(p.rules.iter().any(|r| r.chain == CHAIN_FORWARD && r.spec.starts_with(&format!("-d {addr}/32 "))));
-    }
-}
-
-#[test]
-fn ipv6_attachment() {
-    let c = rules_conf(json!([{ "hostPort": 30080, "destPort": 8080 }]));
-    let p = plan(&c, &id(), &att(&c, &["fd00::10/64"])).unwrap();
-    let mut expected = shared_v6();
-    expected.extend([
-        r6("nat", CHAIN_DNAT, &format!("-p tcp -m tcp --dport 30080 {TAG} -j DNAT --to-destination [fd00::10]:8080")),
-        r6(
-            "filter",
-            CHAIN_FORWARD,
-            &format!("-d fd00::10/128 -o {BR} -p tcp -m tcp --dport 8080 -m conntrack --ctstate DNAT {TAG} -j ACCEPT"),
-        ),
-    ]);
-    assert_eq!(p.rules, expected);
-    assert!(p.rules.iter().all(|r| r.family == Family::Ipv6));
-    assert!(!p.rules.iter().any(|r| r.spec.contains("127.0.0.0/8")));
-    assert_eq!(p.sysctls, vec![sysctl("/proc/sys/net/ipv6/conf/all/forwarding")]);
-    assert_eq!(families_of(p.rules.iter()), vec![Family::Ipv6]);
-    // A static rule naming the v6 address works the same.
-    let c = rules_conf(json!([{ "hostPort": 30080, "destIP": "fd00::10", "destPort": 8080 }]));
-    assert_eq!(plan(&c, &id(), &att(&c, &["fd00::10/64"])).unwrap().rules, expected);
-}
-
-#[test]
-fn dual_stack_attachment() {
-    let c = rules_conf(json!([{ "hostPort": 30080, "destPort": 8080 }]));
-    let p = plan(&c, &id(), &att(&c, &["10.20.0.10/24", "fd00::10/64"])).unwrap();
-    assert_eq!(families_of(p.rules.iter()), vec![Family::Ipv4, Family::Ipv6]);
-    assert_eq!(p.forwards.len(), 2);
-    assert_eq!(p.host_ports, vec![hp(30080, Protocol::Tcp, None)]);
-    let targets: Vec<&str> = dnat_rules(&p).iter().map(|r| r.spec.rsplit(' ').next().unwrap()).collect();
-    assert_eq!(targets, vec!["10.20.0.10:8080", "[fd00::10]:8080"]);
-    assert_eq!(
-        p.sysctls,
-        vec![
-            sysctl("/proc/sys/net/ipv4/conf/dind-br0/route_localnet"),
-            sysctl("/proc/sys/net/ipv4/ip_forward"),
-            sysctl("/proc/sys/net/ipv6/conf/all/forwarding"),
-        ]
-    );
-    assert_eq!(p.rules.len(), 11 + 10);
-    // Only the v4 side has the localhost rule.
-    let localhost: Vec<&Rule> = p.rules.iter().filter(|r| r.spec.contains("127.0.0.0/8")).collect();
-    assert_eq!(localhost.len(), 1);
-    assert_eq!(localhost[0].family, Family::Ipv4);
-}
-
-#[test]
-fn bridge_from_config_names_rules_and_sysctl() {
-    let c = conf(json!({ "bridge": "br9", "portForwarding": { "rules": [{ "hostPort": 1, "destPort": 2 }] } }));
-    let p = plan_v4(&c);
-    assert_eq!(p.bridge, "br9");
-    assert!(p.sysctls.contains(&sysctl("/proc/sys/net/ipv4/conf/br9/route_localnet")));
-    assert!(p.rules.contains(&r4(
-        "nat",
-        CHAIN_POSTROUTING,
-        "-s 10.20.0.0/24 ! -o br9 -m comment --comment bridge-nat:dind -j MASQUERADE"
-    )));
-    assert!(!p.rules.iter().any(|r| r.spec.contains(BR)));
-}
-
-#[test]
-fn sysctls_for_ipv4() {
-    let p = plan_v4(&conf(json!({})));
-    assert_eq!(
-        p.sysctls,
-        vec![sysctl("/proc/sys/net/ipv4/conf/dind-br0/route_localnet"), sysctl("/proc/sys/net/ipv4/ip_forward")]
-    );
-    assert!(p.forwards.is_empty());
-    assert_eq!(p.rules, shared_v4());
 }
 
 #[test]
@@ -413,44 +102,6 @@ fn host_ports_are_deduplicated_and_sorted() {
 }
 
 #[test]
-fn v4_host_ip_mapping_is_not_planned_on_a_v6_address() {
-    let mappings = json!([{ "hostPort": 8443, "containerPort": 443, "hostIP": "192.168.1.5" }]);
-    let c = mappings_conf(mappings);
-    let p = plan(&c, &id(), &att(&c, &["10.20.0.10/24", "fd00::10/64"])).unwrap();
-    assert_eq!(p.forwards.len(), 1);
-    assert_eq!(p.forwards[0].pod_ip, "10.20.0.10".parse::<IpAddr>().unwrap());
-    assert!(dnat_rules(&p).iter().all(|r| r.family == Family::Ipv4));
-    assert!(!p.rules.iter().any(|r| r.family == Family::Ipv6 && r.spec.contains("443")));
-    // v6-only: nothing forwarded at all.
-    let p = plan(&c, &id(), &att(&c, &["fd00::10/64"])).unwrap();
-    assert!(p.forwards.is_empty());
-    assert!(p.host_ports.is_empty());
-    assert_eq!(p.rules, shared_v6());
-    // And a v6 hostIP is planned only on the v6 address, with /128.
-    let c = mappings_conf(json!([{ "hostPort": 8443, "containerPort": 443, "hostIP": "fd00:1::5" }]));
-    let p = plan(&c, &id(), &att(&c, &["10.20.0.10/24", "fd00::10/64"])).unwrap();
-    let dnat = dnat_rules(&p);
-    assert_eq!(dnat.len(), 1);
-    assert_eq!(
-        dnat[0],
-        &r6(
-            "nat",
-            CHAIN_DNAT,
-            &format!("-d fd00:1::5/128 -p tcp -m tcp --dport 8443 {TAG} -j DNAT --to-destination [fd00::10]:443")
-        )
-    );
-}
-
-#[test]
-fn interface_names_are_made_comment_safe() {
-    let c = rules_conf(json!([{ "hostPort": 1, "destPort": 2 }]));
-    let p = plan(&c, &id_of("CID", "net@1"), &att(&c, &["10.20.0.10/24"])).unwrap();
-    assert!(dnat_rules(&p)[0].spec.contains("--comment bridge-nat:dind:CID:net_1 "), "{}", dnat_rules(&p)[0].spec);
-}
-
-// ---------------------------------------------------------------- host port conflicts
-
-#[test]
 fn check_host_ports_names_both_attachments() {
     let a = id_of("aaa", "net1");
     let b = id_of("bbb", "eth0");
@@ -459,8 +110,8 @@ fn check_host_ports_names_both_attachments() {
     let e = check_host_ports(&a, &wanted, [(&b, held.as_slice())].into_iter()).unwrap_err();
     assert_eq!(e.code, code::PORT_CONFLICT);
     assert_eq!(e.code, 101);
-    assert!(e.msg.contains(&describe(&a)), "{}", e.msg);
-    assert!(e.msg.contains(&describe(&b)), "{}", e.msg);
+    assert!(e.msg.contains(&a.describe()), "{}", e.msg);
+    assert!(e.msg.contains(&b.describe()), "{}", e.msg);
     assert!(e.msg.contains("30080/tcp"), "{}", e.msg);
     assert_eq!(
         e.msg,
@@ -502,100 +153,97 @@ fn host_port_display() {
     assert_eq!(hp(80, Protocol::Sctp, Some("192.168.1.5")).to_string(), "192.168.1.5:80/sctp");
 }
 
-// ---------------------------------------------------------------- property
+// ---------------------------------------------------------------- subnets, marks and routing
 
-#[derive(Debug, Clone)]
-enum Dest {
-    Own,
-    OwnIndex(usize),
-    Neighbour(usize),
+fn routed_conf() -> NetConf {
+    conf(json!({
+        "routing": { "tableId": 100, "tableName": "dind_net1", "fwmark": "0x64", "rulePriority": 100,
+                     "outbound": { "interface": "eth5" } },
+        "portForwarding": { "rules": [
+            { "name": "docker-tls", "hostPort": 2376, "destPort": 2376, "protocol": "tcp" },
+            { "name": "web", "hostPort": 30080, "destPort": 8080, "protocol": "tcp",
+              "routing": { "fwmark": "0x65", "tableId": 101, "tableName": "dind_eth0",
+                           "outbound": { "interface": "eth0" } } }
+        ] }
+    }))
 }
 
-#[derive(Debug, Clone)]
-enum HostIp {
-    None,
-    Wildcard,
-    V4,
-    V6,
+#[test]
+fn subnets_say_what_the_network_needs_per_family() {
+    let c = conf(json!({ "masquerade": false }));
+    let p = plan(&c, &id(), &att(&c, &["10.20.0.10/24", "fd00::10/64"])).unwrap();
+    let v4 =
+        Subnet { family: Family::Ipv4, subnet: "10.20.0.0/24".parse().unwrap(), masquerade: false, localhost: true };
+    let v6 = Subnet { family: Family::Ipv6, subnet: "fd00::/64".parse().unwrap(), masquerade: false, localhost: false };
+    assert_eq!(p.subnets, vec![v4, v6]);
+    assert_eq!(p.families(), vec![Family::Ipv4, Family::Ipv6]);
 }
 
-fn arb_protocol() -> impl Strategy<Value = &'static str> {
-    prop::sample::select(vec!["tcp", "udp", "sctp"])
+#[test]
+fn forwards_carry_their_own_mark_or_the_fallback_mark() {
+    let c = routed_conf();
+    let p = plan(&c, &id(), &att(&c, &["10.20.0.10/24"])).unwrap();
+    let mark_of = |port: u16| p.forwards.iter().find(|f| f.host.port == port).and_then(|f| f.mark);
+    assert_eq!(mark_of(30080), Some(0x65));
+    assert_eq!(mark_of(2376), Some(0x64));
+    assert_eq!(p.mark_mask, 0x1fff);
+    // Without a fallback mark, a forward with no routing block is not marked.
+    let mut v = routed_conf_value();
+    v["routing"].as_object_mut().unwrap().remove("fwmark");
+    let c = conf(v);
+    let p = plan(&c, &id(), &att(&c, &["10.20.0.10/24"])).unwrap();
+    assert_eq!(p.forwards.iter().find(|f| f.host.port == 2376).unwrap().mark, None);
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+fn routed_conf_value() -> Value {
+    json!({
+        "routing": { "tableId": 100, "fwmark": "0x64", "outbound": { "interface": "eth5" } },
+        "portForwarding": { "rules": [ { "hostPort": 2376, "destPort": 2376 } ] }
+    })
+}
 
-    #[test]
-    fn dnat_rules_only_target_the_attachments_addresses(
-        stack in prop::sample::select(vec![vec!["10.20.0.10/24"], vec!["fd00::10/64"], vec!["10.20.0.10/24", "fd00::10/64"]]),
-        host_ports in prop::collection::hash_set(1u16..=65535, 0..12),
-        rules in prop::collection::vec(
-            (1u16..=65535, arb_protocol(), prop_oneof![Just(Dest::Own), (0usize..2).prop_map(Dest::OwnIndex), (0usize..2).prop_map(Dest::Neighbour)]),
-            0..6),
-        mappings in prop::collection::vec(
-            (1u16..=65535, arb_protocol(), prop_oneof![Just(HostIp::None), Just(HostIp::Wildcard), Just(HostIp::V4), Just(HostIp::V6)]),
-            0..6),
-        masquerade in any::<bool>(),
-    ) {
-        let host_ports: Vec<u16> = host_ports.into_iter().collect();
-        let a = att(&conf(json!({})), &stack);
-        let neighbours: Vec<IpAddr> = a.addresses.iter().map(|p| match p.ip {
-            IpAddr::V4(_) => "10.20.0.99".parse().unwrap(),
-            IpAddr::V6(_) => "fd00::99".parse().unwrap(),
-        }).collect();
-        let n_rules = rules.len().min(host_ports.len());
-        let raw_rules: Vec<Value> = rules.iter().zip(&host_ports).map(|((dest, proto, d), host)| {
-            let mut r = json!({ "hostPort": host, "destPort": dest, "protocol": proto });
-            match d {
-                Dest::Own => {}
-                Dest::OwnIndex(i) => r["destIP"] = json!(a.addresses[i % a.addresses.len()].ip.to_string()),
-                Dest::Neighbour(i) => r["destIP"] = json!(neighbours[i % neighbours.len()].to_string()),
-            }
-            r
-        }).collect();
-        let raw_mappings: Vec<Value> = mappings.iter().zip(&host_ports[n_rules..]).map(|((cport, proto, h), host)| {
-            let mut m = json!({ "hostPort": host, "containerPort": cport, "protocol": proto });
-            match h {
-                HostIp::None => {}
-                HostIp::Wildcard => m["hostIP"] = json!("0.0.0.0"),
-                HostIp::V4 => m["hostIP"] = json!("192.168.1.5"),
-                HostIp::V6 => m["hostIP"] = json!("fd00:1::5"),
-            }
-            m
-        }).collect();
-        let c = conf(json!({
-            "masquerade": masquerade,
-            "portForwarding": { "rules": raw_rules },
-            "runtimeConfig": { "portMappings": raw_mappings },
-        }));
-        let p = plan(&c, &id(), &a).expect("destIPs are all inside the subnet");
+#[test]
+fn ipv6_forwards_are_never_marked() {
+    let c = routed_conf();
+    let p = plan(&c, &id(), &att(&c, &["fd00::10/64"])).unwrap();
+    assert!(!p.forwards.is_empty());
+    assert!(p.forwards.iter().all(|f| f.mark.is_none()));
+    assert!(p.routing.ip_rules.is_empty() && p.routing.tables.is_empty());
+}
 
-        for f in &p.forwards {
-            prop_assert!(a.owns(f.pod_ip), "forward to {} which the attachment does not own", f.pod_ip);
-            prop_assert!(p.host_ports.contains(&f.host));
-            prop_assert!(f.host.host_ip.is_none_or(|h| h.is_ipv4() == f.pod_ip.is_ipv4()));
-        }
-        let mut dnat_count = 0;
-        for r in p.rules.iter().filter(|r| r.spec.contains("-j DNAT")) {
-            dnat_count += 1;
-            prop_assert_eq!(&r.chain, CHAIN_DNAT);
-            prop_assert_eq!(&r.table, "nat");
-            let (_, to) = r.spec.rsplit_once("--to-destination ").expect("DNAT has a destination");
-            let (ip, _port) = to.rsplit_once(':').unwrap();
-            let ip: IpAddr = ip.trim_start_matches('[').trim_end_matches(']').parse().unwrap();
-            prop_assert!(a.owns(ip), "DNAT to {ip} in {r}");
-            prop_assert_eq!(r.family, family_of(ip));
-            prop_assert!(r.spec.contains(TAG));
-        }
-        prop_assert_eq!(dnat_count, p.forwards.len());
-        // host_ports: sorted, distinct, and exactly the forwards' ports.
-        prop_assert!(p.host_ports.windows(2).all(|w| w[0] < w[1]));
-        let from_forwards: BTreeSet<HostPort> = p.forwards.iter().map(|f| f.host).collect();
-        prop_assert_eq!(p.host_ports.iter().copied().collect::<BTreeSet<_>>(), from_forwards);
-        // Every rule's family is one the attachment has.
-        for r in &p.rules {
-            prop_assert!(a.addresses.iter().any(|x| family_of(x.ip) == r.family));
-        }
-    }
+#[test]
+fn routing_plan_has_mark_rules_subnet_rules_and_one_table_per_uplink() {
+    let c = routed_conf();
+    let p = plan(&c, &id(), &att(&c, &["10.20.0.10/24"])).unwrap();
+    let rules: Vec<String> = p.routing.ip_rules.iter().map(|r| r.to_string()).collect();
+    assert_eq!(
+        rules,
+        vec![
+            "ip rule priority 100 fwmark 0x64/0x1fff lookup 100",
+            "ip rule priority 100 fwmark 0x65/0x1fff lookup 101",
+            "ip rule priority 109 from 10.20.0.0/24 lookup 254 suppress_prefixlength 0",
+            "ip rule priority 110 from 10.20.0.0/24 lookup 100",
+        ]
+    );
+    let tables: Vec<(u32, Option<String>, String)> =
+        p.routing.tables.iter().map(|t| (t.id, t.name.clone(), t.outbound.interface.clone())).collect();
+    assert_eq!(
+        tables,
+        vec![(100, Some("dind_net1".into()), "eth5".into()), (101, Some("dind_eth0".into()), "eth0".into())]
+    );
+    assert!(p.routing.tables.iter().all(|t| t.bridge == BR && t.subnet.to_string() == "10.20.0.0/24"));
+    assert_eq!(p.routing.uplinks.iter().cloned().collect::<Vec<_>>(), vec!["eth0".to_string(), "eth5".to_string()]);
+    let optional: Vec<&str> = p.sysctls.iter().filter(|s| !s.required).map(|s| s.path.as_str()).collect();
+    assert_eq!(
+        optional,
+        vec!["/proc/sys/net/ipv4/conf/eth0/src_valid_mark", "/proc/sys/net/ipv4/conf/eth5/src_valid_mark"]
+    );
+}
+
+#[test]
+fn no_routing_block_means_no_routing() {
+    let c = conf(json!({ "portForwarding": { "rules": [ { "hostPort": 2376, "destPort": 2376 } ] } }));
+    let p = plan(&c, &id(), &att(&c, &["10.20.0.10/24"])).unwrap();
+    assert_eq!(p.routing, RoutingPlan::default());
+    assert!(p.sysctls.iter().all(|s| s.required));
 }

@@ -1,7 +1,7 @@
 //! Runs transactions with `iptables-restore --noflush` (one process per family, one commit) and
 //! reads the node with `iptables-save`. No shell is involved: scripts go over stdin.
 
-use super::{parse_save, Current, Family, Transaction};
+use super::rules::{parse_save, Current, Family, Transaction};
 use crate::error::{code, Error, Result};
 use std::io::Write;
 use std::process::{Command, Stdio};

@@ -1,21 +1,13 @@
-//! Firewall state as data: rules, the diff between two states, and the restore script that turns
-//! one into the other. `iptables` runs the scripts; nothing here touches the node.
+//! iptables state as data: rules, the diff between two states, and the restore script that turns
+//! one into the other. restore.rs runs the scripts; nothing here touches the node.
 
-pub mod iptables;
-
+pub use crate::plan::Family;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 
 /// Every chain the plugin owns starts with this; nothing else is ever flushed or deleted.
 pub const CHAIN_PREFIX: &str = "BRIDGE-NAT-";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Family {
-    Ipv4,
-    Ipv6,
-}
 
 /// One rule in `iptables-save` canonical form, so that it compares equal to what the kernel reports.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -200,4 +192,5 @@ fn unquote_comment(spec: &str) -> String {
 }
 
 #[cfg(test)]
+#[path = "rules_tests.rs"]
 mod tests;

@@ -1,5 +1,7 @@
 //! The CNI protocol: commands, environment, versions, and what goes to stdout.
 
+pub mod prev_result;
+
 use crate::error::{code, Error, Result};
 use serde_json::json;
 use std::io::Write;

@@ -22,9 +22,23 @@ pub fn holder_name(id: &AttachmentId) -> String {
     format!("{}~{}.{}", id.network, id.container_id, crate::state::encode_ifname(&id.ifname))
 }
 
-/// Object keys may hold '/' (subnets); file names may not.
+/// Object keys may hold '/' (subnets); file names may not. Keys too long for a file name (an
+/// iptables rule can be) keep a readable start and end in a hash of the whole key.
 fn object_dir_name(key: &str) -> String {
-    key.replace('%', "%25").replace('/', "%2f")
+    let name = key.replace('%', "%25").replace('/', "%2f");
+    if name.len() <= 200 {
+        return name;
+    }
+    let mut cut = 150;
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}~{:016x}", &name[..cut], fnv1a(key.as_bytes()))
+}
+
+/// FNV-1a, 64 bits: stable across builds and releases, unlike std's hasher.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 fn key_of_dir_name(name: &str) -> String {

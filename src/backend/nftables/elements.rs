@@ -1,10 +1,9 @@
 //! What one attachment puts into the table: set and map elements (pure), and how they are encoded.
 
 use super::layout::{set_spec, Mark};
-use crate::config::{NetConf, Protocol};
-use crate::firewall::Family;
-use crate::nfnetlink::Attrs;
-use crate::plan::{family_of, Plan};
+use crate::config::Protocol;
+use crate::netlink::nfnetlink::Attrs;
+use crate::plan::{family_of, Family, Plan};
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
@@ -154,18 +153,18 @@ fn suffix(family: Family) -> &'static str {
     }
 }
 
-pub fn plan_contents(conf: &NetConf, planned: &Plan) -> Contents {
+pub fn render(plan: &Plan) -> Contents {
     let mut c = Contents::default();
-    for a in &planned.addresses {
-        let fam = suffix(family_of(a.ip));
-        let bridge = Value::Ifname(planned.bridge.clone());
+    let bridge = Value::Ifname(plan.bridge.clone());
+    for s in &plan.subnets {
+        let fam = suffix(s.family);
         c.shared.insert(Element::new("bridges", vec![bridge.clone()], vec![]));
-        c.shared.insert(Element::new(&format!("own{fam}"), vec![Value::Net(a.subnet), bridge.clone()], vec![]));
-        if conf.masquerade {
-            c.shared.insert(Element::new(&format!("masq{fam}"), vec![Value::Net(a.subnet), bridge], vec![]));
+        c.shared.insert(Element::new(&format!("own{fam}"), vec![Value::Net(s.subnet), bridge.clone()], vec![]));
+        if s.masquerade {
+            c.shared.insert(Element::new(&format!("masq{fam}"), vec![Value::Net(s.subnet), bridge.clone()], vec![]));
         }
     }
-    for f in &planned.forwards {
+    for f in &plan.forwards {
         let fam = suffix(family_of(f.pod_ip));
         let proto = Value::Proto(f.host.protocol);
         let (set, mut key) = match f.host.host_ip {
@@ -179,8 +178,8 @@ pub fn plan_contents(conf: &NetConf, planned: &Plan) -> Contents {
             vec![Value::Ip(f.pod_ip), proto, Value::Port(f.pod_port)],
             vec![],
         ));
-        if let Some((value, ..)) = crate::routing::route_for_forward(conf, f) {
-            let mark = Mark { value, mask: conf.settings.mark_mask };
+        if let Some(value) = f.mark {
+            let mark = Mark { value, mask: plan.mark_mask };
             let set = set.replace("dnat", "mark");
             c.own.insert(Element::new(&set, key, vec![Value::Jump(mark.chain())]));
             c.marks.insert(mark);
@@ -226,7 +225,7 @@ mod tests {
         use crate::plan::tests::{att, conf, id};
         let c = conf(extra);
         let planned = crate::plan::plan(&c, &id(), &att(&c, addrs)).expect("plan");
-        let got = plan_contents(&c, &planned);
+        let got = render(&planned);
         let own = got.own.iter().map(|e| e.to_string()).collect();
         let shared = got.shared.iter().map(|e| e.to_string()).collect();
         (got, own, shared)

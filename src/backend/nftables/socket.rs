@@ -1,16 +1,13 @@
-//! The native nftables backend: one table, changed over nfnetlink in one batch per call, with no
-//! process spawned. A batch is one kernel transaction: all of it applies or none.
+//! The nf_tables socket: batches of table, chain, rule and element messages (one kernel transaction
+//! each: all of it applies or none), and the look-ups CHECK needs.
 
-pub mod elements;
-pub mod expr;
-pub mod layout;
-
+use super::elements::Element;
+use super::{elements, expr, layout};
 use crate::error::{code, Result};
-use crate::nfnetlink::{
+use crate::netlink::nfnetlink::{
     self as nl, errno_error, find_attr, str_of, Attrs, Reply, Socket, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE,
     NLM_F_DUMP, NLM_F_REQUEST,
 };
-use elements::Element;
 use layout::{Mark, FAMILY_INET, TABLE};
 use std::collections::BTreeMap;
 
@@ -61,7 +58,7 @@ impl Tx {
             layout::encode_chain(c.name, c.hook, &mut a);
             self.push(NEWCHAIN, NLM_F_CREATE, a, format!("create chain {}", c.name));
         }
-        for r in layout::static_rules() {
+        for r in super::rules::static_rules() {
             self.add_rule(&r);
         }
     }
@@ -307,7 +304,7 @@ pub fn check(nft: &mut Nft, elements: &[&Element], marks: &[Mark]) -> Result<Vec
     let mut problems = Vec::new();
     let live = nft.rules()?;
     let mut expected: Vec<(String, String)> =
-        layout::static_rules().into_iter().map(|r| (r.chain, r.comment)).collect();
+        super::rules::static_rules().into_iter().map(|r| (r.chain, r.comment)).collect();
     for m in marks {
         expected.extend(m.rules().into_iter().map(|r| (r.chain, r.comment)));
     }
@@ -345,7 +342,7 @@ mod tests {
         assert_eq!(count(NEWTABLE), 1);
         assert_eq!(count(NEWSET), layout::SETS.len());
         assert_eq!(count(NEWCHAIN), layout::CHAINS.len());
-        assert_eq!(count(NEWRULE), layout::static_rules().len());
+        assert_eq!(count(NEWRULE), super::super::rules::static_rules().len());
     }
 
     #[test]

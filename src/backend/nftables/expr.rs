@@ -1,7 +1,7 @@
 //! nf_tables rule expressions, encoded as the kernel reads them (`nft --debug=netlink` prints the
 //! same expressions back, which is how the layout was checked).
 
-use crate::nfnetlink::Attrs;
+use crate::netlink::nfnetlink::Attrs;
 
 const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_EXPR_NAME: u16 = 1;
@@ -253,7 +253,7 @@ pub fn proto_port(first: u32) -> Vec<Expr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nfnetlink::{attrs, find_attr, str_of};
+    use crate::netlink::nfnetlink::{attrs, find_attr, str_of};
 
     #[test]
     fn expression_is_a_named_list_element() {

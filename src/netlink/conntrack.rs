@@ -6,7 +6,9 @@
 //! without a tuple would flush the whole table).
 
 use crate::error::{code, Result};
-use crate::nfnetlink::{errno_error, find_attr, message, Attrs, Reply, Socket, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST};
+use crate::netlink::nfnetlink::{
+    errno_error, find_attr, message, Attrs, Reply, Socket, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
+};
 use std::net::IpAddr;
 
 const NFNL_SUBSYS_CTNETLINK: u16 = 1;

@@ -1,110 +1,16 @@
-//! The record of what each attachment installed, and the lock that serialises every call.
-//!
-//! Layout under the state directory (0700, root):
-//!   lock                                   one lock for every call that reads or changes the node
-//!   records/<network>/<container>.<ifname>.json   one record per attachment, written atomically
+//! Records on disk: one JSON file per attachment, written atomically, 0600 in a 0700 directory.
 
-use crate::config::{AttachmentId, Backend};
+use super::record::{Record, RECORD_FORMAT};
+use super::{encode_ifname, ensure_private_dir, read_dir_sorted};
+use crate::config::AttachmentId;
 use crate::error::{code, Error, Result};
-use crate::firewall::Rule;
-use crate::nft::elements::Element;
-use crate::plan::{HostPort, Sysctl};
-use crate::routing::{IpRule, Route, TableSpec};
-use serde::{Deserialize, Serialize};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
-
-const RECORD_FORMAT: u32 = 1;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Status {
-    /// Written before the node is changed: if the call dies, the next one reconciles from the kernel.
-    Applying,
-    Applied,
-}
-
-/// What ADD installed for one attachment. DEL, CHECK and GC work from this alone.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Record {
-    pub format: u32,
-    pub id: AttachmentId,
-    pub status: Status,
-    /// Rules vanish on reboot; a record from another boot describes nothing installed.
-    pub boot_id: String,
-    pub cni_version: String,
-    pub bridge: String,
-    pub addresses: Vec<String>,
-    pub host_ports: Vec<HostPort>,
-    /// Every firewall rule this attachment needs, shared ones included.
-    pub rules: Vec<Rule>,
-    pub sysctls: Vec<Sysctl>,
-    #[serde(default)]
-    pub ip_rules: Vec<IpRule>,
-    #[serde(default)]
-    pub tables: Vec<TableSpec>,
-    /// Routes as installed, next hops resolved at the time: what ADD did, for people reading the
-    /// record. DEL flushes whole tables instead, and CHECK resolves next hops again.
-    #[serde(default)]
-    pub routes: Vec<Route>,
-    #[serde(default)]
-    pub backend: Backend,
-    /// nftables backend: the table contents this attachment needs (its `rules` stay empty).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nft: Option<NftRecord>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct NftRecord {
-    pub own: Vec<Element>,
-    pub shared: Vec<Element>,
-    /// (mark, mask) pairs whose chains this attachment's forwards jump to.
-    pub marks: Vec<(u32, u32)>,
-}
-
-impl Record {
-    pub fn new(id: AttachmentId, cni_version: &str) -> Record {
-        Record {
-            format: RECORD_FORMAT,
-            id,
-            status: Status::Applying,
-            boot_id: current_boot_id(),
-            cni_version: cni_version.to_string(),
-            bridge: String::new(),
-            addresses: Vec::new(),
-            host_ports: Vec::new(),
-            rules: Vec::new(),
-            sysctls: Vec::new(),
-            ip_rules: Vec::new(),
-            tables: Vec::new(),
-            routes: Vec::new(),
-            backend: Backend::Iptables,
-            nft: None,
-        }
-    }
-
-    /// True when the rules it lists are believed to be on the node.
-    pub fn is_live(&self) -> bool {
-        self.boot_id == current_boot_id()
-    }
-}
-
-pub fn current_boot_id() -> String {
-    fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
-}
 
 pub struct Store {
-    dir: PathBuf,
-}
-
-/// Held for the whole call; released when dropped (or when the process dies).
-pub struct Lock {
-    _file: File,
+    pub(super) dir: PathBuf,
 }
 
 impl Store {
@@ -113,36 +19,6 @@ impl Store {
         ensure_private_dir(dir)?;
         ensure_private_dir(&dir.join("records"))?;
         Ok(Store { dir: dir.to_path_buf() })
-    }
-
-    /// Take the node-wide lock, waiting at most `timeout`.
-    pub fn lock(&self, timeout: Duration) -> Result<Lock> {
-        let path = self.dir.join("lock");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(&path)
-            .map_err(|e| Error::io(format!("open lock file {}", path.display()), e))?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            match file.try_lock() {
-                Ok(()) => return Ok(Lock { _file: file }),
-                Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(std::fs::TryLockError::WouldBlock) => {
-                    return Err(Error::new(
-                        code::TRY_AGAIN_LATER,
-                        format!("lock {} still held by another call after {} ms", path.display(), timeout.as_millis()),
-                    ))
-                }
-                Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(format!("lock {}", path.display()), e)),
-            }
-        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -159,11 +35,6 @@ impl Store {
 
     pub fn load(&self, id: &AttachmentId) -> Result<Option<Record>> {
         read_record(&self.record_path(id))
-    }
-
-    /// A record file is there (readable or not).
-    pub fn exists(&self, id: &AttachmentId) -> bool {
-        fs::symlink_metadata(self.record_path(id)).is_ok()
     }
 
     /// Every readable record on the node. Unreadable ones are logged and skipped: a half-written or
@@ -226,28 +97,6 @@ impl Store {
     }
 }
 
-/// Interface names may hold characters unsafe in file names; keep the safe ones, escape the rest.
-pub(crate) fn encode_ifname(ifname: &str) -> String {
-    ifname
-        .bytes()
-        .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'-' => (b as char).to_string(),
-            _ => format!("%{b:02x}"),
-        })
-        .collect()
-}
-
-fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>> {
-    let entries = match fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(Error::io(format!("read {}", dir.display()), e)),
-    };
-    let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
-    paths.sort();
-    Ok(paths)
-}
-
 fn read_record(path: &Path) -> Result<Option<Record>> {
     let mut file = match OpenOptions::new().read(true).custom_flags(nix::libc::O_NOFOLLOW).open(path) {
         Ok(f) => f,
@@ -287,44 +136,11 @@ fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     })
 }
 
-/// Create `dir` 0700 if missing; refuse a symlink, or a directory owned by someone else or
-/// writable by others, since records decide what DEL removes.
-pub(crate) fn ensure_private_dir(dir: &Path) -> Result<()> {
-    match fs::symlink_metadata(dir) {
-        Ok(meta) => {
-            if meta.file_type().is_symlink() || !meta.is_dir() {
-                return Err(Error::new(
-                    code::IO,
-                    format!("state directory {} is not a plain directory", dir.display()),
-                ));
-            }
-            if meta.uid() != nix::unistd::geteuid().as_raw() || meta.mode() & 0o022 != 0 {
-                return Err(Error::new(
-                    code::IO,
-                    format!("state directory {} must be owned by this user and not writable by others", dir.display()),
-                ));
-            }
-            Ok(())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if let Some(parent) = dir.parent() {
-                fs::create_dir_all(parent).map_err(|e| Error::io(format!("create {}", parent.display()), e))?;
-            }
-            match fs::DirBuilder::new().mode(0o700).create(dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return ensure_private_dir(dir),
-                Err(e) => return Err(Error::io(format!("create state directory {}", dir.display()), e)),
-            }
-            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-                .map_err(|e| Error::io(format!("chmod {}", dir.display()), e))
-        }
-        Err(e) => Err(Error::io(format!("stat state directory {}", dir.display()), e)),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
+    use std::time::Duration;
 
     fn temp_dir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("bnat-state-{tag}-{}", std::process::id()));

@@ -1,326 +1,19 @@
-//! The plugin's network configuration: decoded from stdin, then validated field by field.
-//! Field names follow ../shared/config.md; validation never touches the node.
+//! Validation field by field: every rejection names the field and the value. Never touches the node.
 
+use super::raw::*;
+use super::*;
 use crate::cni;
-use crate::error::{code, Error, Result};
-use serde::Deserialize;
+use crate::error::{Error, Result};
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// On tmpfs: what a record describes dies with the boot, and a pod start then costs no disk writes.
-pub const DEFAULT_STATE_DIR: &str = "/run/bridge-nat";
-pub const DEFAULT_LOG_FILE: &str = "/var/log/bridge-nat.log";
-pub const DEFAULT_LOCK_TIMEOUT_MS: u64 = 20_000;
-pub const DEFAULT_RULE_PRIORITY: u32 = 100;
-/// Bits no other common component owns: kube-proxy uses 0x4000/0x8000, portmap 0x2000,
-/// Calico 0xffff0000.
-pub const DEFAULT_MARK_MASK: u32 = 0x1fff;
-
-// ---------------------------------------------------------------- raw, as decoded
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-struct RawConf {
-    #[serde(default)]
-    cni_version: String,
-    #[serde(default)]
-    name: String,
-    #[serde(rename = "type", default)]
-    plugin_type: String,
-    prev_result: Option<serde_json::Value>,
-    #[serde(default)]
-    runtime_config: RawRuntimeConfig,
-    bridge: Option<String>,
-    masquerade: Option<bool>,
-    routing: Option<RawRouting>,
-    #[serde(default)]
-    port_forwarding: RawPortForwarding,
-    log_file: Option<String>,
-    log_level: Option<String>,
-    state_dir: Option<String>,
-    lock_timeout_ms: Option<u64>,
-    iptables: Option<String>,
-    backend: Option<String>,
-    mark_mask: Option<RawMark>,
-    #[serde(rename = "cni.dev/valid-attachments")]
-    valid_attachments: Option<Vec<RawAttachment>>,
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-struct RawRuntimeConfig {
-    #[serde(default)]
-    port_mappings: Vec<RawPortMapping>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RawPortMapping {
-    host_port: i64,
-    container_port: i64,
-    #[serde(default)]
-    protocol: String,
-    #[serde(default, rename = "hostIP")]
-    host_ip: String,
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-struct RawPortForwarding {
-    #[serde(default)]
-    rules: Vec<RawRule>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RawRule {
-    #[serde(default)]
-    name: String,
-    host_port: i64,
-    #[serde(default, rename = "destIP")]
-    dest_ip: String,
-    dest_port: i64,
-    #[serde(default)]
-    protocol: String,
-    routing: Option<RawRuleRouting>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RawRouting {
-    enabled: Option<bool>,
-    table_id: Option<i64>,
-    table_name: Option<String>,
-    fwmark: Option<RawMark>,
-    rule_priority: Option<i64>,
-    outbound: Option<RawOutbound>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RawRuleRouting {
-    fwmark: Option<RawMark>,
-    table_id: Option<i64>,
-    table_name: Option<String>,
-    outbound: Option<RawOutbound>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RawOutbound {
-    #[serde(default)]
-    interface: String,
-    #[serde(default)]
-    gateway: String,
-    #[serde(default)]
-    use_default_route: bool,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum RawMark {
-    Number(i64),
-    Text(String),
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RawAttachment {
-    #[serde(rename = "containerID")]
-    container_id: String,
-    #[serde(default)]
-    ifname: String,
-}
-
-// ---------------------------------------------------------------- validated
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    Tcp,
-    Udp,
-    Sctp,
-}
-
-impl Protocol {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-            Protocol::Sctp => "sctp",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Outbound {
-    pub interface: String,
-    pub gateway: Option<IpAddr>,
-    pub use_default_route: bool,
-}
-
-/// A routing table with its own default route, selected by a mark.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RouteSpec {
-    pub fwmark: u32,
-    pub table_id: u32,
-    pub table_name: Option<String>,
-    pub outbound: Outbound,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GlobalRouting {
-    pub table_id: u32,
-    pub table_name: Option<String>,
-    pub fwmark: Option<u32>,
-    pub rule_priority: u32,
-    pub outbound: Outbound,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PortRule {
-    pub name: String,
-    pub host_port: u16,
-    pub dest_ip: Option<IpAddr>,
-    pub dest_port: u16,
-    pub protocol: Protocol,
-    pub routing: Option<RouteSpec>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PortMapping {
-    pub host_port: u16,
-    pub container_port: u16,
-    pub protocol: Protocol,
-    pub host_ip: Option<IpAddr>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, Deserialize)]
-pub struct AttachmentId {
-    pub network: String,
-    #[serde(rename = "containerID")]
-    pub container_id: String,
-    pub ifname: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Settings {
-    pub log_file: PathBuf,
-    pub log_level: log::LevelFilter,
-    pub state_dir: PathBuf,
-    pub lock_timeout: Duration,
-    /// `iptables`, `iptables-legacy`, `iptables-nft`, or an absolute path to one of them.
-    pub iptables: String,
-    pub backend: Backend,
-    pub mark_mask: u32,
-}
-
-/// Where the forwarding rules live.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Backend {
-    /// Chains in iptables' nat/filter/mangle tables, applied with one iptables-restore per family.
-    #[default]
-    Iptables,
-    /// One native nftables table whose forwards are map elements, changed over netlink.
-    Nftables,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            log_file: PathBuf::from(DEFAULT_LOG_FILE),
-            log_level: log::LevelFilter::Info,
-            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
-            lock_timeout: Duration::from_millis(DEFAULT_LOCK_TIMEOUT_MS),
-            iptables: "iptables".into(),
-            backend: Backend::Iptables,
-            mark_mask: DEFAULT_MARK_MASK,
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct NetConf {
-    pub cni_version: String,
-    pub name: String,
-    pub bridge: Option<String>,
-    pub masquerade: bool,
-    /// None when the block is absent or `enabled` is false.
-    pub routing: Option<GlobalRouting>,
-    pub rules: Vec<PortRule>,
-    pub port_mappings: Vec<PortMapping>,
-    pub settings: Settings,
-    pub prev_result: Option<serde_json::Value>,
-    /// GC only: the attachments the runtime still knows.
-    pub valid_attachments: Option<Vec<AttachmentId>>,
-}
-
-impl NetConf {
-    /// Enough of a config for DEL to work from the record when the rest no longer validates.
-    pub fn for_cleanup(name: String, settings: Settings) -> Result<NetConf> {
-        validate_network_name(&name)?;
-        Ok(NetConf {
-            cni_version: String::new(),
-            name,
-            bridge: None,
-            masquerade: true,
-            routing: None,
-            rules: Vec::new(),
-            port_mappings: Vec::new(),
-            settings,
-            prev_result: None,
-            valid_attachments: None,
-        })
-    }
-}
-
-/// Decode stdin. Only structure and types are checked here; `validate` checks meaning.
-pub fn decode(stdin: &[u8]) -> Result<NetConfDraft> {
-    if stdin.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err(Error::new(code::DECODE, "network config: stdin must be a JSON object"));
-    }
-    let de = &mut serde_json::Deserializer::from_slice(stdin);
-    let raw: RawConf = serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        Error::new(code::DECODE, format!("network config: field {path}: {inner}"))
-    })?;
-    Ok(NetConfDraft { raw })
-}
-
-/// Decoded but not yet validated. The version is readable early so errors can carry it.
-pub struct NetConfDraft {
-    raw: RawConf,
-}
-
-impl NetConfDraft {
-    pub fn cni_version(&self) -> &str {
-        &self.raw.cni_version
-    }
-
-    /// Settings alone (logging, state, lock): DEL uses them even when the rest is invalid.
-    pub fn settings(&self) -> Result<Settings> {
-        validate_settings(&self.raw)
-    }
-
-    pub fn network_name(&self) -> &str {
-        &self.raw.name
-    }
-
-    pub fn validate(self) -> Result<NetConf> {
-        validate(self.raw)
-    }
-}
-
 fn invalid(msg: String) -> Error {
     Error::invalid_config(msg)
 }
 
-fn validate(raw: RawConf) -> Result<NetConf> {
+pub(super) fn validate(raw: RawConf) -> Result<NetConf> {
     validate_network_name(&raw.name)?;
     if raw.plugin_type != "bridge-nat" && !raw.plugin_type.is_empty() {
         log::debug!("running as type {:?}", raw.plugin_type);
@@ -368,7 +61,7 @@ fn validate(raw: RawConf) -> Result<NetConf> {
     })
 }
 
-fn validate_network_name(name: &str) -> Result<()> {
+pub(super) fn validate_network_name(name: &str) -> Result<()> {
     if cni::is_spec_name(name) {
         Ok(())
     } else {
@@ -378,7 +71,7 @@ fn validate_network_name(name: &str) -> Result<()> {
     }
 }
 
-fn validate_settings(raw: &RawConf) -> Result<Settings> {
+pub(super) fn validate_settings(raw: &RawConf) -> Result<Settings> {
     let mut s = Settings::default();
     if let Some(f) = raw.log_file.as_deref().filter(|f| !f.is_empty()) {
         s.log_file = absolute_path("logFile", f)?;
@@ -632,6 +325,3 @@ fn check_unique_marks_and_tables(global: Option<&GlobalRouting>, rules: &[PortRu
     }
     Ok(())
 }
-
-#[cfg(test)]
-mod tests;

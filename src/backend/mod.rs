@@ -1,0 +1,86 @@
+//! Firewall backends behind one interface. A backend renders a plan into its kernel objects and
+//! changes the kernel; it knows nothing of records, the index or the lock, which the pipeline
+//! (commands/) owns. Which backend serves an attachment is decided once: from the config on ADD,
+//! from the record on every later call.
+//!
+//! Shared objects (a chain jump, a network's masquerade, the nftables table) are named by keys the
+//! pipeline holds in the index for each attachment; `install` is told which keys this attachment is
+//! the first to hold, `remove` which ones it was the last to hold, so calls stay O(1).
+
+pub mod iptables;
+pub mod nftables;
+
+use crate::config::{AttachmentId, Backend, Settings};
+use crate::error::Result;
+use crate::plan::Plan;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+
+/// What a backend installed for one attachment, as recorded (the record's fields `rules` and `nft`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Objects {
+    /// iptables: every rule this attachment needs, shared ones included, in iptables-save form.
+    #[serde(default)]
+    pub rules: Vec<iptables::Rule>,
+    /// nftables: the table contents this attachment needs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nft: Option<nftables::NftRecord>,
+}
+
+/// How hard `converge` works.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Converge {
+    /// Change the kernel only where it differs from the records (reconcile, the agent).
+    Repair,
+    /// Rewrite everything the backend owns to exactly the records (GC, a failed fast path).
+    Rebuild,
+}
+
+pub trait Firewall {
+    fn kind(&self) -> Backend;
+
+    /// The kernel objects one attachment needs.
+    fn render(&self, plan: &Plan) -> Objects;
+
+    /// Index keys of the objects this attachment shares with others.
+    fn shared_keys(&self, id: &AttachmentId, objects: &Objects) -> BTreeSet<String>;
+
+    /// Install the attachment's own objects and the shared ones it is the `first` to hold, in one
+    /// transaction. An error means the kernel differs from the records: the caller rebuilds.
+    fn install(&mut self, id: &AttachmentId, objects: &Objects, first: &BTreeSet<String>) -> Result<()>;
+
+    /// Remove the attachment's own objects and the shared ones it was the `last` to hold, in one
+    /// transaction. An error means the kernel differs from the records: the caller rebuilds.
+    fn remove(&mut self, id: &AttachmentId, objects: &Objects, last: &BTreeSet<String>) -> Result<()>;
+
+    /// What of `objects` the kernel lacks (CHECK's problems); changes nothing.
+    fn verify(&mut self, id: &AttachmentId, objects: &Objects) -> Result<Vec<String>>;
+
+    /// What `wanted` (the config now) has that `recorded` (what ADD installed) lacks.
+    fn compare(&self, wanted: &Objects, recorded: &Objects) -> Vec<String>;
+
+    /// Bring the kernel to exactly the union of `all`, removing what no record needs; one line per
+    /// repair made.
+    fn converge(&mut self, all: &[(&AttachmentId, &Objects)], how: Converge) -> Result<Vec<String>>;
+
+    /// STATUS: can this backend change the kernel at all?
+    fn usable(&mut self) -> Result<()>;
+
+    /// Things on the node, outside our objects, that defeat them (logged after ADD and CHECK).
+    fn node_warnings(&mut self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// The backend of `kind`, configured by `settings`.
+pub fn open(kind: Backend, settings: &Settings) -> Box<dyn Firewall> {
+    match kind {
+        Backend::Iptables => Box::new(iptables::IptablesBackend::new(&settings.iptables, settings.lock_timeout)),
+        Backend::Nftables => Box::new(nftables::NftablesBackend::new()),
+    }
+}
+
+/// Every backend, for the commands that look after the whole node (GC, reconcile, uninstall).
+pub fn every(settings: &Settings) -> Vec<Box<dyn Firewall>> {
+    [Backend::Iptables, Backend::Nftables].into_iter().map(|k| open(k, settings)).collect()
+}

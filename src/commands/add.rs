@@ -1,0 +1,97 @@
+//! ADD: validate → plan → lock → claim host ports → record intent → hold shared objects →
+//! sysctls, firewall, routing → record result. A failure undoes it all (node.rs `roll_back_add`).
+
+use super::node::Node;
+use super::{attachment_id, kernel};
+use crate::backend::{self, Firewall};
+use crate::cni::{prev_result, Env};
+use crate::config::NetConf;
+use crate::crashpoint;
+use crate::error::{Context, Error, Result};
+use crate::plan::{self, Plan};
+use crate::routing::apply::Applied;
+use crate::state::{Record, Status};
+
+pub fn add(conf: &NetConf, env: &Env) -> Result<serde_json::Value> {
+    let prev = conf.prev_result.as_ref().ok_or_else(|| {
+        Error::invalid_config(
+            "prevResult is missing: bridge-nat is a chained plugin; list it after \"bridge\" in the conflist's plugins",
+        )
+    })?;
+    let att = prev_result::parse(prev, conf.bridge.as_deref())?;
+    let id = attachment_id(conf, env);
+    let planned = plan::plan(conf, &id, &att)?;
+    let mut fw = backend::open(conf.settings.backend, &conf.settings);
+
+    let node = Node::open(&conf.settings)?;
+    let _lock = node.lock(conf.settings.lock_timeout)?;
+    // An unreadable record of ours (corrupt, or a planted symlink) is replaced, never followed.
+    let old = node.store.load(&id).unwrap_or_else(|e| {
+        log::warn!("ignoring unreadable record: {e}");
+        None
+    });
+    if let Some(old) = old.filter(|r| r.is_live()) {
+        if old.backend != fw.kind() {
+            return Err(Error::invalid_config(format!(
+                "{} was added with the {} backend; DEL it before adding it with {}",
+                id.describe(),
+                old.backend.name(),
+                fw.kind().name()
+            )));
+        }
+        // A repeated ADD: remove the old one first, so the node holds exactly the new record.
+        node.remove(&mut *fw, &old).context("remove the earlier ADD")?;
+    }
+    node.check_claims(&id, &planned.host_ports)?;
+
+    let mut rec = record_for(conf, &planned, &*fw);
+    node.store.save(&rec).context("record intent")?;
+    crashpoint::reached("add:after-intent");
+    let first = node.hold(&*fw, &rec)?;
+
+    let mut applied = Applied::default();
+    let result = kernel::apply_sysctls(&planned.sysctls)
+        .and_then(|()| node.install(&mut *fw, &rec, &first))
+        .inspect(|()| crashpoint::reached("add:after-firewall"))
+        .and_then(|()| kernel::apply_routing(&planned, &mut applied))
+        .inspect(|_| crashpoint::reached("add:after-routing"));
+    let my_routes = match result {
+        Ok(routes) => routes,
+        Err(e) => {
+            node.roll_back_add(&mut *fw, &rec, &applied);
+            return Err(e.context(format!("add {}", id.describe())));
+        }
+    };
+    rec.routes = my_routes.into_iter().collect();
+    if !rec.tables.is_empty() {
+        node.sync_table_names();
+    }
+    rec.status = Status::Applied;
+    node.store.save(&rec).context("record result")?;
+    kernel::clear_udp_conntrack(&planned.host_ports);
+    for w in fw.node_warnings() {
+        log::warn!("{w}");
+    }
+    log::info!(
+        "added with {}: {} forwards, {} shared objects first held here, {} ip rules, {} routes",
+        fw.kind().name(),
+        planned.forwards.len(),
+        first.firewall.len(),
+        rec.ip_rules.len(),
+        rec.routes.len()
+    );
+    Ok(prev.clone())
+}
+
+fn record_for(conf: &NetConf, planned: &Plan, fw: &dyn Firewall) -> Record {
+    let mut rec = Record::new(planned.id.clone(), &conf.cni_version);
+    rec.bridge = planned.bridge.clone();
+    rec.addresses = planned.addresses.iter().map(|a| a.ip.to_string()).collect();
+    rec.host_ports = planned.host_ports.clone();
+    rec.firewall = fw.render(planned);
+    rec.backend = fw.kind();
+    rec.sysctls = planned.sysctls.clone();
+    rec.ip_rules = planned.routing.ip_rules.iter().cloned().collect();
+    rec.tables = planned.routing.tables.iter().cloned().collect();
+    rec
+}

@@ -1,0 +1,103 @@
+//! The kernel state both backends share: sysctls, the bridge gateway, policy routing over
+//! rtnetlink, iproute2 table names and UDP conntrack entries.
+
+use crate::config::Protocol;
+use crate::error::{Context, Error, Result};
+use crate::netlink::conntrack::{self, UdpFlow};
+use crate::plan::{HostPort, Plan, Sysctl};
+use crate::routing::apply::{self as routes, Applied};
+use crate::routing::netlink::Netlink;
+use crate::routing::rt_tables::RtTables;
+use crate::routing::{IpRule, Route};
+use std::collections::BTreeSet;
+
+pub fn apply_sysctls(sysctls: &[Sysctl]) -> Result<()> {
+    for s in sysctls {
+        let current = match std::fs::read_to_string(&s.path) {
+            Ok(v) => v,
+            Err(e) if !s.required && e.kind() == std::io::ErrorKind::NotFound => {
+                log::warn!("sysctl {} not there yet (interface absent?); CHECK will report it", s.path);
+                continue;
+            }
+            Err(e) => return Err(Error::io(format!("read sysctl {}", s.path), e)),
+        };
+        if current.trim() != s.value {
+            std::fs::write(&s.path, &s.value).map_err(|e| Error::io(format!("set sysctl {}", s.path), e))?;
+        }
+    }
+    Ok(())
+}
+
+/// What CHECK reports about sysctls.
+pub fn check_sysctls(sysctls: &[Sysctl]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for s in sysctls {
+        match std::fs::read_to_string(&s.path) {
+            Ok(v) if v.trim() == s.value => {}
+            Ok(v) => problems.push(format!("sysctl {} is {} instead of {}", s.path, v.trim(), s.value)),
+            Err(e) => problems.push(format!("sysctl {} unreadable: {e}", s.path)),
+        }
+    }
+    problems
+}
+
+/// Gateway on the bridge, then this attachment's ip rules and tables. Returns the routes of its
+/// tables as installed.
+pub fn apply_routing(planned: &Plan, applied: &mut Applied) -> Result<BTreeSet<Route>> {
+    let mut nl = Netlink::open()?;
+    if let Some(gw) = planned.gateway {
+        routes::ensure_gateway(&mut nl, &planned.bridge, gw).context("bridge gateway")?;
+    }
+    let r = &planned.routing;
+    if r.ip_rules.is_empty() && r.tables.is_empty() {
+        return Ok(BTreeSet::new());
+    }
+    let (resolved, warnings) = routes::resolve_tables(&mut nl, &r.tables)?;
+    for w in warnings {
+        log::warn!("{w}; CHECK will report it until it is fixed");
+    }
+    routes::apply(&mut nl, &r.ip_rules, &resolved, applied).context("policy routing")?;
+    Ok(resolved)
+}
+
+/// Remove ip rules and empty tables nobody needs any more.
+pub fn remove_routing(ip_rules: &BTreeSet<IpRule>, tables: &BTreeSet<u32>) -> Result<()> {
+    if ip_rules.is_empty() && tables.is_empty() {
+        return Ok(());
+    }
+    let mut nl = Netlink::open()?;
+    routes::remove(&mut nl, ip_rules, tables).context("remove policy routing")
+}
+
+pub fn register_table_names(names: &BTreeSet<(u32, String)>) -> Result<()> {
+    RtTables::system().sync(names)
+}
+
+/// Flows to these host ports may be pinned to an old pod (or to no pod) by conntrack. Only flows
+/// addressed to the node are touched, not traffic it forwards to the same port elsewhere.
+pub fn clear_udp_conntrack(host_ports: &[HostPort]) {
+    let udp: Vec<&HostPort> = host_ports.iter().filter(|h| h.protocol == Protocol::Udp).collect();
+    if udp.is_empty() {
+        return;
+    }
+    let local = match Netlink::open().and_then(|mut nl| nl.local_addresses()) {
+        Ok(addrs) => addrs,
+        Err(e) => return log::warn!("clear UDP conntrack entries: list the node's addresses: {e}"),
+    };
+    let flows: Vec<UdpFlow> = udp
+        .iter()
+        .flat_map(|h| match h.host_ip {
+            Some(ip) => vec![UdpFlow { port: h.port, dst: Some(ip) }],
+            None => local.iter().map(|ip| UdpFlow { port: h.port, dst: Some(*ip) }).collect(),
+        })
+        .collect();
+    for v6 in [false, true] {
+        let of_family: Vec<UdpFlow> =
+            flows.iter().copied().filter(|f| f.dst.is_none_or(|d| d.is_ipv6() == v6)).collect();
+        match conntrack::clear_udp(v6, &of_family) {
+            Ok(0) => {}
+            Ok(n) => log::info!("cleared {n} stale UDP conntrack entries"),
+            Err(e) => log::warn!("clear UDP conntrack entries: {e}"),
+        }
+    }
+}

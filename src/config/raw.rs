@@ -1,0 +1,117 @@
+//! The configuration exactly as decoded from stdin: structure and types only, no meaning yet.
+
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct RawConf {
+    #[serde(default)]
+    pub(super) cni_version: String,
+    #[serde(default)]
+    pub(super) name: String,
+    #[serde(rename = "type", default)]
+    pub(super) plugin_type: String,
+    pub(super) prev_result: Option<serde_json::Value>,
+    #[serde(default)]
+    pub(super) runtime_config: RawRuntimeConfig,
+    pub(super) bridge: Option<String>,
+    pub(super) masquerade: Option<bool>,
+    pub(super) routing: Option<RawRouting>,
+    #[serde(default)]
+    pub(super) port_forwarding: RawPortForwarding,
+    pub(super) log_file: Option<String>,
+    pub(super) log_level: Option<String>,
+    pub(super) state_dir: Option<String>,
+    pub(super) lock_timeout_ms: Option<u64>,
+    pub(super) iptables: Option<String>,
+    pub(super) backend: Option<String>,
+    pub(super) mark_mask: Option<RawMark>,
+    #[serde(rename = "cni.dev/valid-attachments")]
+    pub(super) valid_attachments: Option<Vec<RawAttachment>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct RawRuntimeConfig {
+    #[serde(default)]
+    pub(super) port_mappings: Vec<RawPortMapping>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct RawPortMapping {
+    pub(super) host_port: i64,
+    pub(super) container_port: i64,
+    #[serde(default)]
+    pub(super) protocol: String,
+    #[serde(default, rename = "hostIP")]
+    pub(super) host_ip: String,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct RawPortForwarding {
+    #[serde(default)]
+    pub(super) rules: Vec<RawRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct RawRule {
+    #[serde(default)]
+    pub(super) name: String,
+    pub(super) host_port: i64,
+    #[serde(default, rename = "destIP")]
+    pub(super) dest_ip: String,
+    pub(super) dest_port: i64,
+    #[serde(default)]
+    pub(super) protocol: String,
+    pub(super) routing: Option<RawRuleRouting>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct RawRouting {
+    pub(super) enabled: Option<bool>,
+    pub(super) table_id: Option<i64>,
+    pub(super) table_name: Option<String>,
+    pub(super) fwmark: Option<RawMark>,
+    pub(super) rule_priority: Option<i64>,
+    pub(super) outbound: Option<RawOutbound>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct RawRuleRouting {
+    pub(super) fwmark: Option<RawMark>,
+    pub(super) table_id: Option<i64>,
+    pub(super) table_name: Option<String>,
+    pub(super) outbound: Option<RawOutbound>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct RawOutbound {
+    #[serde(default)]
+    pub(super) interface: String,
+    #[serde(default)]
+    pub(super) gateway: String,
+    #[serde(default)]
+    pub(super) use_default_route: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum RawMark {
+    Number(i64),
+    Text(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct RawAttachment {
+    #[serde(rename = "containerID")]
+    pub(super) container_id: String,
+    #[serde(default)]
+    pub(super) ifname: String,
+}

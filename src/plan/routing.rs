@@ -1,0 +1,93 @@
+//! Which connections are marked, and the ip rules and tables that route by those marks and by the
+//! pod subnet. Pure: next hops are resolved against the live uplinks when applied (routing/).
+
+use super::{Forward, HostPort};
+use crate::config::{NetConf, Outbound, DEFAULT_RULE_PRIORITY};
+use crate::routing::{IpRule, TableSpec, MAIN_TABLE};
+use ipnetwork::IpNetwork;
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoutingPlan {
+    pub ip_rules: BTreeSet<IpRule>,
+    pub tables: BTreeSet<TableSpec>,
+    /// Uplinks that need `src_valid_mark` so strict rp_filter accepts marked connections.
+    pub uplinks: BTreeSet<String>,
+}
+
+/// The mark, table and uplink a forward's replies are routed by, if any: the rule's own routing
+/// block, else the network's fallback mark.
+fn route_for<'a>(
+    conf: &'a NetConf,
+    host: &HostPort,
+    pod_ip: IpAddr,
+) -> Option<(u32, u32, &'a Outbound, &'a Option<String>)> {
+    if !pod_ip.is_ipv4() {
+        return None;
+    }
+    let own = conf
+        .rules
+        .iter()
+        .find(|r| r.host_port == host.port && r.protocol == host.protocol && host.host_ip.is_none())
+        .and_then(|r| r.routing.as_ref());
+    match (own, &conf.routing) {
+        (Some(rs), _) => Some((rs.fwmark, rs.table_id, &rs.outbound, &rs.table_name)),
+        (None, Some(g)) => g.fwmark.map(|m| (m, g.table_id, &g.outbound, &g.table_name)),
+        (None, None) => None,
+    }
+}
+
+pub(super) fn mark_for(conf: &NetConf, host: &HostPort, pod_ip: IpAddr) -> Option<u32> {
+    route_for(conf, host, pod_ip).map(|(mark, ..)| mark)
+}
+
+/// The routing objects one attachment needs, given its forwards and its IPv4 subnets.
+pub(super) fn plan_routing(conf: &NetConf, bridge: &str, subnets: &[IpNetwork], forwards: &[Forward]) -> RoutingPlan {
+    let mut plan = RoutingPlan::default();
+    let mask = conf.settings.mark_mask;
+    let priority = conf.routing.as_ref().map_or(DEFAULT_RULE_PRIORITY, |g| g.rule_priority);
+    for f in forwards {
+        let Some((mark, table, outbound, name)) = route_for(conf, &f.host, f.pod_ip) else {
+            continue;
+        };
+        plan.ip_rules.insert(IpRule {
+            priority,
+            table,
+            fwmark: Some((mark, mask)),
+            from: None,
+            suppress_default: false,
+        });
+        for subnet in subnets {
+            plan.tables.insert(table_spec(table, name, bridge, *subnet, outbound));
+        }
+        plan.uplinks.insert(outbound.interface.clone());
+    }
+    if let Some(g) = &conf.routing {
+        for subnet in subnets {
+            plan.tables.insert(table_spec(g.table_id, &g.table_name, bridge, *subnet, &g.outbound));
+            // Networks the node reaches directly keep their main-table routes; only the default
+            // route is replaced by the table's.
+            plan.ip_rules.insert(IpRule {
+                priority: g.rule_priority + 9,
+                table: MAIN_TABLE,
+                fwmark: None,
+                from: Some(*subnet),
+                suppress_default: true,
+            });
+            plan.ip_rules.insert(IpRule {
+                priority: g.rule_priority + 10,
+                table: g.table_id,
+                fwmark: None,
+                from: Some(*subnet),
+                suppress_default: false,
+            });
+        }
+        plan.uplinks.insert(g.outbound.interface.clone());
+    }
+    plan
+}
+
+fn table_spec(id: u32, name: &Option<String>, bridge: &str, subnet: IpNetwork, outbound: &Outbound) -> TableSpec {
+    TableSpec { id, name: name.clone(), bridge: bridge.to_string(), subnet, outbound: outbound.clone() }
+}

@@ -1,0 +1,76 @@
+//! The record of what one attachment installed: DEL, CHECK, GC and reconcile work from it alone.
+
+use crate::backend::Objects;
+use crate::config::{AttachmentId, Backend};
+use crate::plan::{HostPort, Sysctl};
+use crate::routing::{IpRule, Route, TableSpec};
+use serde::{Deserialize, Serialize};
+use std::fs;
+
+pub(super) const RECORD_FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Written before the node is changed: if the call dies, the next one reconciles from the kernel.
+    Applying,
+    Applied,
+}
+
+/// What ADD installed for one attachment. DEL, CHECK and GC work from this alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Record {
+    pub format: u32,
+    pub id: AttachmentId,
+    pub status: Status,
+    /// Rules vanish on reboot; a record from another boot describes nothing installed.
+    pub boot_id: String,
+    pub cni_version: String,
+    pub bridge: String,
+    pub addresses: Vec<String>,
+    pub host_ports: Vec<HostPort>,
+    /// What the firewall backend installed (iptables rules, or nftables elements).
+    #[serde(flatten)]
+    pub firewall: Objects,
+    pub sysctls: Vec<Sysctl>,
+    #[serde(default)]
+    pub ip_rules: Vec<IpRule>,
+    #[serde(default)]
+    pub tables: Vec<TableSpec>,
+    /// Routes as installed, next hops resolved at the time: what ADD did, for people reading the
+    /// record. DEL flushes whole tables instead, and CHECK resolves next hops again.
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    #[serde(default)]
+    pub backend: Backend,
+}
+impl Record {
+    pub fn new(id: AttachmentId, cni_version: &str) -> Record {
+        Record {
+            format: RECORD_FORMAT,
+            id,
+            status: Status::Applying,
+            boot_id: current_boot_id(),
+            cni_version: cni_version.to_string(),
+            bridge: String::new(),
+            addresses: Vec::new(),
+            host_ports: Vec::new(),
+            firewall: Objects::default(),
+            sysctls: Vec::new(),
+            ip_rules: Vec::new(),
+            tables: Vec::new(),
+            routes: Vec::new(),
+            backend: Backend::Iptables,
+        }
+    }
+
+    /// True when the rules it lists are believed to be on the node.
+    pub fn is_live(&self) -> bool {
+        self.boot_id == current_boot_id()
+    }
+}
+
+pub fn current_boot_id() -> String {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
+}
