@@ -5,6 +5,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -14,6 +15,12 @@ struct FileLogger {
 }
 
 static LOGGER: OnceLock<FileLogger> = OnceLock::new();
+static ECHO: AtomicBool = AtomicBool::new(false);
+
+/// Also copy every line to stderr (the node agent: journald and `kubectl logs` read it there).
+pub fn echo_to_stderr(on: bool) {
+    ECHO.store(on, Ordering::Relaxed);
+}
 
 /// Install the logger once; later calls only change the file, level and line prefix.
 pub fn init(path: &Path, level: log::LevelFilter, prefix: &str) {
@@ -48,6 +55,13 @@ impl log::Log for FileLogger {
         let line =
             format!("{} {:5} [{}] {}{}\n", timestamp(), record.level(), std::process::id(), prefix, record.args());
         let mut guard = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        if ECHO.load(Ordering::Relaxed) {
+            eprint!("bridge-nat: {line}");
+            if let Some(f) = guard.as_mut() {
+                let _ = f.write_all(line.as_bytes());
+            }
+            return;
+        }
         match guard.as_mut() {
             Some(f) => {
                 let _ = f.write_all(line.as_bytes());

@@ -1,7 +1,9 @@
 //! bridge-nat: a chained CNI plugin that forwards host ports to pods on a Linux bridge,
 //! masquerades their traffic and routes replies out of the uplink they came in on.
 
+mod agent;
 mod backend;
+mod cli;
 mod cni;
 mod commands;
 mod config;
@@ -20,9 +22,9 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let Some(command) = std::env::var("CNI_COMMAND").ok().filter(|c| !c.is_empty()) else {
-        // A person at a shell, not a runtime.
-        eprintln!("{}", cni::about());
-        return ExitCode::SUCCESS;
+        // A person at a shell or a unit file, not a runtime.
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        return cli::run(&args);
     };
     // Panic messages go to stderr (never stdout); the runtime gets a CNI error.
     let outcome = std::panic::catch_unwind(|| run(&command))

@@ -14,12 +14,14 @@ mod del;
 mod gc;
 mod kernel;
 mod node;
+mod reconcile;
 mod status;
 
 pub use add::add;
 pub use check::check;
 pub use del::del;
 pub use gc::gc;
+pub use reconcile::{problems_per_attachment, reconcile};
 pub use status::status;
 
 use crate::cni::Env;

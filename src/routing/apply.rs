@@ -166,3 +166,58 @@ pub fn ensure_gateway(nl: &mut Netlink, bridge: &str, gateway: IpNetwork) -> Res
         }
     }
 }
+
+/// Make ip rules and tables what they should be now (the repair path): add missing ip rules,
+/// remove rules into our tables that nobody needs, install missing routes and remove stale ones
+/// (an old gateway, a subnet the uplink no longer has). Returns the repairs made and what could
+/// not be resolved (an absent uplink, no next hop).
+pub fn repair(
+    nl: &mut Netlink,
+    rules: &BTreeSet<IpRule>,
+    tables: &BTreeSet<TableSpec>,
+) -> Result<(Vec<String>, Vec<String>)> {
+    let mut repairs = Vec::new();
+    let ours: BTreeSet<u32> = tables.iter().map(|t| t.id).collect();
+    let existing = nl.rules()?;
+    for rule in rules.iter().filter(|r| !existing.contains(r)) {
+        match nl.add_rule(rule) {
+            Ok(()) => repairs.push(format!("added {rule}")),
+            Err(e) if netlink::is_exists(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    for rule in existing.iter().filter(|r| ours.contains(&r.table) && r.table != MAIN_TABLE && !rules.contains(r)) {
+        match nl.del_rule(rule) {
+            Ok(()) => repairs.push(format!("removed {rule} (no record needs it)")),
+            Err(e) if netlink::is_absent(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let (wanted, unresolved) = resolve_tables(nl, tables)?;
+    for table in ours {
+        let actual = nl.routes(table)?;
+        let wanted_here: Vec<&Route> = wanted.iter().filter(|r| r.table == table).collect();
+        for want in &wanted_here {
+            let Some(oif) = netlink::link_index(&want.dev) else { continue };
+            if !actual.iter().any(|a| a.dst == want.dst && a.gateway == want.gateway && a.oif == oif) {
+                nl.replace_route(want, oif)?;
+                repairs.push(format!("installed {want}"));
+            }
+        }
+        for a in &actual {
+            let wanted = wanted_here
+                .iter()
+                .any(|w| w.dst == a.dst && w.gateway == a.gateway && netlink::link_index(&w.dev) == Some(a.oif));
+            let replaced = wanted_here.iter().any(|w| w.dst == a.dst);
+            if !wanted && !replaced {
+                let route = Route { table, dst: a.dst, gateway: a.gateway, dev: link_name(a.oif).unwrap_or_default() };
+                match nl.del_route(&route) {
+                    Ok(()) => repairs.push(format!("removed stale {route}")),
+                    Err(e) if netlink::is_absent(&e) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+    Ok((repairs, unresolved))
+}

@@ -6,6 +6,8 @@
 //! namespace's firewall, routes or rules.
 #![allow(dead_code)]
 
+pub mod uplinks;
+
 use std::fs;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};

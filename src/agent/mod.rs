@@ -1,0 +1,98 @@
+//! `bridge-nat watch`: the node agent. It keeps the kernel equal to the records between CNI calls:
+//! a full reconcile at start and every `--interval` seconds (the safety net, and the only trigger
+//! iptables-legacy changes get), and after every burst of kernel notifications a read-only check
+//! that reconciles only when something differs. Its own repairs raise notifications too; the check
+//! that follows finds nothing and changes nothing, so it never loops. It takes the node lock only
+//! to repair, and never removes anything when it stops.
+
+mod events;
+
+use crate::cli::Options;
+use crate::commands;
+use crate::config::Settings;
+use crate::error::Result;
+use events::{Events, Wake};
+use std::time::{Duration, Instant};
+
+/// Changes come in bursts (a link going down drops several routes): wait for the burst to end.
+const DEBOUNCE: Duration = Duration::from_millis(250);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Run until SIGTERM or SIGINT; Ok(true) on a clean stop.
+pub fn watch(opts: &Options) -> Result<bool> {
+    let settings = &opts.settings;
+    let mut events = Events::open()?;
+    let interval = Duration::from_secs(opts.interval_secs);
+    log::info!(
+        "node agent started (pid {}): state {}, safety reconcile every {} s",
+        std::process::id(),
+        settings.state_dir.display(),
+        opts.interval_secs
+    );
+    let mut full_due = Some(Instant::now());
+    let mut check_due: Option<Instant> = None;
+    let mut backoff = Duration::ZERO;
+    let mut next_safety = Instant::now() + interval;
+    loop {
+        let now = Instant::now();
+        let next = [full_due, check_due, Some(next_safety)].into_iter().flatten().min().expect("safety is set");
+        match events.wait(next.saturating_duration_since(now))? {
+            Wake::Stop(signal) => {
+                log::info!("{signal}: node agent stopping; nothing is removed");
+                return Ok(true);
+            }
+            Wake::Change => {
+                check_due.get_or_insert(Instant::now() + DEBOUNCE);
+            }
+            Wake::Timeout => {}
+        }
+        let now = Instant::now();
+        if now >= next_safety {
+            full_due = Some(now);
+        }
+        let full = full_due.is_some_and(|d| now >= d);
+        let check = check_due.is_some_and(|d| now >= d);
+        if !full && !check {
+            continue;
+        }
+        let outcome = if full { reconcile(settings) } else { check_then_reconcile(settings) };
+        match outcome {
+            Ok(()) => {
+                backoff = Duration::ZERO;
+                (full_due, check_due) = (None, None);
+                if full {
+                    next_safety = now + interval;
+                }
+            }
+            Err(e) => {
+                backoff = (backoff * 2).clamp(Duration::from_secs(1), MAX_BACKOFF);
+                log::error!("repair failed: {e}; trying again in {} s", backoff.as_secs());
+                let retry = Some(Instant::now() + backoff);
+                if full {
+                    full_due = retry;
+                } else {
+                    check_due = retry;
+                }
+            }
+        }
+    }
+}
+
+fn reconcile(settings: &Settings) -> Result<()> {
+    commands::reconcile(settings).map(|_| ())
+}
+
+/// The cheap path after a notification: read-only, no lock, unless something differs.
+fn check_then_reconcile(settings: &Settings) -> Result<()> {
+    let found = commands::problems_per_attachment(settings)?;
+    let wrong: Vec<String> = found
+        .iter()
+        .filter(|(_, p)| !p.is_empty())
+        .map(|(id, p)| format!("{}: {}", id.describe(), p.join("; ")))
+        .collect();
+    if wrong.is_empty() {
+        return Ok(());
+    }
+    log::info!("the node differs from the records: {}", wrong.join(" | "));
+    reconcile(settings)
+}

@@ -1,0 +1,111 @@
+//! Command-line options shared by every subcommand. The defaults are the plugin's own, so a
+//! subcommand sees the records a CNI call with a default config wrote.
+
+use crate::config::{Settings, DEFAULT_LOG_FILE, DEFAULT_STATE_DIR};
+use std::path::PathBuf;
+
+pub const HELP: &str = "options:\n  \
+    --state-dir DIR   the plugin's stateDir (default /run/bridge-nat)\n  \
+    --log-file FILE   the plugin's logFile (default /var/log/bridge-nat.log)\n  \
+    --log-level LEVEL error, warn, info, debug (default info)\n  \
+    --iptables TOOL   iptables, iptables-nft, iptables-legacy or a path (default iptables)\n  \
+    --json            machine-readable output\n  \
+    --interval SECS   watch: the safety reconcile's period (default 300)\n  \
+    --yes             uninstall: really remove";
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub settings: Settings,
+    pub json: bool,
+    pub yes: bool,
+    /// Log lines also go to stderr (the agent, so journald and `kubectl logs` see them).
+    pub echo_log: bool,
+    pub interval_secs: u64,
+}
+
+impl Options {
+    pub fn parse(args: &[String]) -> Result<Options, String> {
+        let mut settings = Settings {
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            log_file: PathBuf::from(DEFAULT_LOG_FILE),
+            ..Settings::default()
+        };
+        let mut opts =
+            Options { settings: Settings::default(), json: false, yes: false, echo_log: true, interval_secs: 300 };
+        let mut it = args.iter();
+        while let Some(arg) = it.next() {
+            let (flag, inline) = match arg.split_once('=') {
+                Some((f, v)) if f.starts_with("--") => (f, Some(v.to_string())),
+                _ => (arg.as_str(), None),
+            };
+            let mut value = |name: &str| -> Result<String, String> {
+                inline.clone().or_else(|| it.next().cloned()).ok_or_else(|| format!("{name} needs a value"))
+            };
+            match flag {
+                "--state-dir" => settings.state_dir = absolute(&value(flag)?, flag)?,
+                "--log-file" => settings.log_file = absolute(&value(flag)?, flag)?,
+                "--log-level" => {
+                    let v = value(flag)?;
+                    settings.log_level = v.parse().map_err(|_| format!("--log-level: {v:?} is not a level"))?;
+                }
+                "--iptables" => settings.iptables = value(flag)?,
+                "--interval" => {
+                    let v = value(flag)?;
+                    opts.interval_secs = v
+                        .parse()
+                        .ok()
+                        .filter(|s| (1..=86_400).contains(s))
+                        .ok_or_else(|| format!("--interval: {v:?} is not a number of seconds from 1 to 86400"))?;
+                }
+                "--json" => opts.json = true,
+                "--yes" => opts.yes = true,
+                other => return Err(format!("unknown option {other:?}")),
+            }
+        }
+        opts.settings = settings;
+        Ok(opts)
+    }
+}
+
+fn absolute(v: &str, flag: &str) -> Result<PathBuf, String> {
+    let p = PathBuf::from(v);
+    if p.is_absolute() {
+        Ok(p)
+    } else {
+        Err(format!("{flag}: {v:?} must be an absolute path"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn options_take_values_separately_or_inline() {
+        let o = Options::parse(&args(&["--state-dir", "/tmp/s", "--log-file=/tmp/l", "--json", "--interval", "7"]))
+            .unwrap();
+        assert_eq!(o.settings.state_dir, PathBuf::from("/tmp/s"));
+        assert_eq!(o.settings.log_file, PathBuf::from("/tmp/l"));
+        assert!(o.json && !o.yes);
+        assert_eq!(o.interval_secs, 7);
+    }
+
+    #[test]
+    fn defaults_are_the_plugins() {
+        let o = Options::parse(&[]).unwrap();
+        assert_eq!(o.settings.state_dir, PathBuf::from("/run/bridge-nat"));
+        assert_eq!(o.settings.log_file, PathBuf::from("/var/log/bridge-nat.log"));
+    }
+
+    #[test]
+    fn mistakes_name_the_option() {
+        assert!(Options::parse(&args(&["--state-dir"])).unwrap_err().contains("--state-dir needs a value"));
+        assert!(Options::parse(&args(&["--state-dir", "rel"])).unwrap_err().contains("absolute"));
+        assert!(Options::parse(&args(&["--frobnicate"])).unwrap_err().contains("--frobnicate"));
+        assert!(Options::parse(&args(&["--interval", "0"])).unwrap_err().contains("--interval"));
+    }
+}

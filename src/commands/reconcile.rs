@@ -1,0 +1,95 @@
+//! The node as a whole, from the records: `check_node` lists what differs (changes nothing, takes no
+//! lock), `reconcile` makes the kernel equal to the live records under the lock. The agent runs
+//! the first on every change and the second only when the first finds something.
+
+use super::check::check_routing;
+use super::kernel;
+use super::node::Node;
+use crate::backend::{self, Converge, Objects};
+use crate::config::{AttachmentId, Settings};
+use crate::error::{Context, Result};
+use crate::routing::apply as routes;
+use crate::routing::netlink::Netlink;
+use crate::routing::{IpRule, TableSpec};
+use crate::state::{Record, Status};
+use std::collections::BTreeSet;
+
+/// What one pass found or did.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Report {
+    /// One line per change made to the kernel.
+    pub repairs: Vec<String>,
+    /// What could not be made right (an uplink absent, no next hop, a failed repair).
+    pub unresolved: Vec<String>,
+}
+
+/// Problems per attachment, as CHECK would report them, without the lock.
+pub fn problems_per_attachment(settings: &Settings) -> Result<Vec<(AttachmentId, Vec<String>)>> {
+    let node = Node::open(settings)?;
+    let mut out = Vec::new();
+    for rec in node.store.load_all()?.into_iter().filter(|r| r.is_live()) {
+        let mut problems = Vec::new();
+        if rec.status != Status::Applied {
+            problems.push("the last ADD did not complete".to_string());
+        }
+        let mut fw = backend::open(rec.backend, settings);
+        problems.extend(fw.verify(&rec.id, &rec.firewall)?);
+        problems.extend(kernel::check_sysctls(&rec.sysctls));
+        problems.extend(check_routing(&rec)?);
+        out.push((rec.id, problems));
+    }
+    Ok(out)
+}
+
+/// Converge the kernel to exactly what the live records say, under the node lock.
+pub fn reconcile(settings: &Settings) -> Result<Report> {
+    let node = Node::open(settings)?;
+    let _lock = node.lock(settings.lock_timeout)?;
+    let records: Vec<Record> = node.store.load_all()?.into_iter().filter(|r| r.is_live()).collect();
+    let mut report = Report::default();
+    for mut fw in backend::every(settings) {
+        let mine: Vec<(&AttachmentId, &Objects)> =
+            records.iter().filter(|r| r.backend == fw.kind()).map(|r| (&r.id, &r.firewall)).collect();
+        match fw.converge(&mine, Converge::Repair) {
+            Ok(lines) => report.repairs.extend(lines),
+            Err(e) => report.unresolved.push(format!("{} firewall: {e}", fw.kind().name())),
+        }
+    }
+    let sysctls: BTreeSet<_> = records.iter().flat_map(|r| r.sysctls.iter().cloned()).collect();
+    for s in sysctls {
+        if kernel::check_sysctls(std::slice::from_ref(&s)).is_empty() {
+            continue;
+        }
+        match kernel::apply_sysctls(std::slice::from_ref(&s)) {
+            Ok(()) if kernel::check_sysctls(std::slice::from_ref(&s)).is_empty() => {
+                report.repairs.push(format!("set sysctl {} to {}", s.path, s.value))
+            }
+            Ok(()) => report.unresolved.push(format!("sysctl {} cannot be set yet (interface absent?)", s.path)),
+            Err(e) => report.unresolved.push(e.to_string()),
+        }
+    }
+    let ip_rules: BTreeSet<IpRule> = records.iter().flat_map(|r| r.ip_rules.iter().cloned()).collect();
+    let tables: BTreeSet<TableSpec> = records.iter().flat_map(|r| r.tables.iter().cloned()).collect();
+    if !ip_rules.is_empty() || !tables.is_empty() {
+        let mut nl = Netlink::open()?;
+        let (repairs, unresolved) = routes::repair(&mut nl, &ip_rules, &tables).context("repair policy routing")?;
+        report.repairs.extend(repairs);
+        report.unresolved.extend(unresolved);
+    }
+    let names: BTreeSet<(u32, String)> = tables.iter().filter_map(|t| t.name.clone().map(|n| (t.id, n))).collect();
+    let registered = crate::routing::rt_tables::RtTables::system().registered();
+    if !names.is_subset(&registered) {
+        match kernel::register_table_names(&names) {
+            Ok(()) => report.repairs.push("registered table names for iproute2".to_string()),
+            Err(e) => report.unresolved.push(format!("register table names: {e}")),
+        }
+    }
+    node.mark_applied(&records.iter().collect::<Vec<_>>());
+    for r in &report.repairs {
+        log::info!("repaired: {r}");
+    }
+    for u in &report.unresolved {
+        log::warn!("not right yet: {u}");
+    }
+    Ok(report)
+}
