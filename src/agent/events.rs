@@ -110,7 +110,13 @@ impl Events {
             loop {
                 match s.recv(&mut &mut self.buf[..], 0) {
                     Ok(0) => break,
-                    Ok(_) => continue,
+                    Ok(n) => {
+                        if n >= 6 {
+                            let t = u16::from_ne_bytes([self.buf[4], self.buf[5]]);
+                            log::debug!("notification: netlink message type {t:#x} ({n} bytes)");
+                        }
+                        continue;
+                    }
                     // ENOBUFS: notifications were lost; the pass that follows looks at everything.
                     Err(e) if e.raw_os_error() == Some(nix::libc::ENOBUFS) => continue,
                     Err(_) => break,

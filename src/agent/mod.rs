@@ -32,6 +32,7 @@ pub fn watch(opts: &Options) -> Result<bool> {
     let mut full_due = Some(Instant::now());
     let mut check_due: Option<Instant> = None;
     let mut backoff = Duration::ZERO;
+    let mut fight = Fight::default();
     let mut next_safety = Instant::now() + interval;
     loop {
         let now = Instant::now();
@@ -57,11 +58,14 @@ pub fn watch(opts: &Options) -> Result<bool> {
         }
         let outcome = if full { reconcile(settings) } else { check_then_reconcile(settings) };
         match outcome {
-            Ok(()) => {
+            Ok(repairs) => {
                 backoff = Duration::ZERO;
                 (full_due, check_due) = (None, None);
                 if full {
                     next_safety = now + interval;
+                }
+                if let Some(pause) = fight.after(repairs) {
+                    check_due = Some(Instant::now() + pause);
                 }
             }
             Err(e) => {
@@ -78,12 +82,43 @@ pub fn watch(opts: &Options) -> Result<bool> {
     }
 }
 
-fn reconcile(settings: &Settings) -> Result<()> {
-    commands::reconcile(settings).map(|_| ())
+fn reconcile(settings: &Settings) -> Result<Vec<String>> {
+    commands::reconcile(settings).map(|r| r.repairs)
+}
+
+/// Another program undoing our repairs as fast as we make them (a firewall manager that owns the
+/// same objects) would keep both busy: after the same repairs three passes running, wait longer
+/// and longer before looking again, and say so.
+#[derive(Default)]
+struct Fight {
+    last: Vec<String>,
+    rounds: u32,
+}
+
+impl Fight {
+    fn after(&mut self, repairs: Vec<String>) -> Option<Duration> {
+        if repairs.is_empty() || repairs != self.last {
+            self.rounds = u32::from(!repairs.is_empty());
+            self.last = repairs;
+            return None;
+        }
+        self.rounds += 1;
+        if self.rounds < 3 {
+            return None;
+        }
+        let pause = Duration::from_secs(1 << (self.rounds - 3).min(5));
+        log::warn!(
+            "the same repairs were needed {} times running (does another program undo them?): {}; next look in {} s",
+            self.rounds,
+            self.last.join("; "),
+            pause.as_secs()
+        );
+        Some(pause)
+    }
 }
 
 /// The cheap path after a notification: read-only, no lock, unless something differs.
-fn check_then_reconcile(settings: &Settings) -> Result<()> {
+fn check_then_reconcile(settings: &Settings) -> Result<Vec<String>> {
     let found = commands::problems_per_attachment(settings)?;
     let wrong: Vec<String> = found
         .iter()
@@ -91,8 +126,29 @@ fn check_then_reconcile(settings: &Settings) -> Result<()> {
         .map(|(id, p)| format!("{}: {}", id.describe(), p.join("; ")))
         .collect();
     if wrong.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     log::info!("the node differs from the records: {}", wrong.join(" | "));
     reconcile(settings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn the_same_repairs_three_times_running_back_off() {
+        let mut f = Fight::default();
+        assert_eq!(f.after(lines(&["a"])), None);
+        assert_eq!(f.after(lines(&["a"])), None);
+        assert_eq!(f.after(lines(&["a"])), Some(Duration::from_secs(1)));
+        assert_eq!(f.after(lines(&["a"])), Some(Duration::from_secs(2)));
+        assert_eq!(f.after(lines(&[])), None);
+        assert_eq!(f.after(lines(&["a"])), None);
+        assert_eq!(f.after(lines(&["b"])), None);
+    }
 }
