@@ -258,6 +258,7 @@ fn idle_agent_uses_next_to_no_cpu_and_does_not_loop(backend: Backend) {
     let ticks = agent.cpu_ticks();
     std::thread::sleep(Duration::from_secs(10));
     let used = agent.cpu_ticks() - ticks;
+    eprintln!("idle agent ({backend:?}): {used} clock ticks of CPU over 10 s");
     // Clock ticks are 1/100 s: 1% of a core over 10 s is 10 ticks.
     assert!(used < 10, "the idle agent used {used} ticks (>= 1% of a core) over 10 s");
     assert_eq!(node.log().matches("repaired:").count(), passes, "the agent kept repairing:\n{}", node.log());
