@@ -384,3 +384,28 @@ fn check_names_and_reconcile_repairs_each_fault_without_an_agent(backend: Backen
     assert_eq!(v["attachments"][0]["containerID"], json!(pod.id), "{v}");
 }
 both_backends!(check_names_and_reconcile_repairs_each_fault_without_an_agent);
+
+/// The agent in a container without privileges sees /proc/sys read-only: the per-interface
+/// settings bridge-nat needs are then set over rtnetlink.
+fn reconcile_sets_uplink_settings_when_proc_sys_is_read_only(backend: Backend) {
+    if !require_root() {
+        return;
+    }
+    let site = site(backend);
+    let node = &site.t.node;
+    node.ns.sh_ok("sysctl -qw net.ipv4.conf.up1.src_valid_mark=0");
+    let script = format!(
+        "mount -o bind,ro /proc/sys /proc/sys && ! sh -c 'echo 1 > /proc/sys/net/ipv4/conf/up1/src_valid_mark' 2>/dev/null \
+         && {} reconcile --state-dir {} --log-file {}",
+        bin(),
+        node.state_dir().display(),
+        node.log_file().display()
+    );
+    let out = Command::new("ip")
+        .args(["netns", "exec", node.ns.name(), "unshare", "-m", "sh", "-c", &script])
+        .output()
+        .expect("reconcile under a read-only /proc/sys");
+    assert!(text(&out).contains("set sysctl /proc/sys/net/ipv4/conf/up1/src_valid_mark to 1"), "{}", text(&out));
+    assert_eq!(node.ns.sh_ok("cat /proc/sys/net/ipv4/conf/up1/src_valid_mark").trim(), "1");
+}
+both_backends!(reconcile_sets_uplink_settings_when_proc_sys_is_read_only);

@@ -22,10 +22,34 @@ pub fn apply_sysctls(sysctls: &[Sysctl]) -> Result<()> {
             Err(e) => return Err(Error::io(format!("read sysctl {}", s.path), e)),
         };
         if current.trim() != s.value {
-            std::fs::write(&s.path, &s.value).map_err(|e| Error::io(format!("set sysctl {}", s.path), e))?;
+            write_sysctl(s)?;
         }
     }
     Ok(())
+}
+
+/// Write through /proc; where /proc/sys is read-only (the agent in a container without privileges),
+/// set the per-interface IPv4 settings bridge-nat uses over rtnetlink instead.
+fn write_sysctl(s: &Sysctl) -> Result<()> {
+    let err = match std::fs::write(&s.path, &s.value) {
+        Ok(()) => return Ok(()),
+        Err(e) => e,
+    };
+    let by_netlink = s.path.strip_prefix("/proc/sys/net/ipv4/conf/").and_then(|rest| {
+        let (ifname, key) = rest.split_once('/')?;
+        let key = match key {
+            "src_valid_mark" => 24,
+            "route_localnet" => 26,
+            _ => return None,
+        };
+        Some((crate::routing::netlink::link_index(ifname)?, key, s.value.parse::<u32>().ok()?))
+    });
+    match by_netlink {
+        Some((index, key, value)) if err.raw_os_error() == Some(nix::libc::EROFS) => Netlink::open()
+            .and_then(|mut nl| nl.set_ipv4_conf(index, key, value))
+            .context(format!("set sysctl {} (read-only /proc/sys, tried rtnetlink)", s.path)),
+        _ => Err(Error::io(format!("set sysctl {}", s.path), err)),
+    }
 }
 
 /// What CHECK reports about sysctls.

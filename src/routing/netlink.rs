@@ -5,11 +5,13 @@
 use super::{IpRule, Route};
 use crate::error::{code, Error, Result};
 use ipnetwork::IpNetwork;
+use netlink_packet_core::DefaultNla;
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE,
     NLM_F_REQUEST,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::link::{LinkAttribute, LinkMessage};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
@@ -206,6 +208,30 @@ impl Netlink {
                 _ => None,
             })
             .collect())
+    }
+
+    /// Set one IPv4 per-interface setting (`IPV4_DEVCONF_*`), as writing
+    /// /proc/sys/net/ipv4/conf/IF/KEY does, but over rtnetlink: a container without privileges has
+    /// /proc/sys read-only and CAP_NET_ADMIN still allows this.
+    pub fn set_ipv4_conf(&mut self, index: u32, key: u16, value: u32) -> Result<()> {
+        // IFLA_AF_SPEC { AF_INET { IFLA_INET_CONF { key: value } } }
+        let nla = |kind: u16, payload: &[u8]| -> Vec<u8> {
+            let mut b = Vec::with_capacity(4 + payload.len());
+            b.extend(((4 + payload.len()) as u16).to_ne_bytes());
+            b.extend(kind.to_ne_bytes());
+            b.extend(payload);
+            b.resize((b.len() + 3) & !3, 0);
+            b
+        };
+        const IFLA_AF_SPEC: u16 = 26;
+        const IFLA_INET_CONF: u16 = 1;
+        let conf = nla(IFLA_INET_CONF, &nla(key, &value.to_ne_bytes()));
+        let inet = nla(nix::libc::AF_INET as u16, &conf);
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.attributes.push(LinkAttribute::Other(DefaultNla::new(IFLA_AF_SPEC, inet)));
+        self.request(RouteNetlinkMessage::SetLink(msg), NLM_F_REQUEST | NLM_F_ACK, "set an interface's IPv4 setting")
+            .map(|_| ())
     }
 
     pub fn add_address(&mut self, index: u32, addr: IpNetwork) -> Result<()> {
