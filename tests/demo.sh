@@ -1,32 +1,55 @@
 #!/usr/bin/env bash
-# A pod on dind-br0 inside throwaway network namespaces, attached by bridge + host-local +
-# bridge-nat through libcni, reached by an outside client through the node's uplink.
-# Nothing outside those namespaces is touched; they are deleted on exit.
+# The seed's picture in throwaway network namespaces: a node with two uplinks (eth0 and eth5), a
+# router and a client behind each (each client reachable only through its own uplink), one pod on
+# dind-br0 attached by bridge + host-local + bridge-nat through libcni with the seed's configuration
+# shape, and the node agent. Both clients reach the pod through their own uplink; eth5 flaps and the
+# agent repairs it; DEL leaves the node clean. Nothing outside those namespaces is touched.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bindir="${1:-/opt/cni/bin}"
 [ "$(id -u)" -eq 0 ] || { echo "demo: run as root (network namespaces)" >&2; exit 1; }
-bash tests/install-deps.sh
+bash tests/install-deps.sh >&2
 driver=$(bash tests/driver/build.sh)
+bn="$bindir/bridge-nat"
 
 tag="bnd$$"
-node="$tag-node" pod="$tag-pod" client="$tag-client"
+node="$tag-node" pod="$tag-pod" ra="$tag-ra" rb="$tag-rb" ca="$tag-ca" cb="$tag-cb"
 work=$(mktemp -d)
+agent=""
 cleanup() {
-  for ns in "$client" "$pod" "$node"; do
+  [ -n "$agent" ] && kill "$agent" 2>/dev/null && wait "$agent" 2>/dev/null
+  for ns in "$ca" "$cb" "$ra" "$rb" "$pod" "$node"; do
     ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
     ip netns del "$ns" 2>/dev/null || true
   done
-  rm -rf "$work"
+  rm -rf "/etc/netns/$node" "$work"
 }
 trap cleanup EXIT
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+nsx() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
+fail() { echo "demo: $*" >&2; exit 1; }
 
-step "namespaces: node $node, pod $pod, client $client (uplink 203.0.113.0/24)"
-for ns in "$node" "$pod" "$client"; do ip netns add "$ns"; ip -n "$ns" link set lo up; done
-ip link add up0 netns "$node" type veth peer name eth0 netns "$client"
-ip -n "$node" addr add 203.0.113.1/24 dev up0 && ip -n "$node" link set up0 up
-ip -n "$client" addr add 203.0.113.2/24 dev eth0 && ip -n "$client" link set eth0 up
+step "node with uplinks eth0 (198.51.100.1) and eth5 (192.0.2.1); client A only behind eth0, client B only behind eth5"
+for ns in "$node" "$pod" "$ra" "$rb" "$ca" "$cb"; do ip netns add "$ns"; ip -n "$ns" link set lo up; done
+# The node's own iproute2 config, so table names never reach this machine's /etc/iproute2.
+mkdir -p "/etc/netns/$node/iproute2/rt_tables.d" && cp /etc/iproute2/rt_tables "/etc/netns/$node/iproute2/" 2>/dev/null ||
+  printf '255\tlocal\n254\tmain\n253\tdefault\n0\tunspec\n' > "/etc/netns/$node/iproute2/rt_tables"
+link() { # ns1 if1 addr1 ns2 if2 addr2
+  ip link add "$2" netns "$1" type veth peer name "$5" netns "$4"
+  ip -n "$1" addr add "$3" dev "$2" && ip -n "$1" link set "$2" up
+  ip -n "$4" addr add "$6" dev "$5" && ip -n "$4" link set "$5" up
+}
+link "$node" eth0 198.51.100.1/24 "$ra" wan 198.51.100.254/24
+link "$node" eth5 192.0.2.1/24 "$rb" wan 192.0.2.254/24
+link "$ra" lan 203.0.113.1/25 "$ca" eth0 203.0.113.10/25
+link "$rb" lan 203.0.113.129/25 "$cb" eth0 203.0.113.140/25
+for r in "$ra" "$rb"; do nsx "$r" sysctl -qw net.ipv4.ip_forward=1; done
+nsx "$ca" ip route add default via 203.0.113.1
+nsx "$cb" ip route add default via 203.0.113.129
+nsx "$node" ip route add default via 198.51.100.254 dev eth0
+nsx "$node" ip route add default via 192.0.2.254 dev eth5 metric 200
+nsx "$node" sysctl -qw net.ipv4.conf.all.rp_filter=1
+echo "main table of the node: default via eth0 (preferred), via eth5 (metric 200); strict rp_filter"
 
 cat > "$work/dind.conflist" <<JSON
 { "cniVersion": "1.0.0", "name": "dind", "plugins": [
@@ -36,32 +59,64 @@ cat > "$work/dind.conflist" <<JSON
               "routes": [{ "dst": "0.0.0.0/0" }] } },
   { "type": "bridge-nat", "capabilities": { "portMappings": true },
     "stateDir": "$work/state", "logFile": "$work/bridge-nat.log",
-    "portForwarding": { "rules": [ { "name": "web-app", "hostPort": 30080, "destPort": 8080, "protocol": "tcp" } ] } } ] }
+    "routing": { "enabled": true, "tableId": 100, "tableName": "dind_net1", "fwmark": "0x64", "rulePriority": 100,
+                 "outbound": { "interface": "eth5" } },
+    "portForwarding": { "rules": [
+      { "name": "docker-tls", "hostPort": 2376, "destIP": "10.20.0.10", "destPort": 2376, "protocol": "tcp" },
+      { "name": "web-app", "hostPort": 30080, "destIP": "10.20.0.10", "destPort": 8080, "protocol": "tcp",
+        "routing": { "fwmark": "0x65", "tableId": 101, "tableName": "dind_eth0", "outbound": { "interface": "eth0" } } } ] } } ] }
 JSON
 export CNI_PATH="$bindir:/usr/lib/cni"
-cni() { ip netns exec "$node" "$driver" "$1" --conflist "$work/dind.conflist" --netns "/var/run/netns/$pod" \
+cni() { nsx "$node" "$driver" "$1" --conflist "$work/dind.conflist" --netns "/var/run/netns/$pod" \
           --container-id demo-pod --ifname net1 --cache-dir "$work/cache" "${@:2}"; }
+tool() { nsx "$node" "$bn" "$@" --state-dir "$work/state" --log-file "$work/bridge-nat.log"; }
 
-step "ADD (bridge -> host-local -> bridge-nat), with a runtime port mapping 2376 -> 2376"
-cni add --port-mappings '[{"hostPort":2376,"containerPort":2376,"protocol":"tcp"}]'
-echo
-step "the node's NAT rules"
-ip netns exec "$node" iptables -t nat -S | grep -i bridge-nat
+step "the node agent: bridge-nat watch"
+nsx "$node" "$bn" watch --state-dir "$work/state" --log-file "$work/bridge-nat.log" 2>/dev/null &
+agent=$!
+for _ in $(seq 50); do grep -q "node agent started" "$work/bridge-nat.log" 2>/dev/null && break; sleep 0.1; done
 
-step "a server in the pod on :8080; the client connects to the node's uplink 203.0.113.1:30080"
-ip netns exec "$pod" socat -T5 TCP-LISTEN:8080,reuseaddr,fork SYSTEM:'echo hello from the pod - you are \$SOCAT_PEERADDR' &
-disown
-for _ in $(seq 50); do ip netns exec "$pod" ss -ltn | grep -q ':8080' && break; sleep 0.1; done
-reply=$(ip netns exec "$client" socat -T5 - TCP:203.0.113.1:30080,connect-timeout=5 </dev/null)
-echo "client received: $reply"
-[[ "$reply" == "hello from the pod - you are 203.0.113.2" ]] || { echo "demo: no reply through the DNAT" >&2; exit 1; }
+step "ADD (bridge -> host-local -> bridge-nat): the seed's rules, plus a runtime port mapping 8443 -> 8080"
+cni add --port-mappings '[{"hostPort":8443,"containerPort":8080,"protocol":"tcp"}]' >/dev/null && echo "ADD done"
+nsx "$pod" socat TCP-LISTEN:8080,reuseaddr,fork SYSTEM:'echo hello from the pod - you are \$SOCAT_PEERADDR' &
+nsx "$pod" socat TCP-LISTEN:2376,reuseaddr,fork SYSTEM:'echo docker-tls answers \$SOCAT_PEERADDR' &
+for _ in $(seq 50); do nsx "$pod" ss -ltn | grep -q ':2376' && break; sleep 0.1; done
 
-step "CHECK"
-cni check && echo "CHECK passed"
-step "DEL, then the node's bridge-nat rules"
+step "what is forwarded here: bridge-nat list"
+tool list
+
+ask() { # client-ns address port expected-substring
+  local reply
+  for _ in $(seq 30); do
+    reply=$(nsx "$1" socat -T2 - "TCP:$2:$3,connect-timeout=1" </dev/null 2>/dev/null || true)
+    [[ "$reply" == *"$4"* ]] && { printf '  %-10s -> %s:%s  %s\n' "$5" "$2" "$3" "$reply"; return 0; }
+    sleep 0.1
+  done
+  fail "$5 got no answer from $2:$3 (last: ${reply:-nothing})"
+}
+step "each client reaches the pod through its own uplink; the replies leave by that uplink"
+ask "$ca" 198.51.100.1 30080 "hello from the pod" "client A"
+ask "$cb" 192.0.2.1 30080 "hello from the pod" "client B"
+ask "$ca" 198.51.100.1 2376 "docker-tls" "client A"
+ask "$cb" 192.0.2.1 2376 "docker-tls" "client B"
+
+step "eth5 flaps (a modem reconnecting): its routes vanish from the tables; DHCP puts main's default back"
+nsx "$node" ip link set eth5 down
+nsx "$node" ip link set eth5 up
+nsx "$node" ip route replace default via 192.0.2.254 dev eth5 metric 200
+start=$(date +%s%N)
+ask "$cb" 192.0.2.1 30080 "hello from the pod" "client B"
+echo "  answered again after $(( ($(date +%s%N) - start) / 1000000 )) ms; the agent's log says:"
+grep "repaired:" "$work/bridge-nat.log" | sed 's/^/    /' | tail -4
+tool check | sed 's/^/  /'
+
+step "DEL, and what bridge-nat leaves on the node"
 cni del && echo "DEL done"
-left=$(ip netns exec "$node" iptables-save | grep -ci bridge-nat || true)
-echo "bridge-nat rules left on the node: $left"
-step "log ($work/bridge-nat.log)"
-cat "$work/bridge-nat.log"
-[ "$left" -eq 0 ]
+kill "$agent" && wait "$agent" 2>/dev/null || true
+agent=""
+left=$( { nsx "$node" iptables-save; nsx "$node" nft list ruleset; nsx "$node" ip rule; nsx "$node" ip route show table all; } |
+  grep -ciE 'bridge-nat|BRIDGE-NAT|dind_|fwmark' || true)
+echo "bridge-nat objects left on the node: $left"
+[ "$left" -eq 0 ] || fail "objects left behind"
+echo
+echo "demo passed (log: the node's bridge-nat.log, removed with the namespaces)"
