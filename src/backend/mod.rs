@@ -20,6 +20,7 @@ use std::collections::BTreeSet;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Objects {
     /// iptables: every rule this attachment needs, shared ones included, in iptables-save form.
+    /// nftables: the accepts its network needs in iptables' FORWARD where that drops by policy.
     #[serde(default)]
     pub rules: Vec<iptables::Rule>,
     /// nftables: the table contents this attachment needs.
@@ -66,8 +67,8 @@ pub trait Firewall {
     /// STATUS: can this backend change the kernel at all?
     fn usable(&mut self) -> Result<()>;
 
-    /// Things on the node, outside our objects, that defeat them (logged after ADD and CHECK).
-    fn node_warnings(&mut self) -> Vec<String> {
+    /// Things on the node, outside our objects, that defeat `objects` (logged after ADD and CHECK).
+    fn node_warnings(&mut self, _objects: &Objects) -> Vec<String> {
         Vec::new()
     }
 }
@@ -76,7 +77,7 @@ pub trait Firewall {
 pub fn open(kind: Backend, settings: &Settings) -> Box<dyn Firewall> {
     match kind {
         Backend::Iptables => Box::new(iptables::IptablesBackend::new(&settings.iptables, settings.lock_timeout)),
-        Backend::Nftables => Box::new(nftables::NftablesBackend::new()),
+        Backend::Nftables => Box::new(nftables::NftablesBackend::new(&settings.iptables, settings.lock_timeout)),
     }
 }
 

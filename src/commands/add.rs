@@ -69,7 +69,7 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<serde_json::Value> {
     rec.status = Status::Applied;
     node.store.save(&rec).context("record result")?;
     kernel::clear_udp_conntrack(&planned.host_ports);
-    for w in fw.node_warnings() {
+    for w in fw.node_warnings(&rec.firewall) {
         log::warn!("{w}");
     }
     log::info!(
