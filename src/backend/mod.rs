@@ -1,7 +1,7 @@
 //! Firewall backends behind one interface. A backend renders a plan into its kernel objects and
 //! changes the kernel; it knows nothing of records, the index or the lock, which the pipeline
 //! (commands/) owns. Which backend serves an attachment is decided once: from the config on ADD,
-//! from the record on every later call.
+//! from the record on every later call. `"backend": "auto"` is resolved here, once per ADD.
 //!
 //! Shared objects (a chain jump, a network's masquerade, the nftables table) are named by keys the
 //! pipeline holds in the index for each attachment; `install` is told which keys this attachment is
@@ -10,7 +10,7 @@
 pub mod iptables;
 pub mod nftables;
 
-use crate::config::{AttachmentId, Backend, Settings};
+use crate::config::{AttachmentId, Backend, BackendChoice, Settings};
 use crate::error::Result;
 use crate::plan::Plan;
 use serde::{Deserialize, Serialize};
@@ -81,7 +81,42 @@ pub fn open(kind: Backend, settings: &Settings) -> Box<dyn Firewall> {
     }
 }
 
+/// The backend new attachments get under `settings`, `auto` resolved: nftables where nf_tables
+/// answers a table lookup (the probe's socket then serves the call), iptables otherwise.
+pub fn open_for(settings: &Settings) -> Box<dyn Firewall> {
+    match settings.backend {
+        BackendChoice::Only(kind) => open(kind, settings),
+        BackendChoice::Auto if iptables::is_legacy(&settings.iptables) => open(Backend::Iptables, settings),
+        BackendChoice::Auto => {
+            let mut nft = nftables::NftablesBackend::new(&settings.iptables, settings.lock_timeout);
+            match nft.usable() {
+                Ok(()) => Box::new(nft),
+                Err(e) => {
+                    log::info!("backend auto: nf_tables unusable ({e}); using iptables");
+                    open(Backend::Iptables, settings)
+                }
+            }
+        }
+    }
+}
+
 /// Every backend, for the commands that look after the whole node (GC, reconcile, uninstall).
 pub fn every(settings: &Settings) -> Vec<Box<dyn Firewall>> {
     [Backend::Iptables, Backend::Nftables].into_iter().map(|k| open(k, settings)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_named_backend_is_used_as_is_and_auto_keeps_a_legacy_node_on_iptables() {
+        let with = |backend, iptables: &str| Settings { backend, iptables: iptables.into(), ..Settings::default() };
+        for kind in [Backend::Iptables, Backend::Nftables] {
+            assert_eq!(open_for(&with(BackendChoice::Only(kind), "iptables")).kind(), kind);
+        }
+        // Decided before any probe: nftables cannot see a legacy FORWARD policy.
+        let legacy = with(BackendChoice::Auto, "/usr/sbin/iptables-legacy");
+        assert_eq!(open_for(&legacy).kind(), Backend::Iptables);
+    }
 }
