@@ -119,4 +119,11 @@ mod tests {
         let legacy = with(BackendChoice::Auto, "/usr/sbin/iptables-legacy");
         assert_eq!(open_for(&legacy).kind(), Backend::Iptables);
     }
+
+    #[test]
+    fn an_nftables_record_from_before_the_accepts_still_loads() {
+        let old = serde_json::json!({ "nft": { "own": [], "shared": [], "marks": [] } });
+        let objects: Objects = serde_json::from_value(old).expect("an old nftables record's objects load");
+        assert!(objects.rules.is_empty() && objects.nft.is_some());
+    }
 }
