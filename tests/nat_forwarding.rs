@@ -8,12 +8,11 @@
 //!   remote 198.51.100.2 ──veth── 198.51.100.1 [up1] node                          (test 6 only)
 //! ```
 //!
-//! Every scenario runs under both firewall backends (`NAME::iptables`, `NAME::nftables`).
-//! Under iptables the node's FORWARD policy is DROP in both families (as on a Docker host),
-//! so forwarded traffic only flows through the plugin's own ACCEPT rules. Under nftables it is
-//! not: an accept in one nftables base chain never overrides a drop in another (iptables-nft's
-//! FORWARD included), so no plugin table could let traffic through such a policy; there the
-//! accepts are checked as set elements instead.
+//! Every scenario runs under both firewall backends (`NAME::iptables`, `NAME::nftables`), and
+//! on a [`Site`] the node's iptables FORWARD policy is DROP in both families (as on a Docker
+//! host), so forwarded traffic only flows through the plugin's own accepts: the iptables
+//! backend's chain, or the nftables backend's elements plus its accepts in iptables' FORWARD (an
+//! accept in our table cannot overrule a drop in another base chain).
 
 mod common;
 
@@ -22,7 +21,7 @@ use std::time::Duration;
 
 use common::{
     both_backends, error_code, nft_missing_element, plugin_stdin, require_root, wait_for, Backend, Background,
-    DriverOutput, Netns, Node, NFT_TABLE,
+    DriverOutput, Netns, Node, NFT_ACCEPT_CHAIN, NFT_TABLE,
 };
 use serde_json::{json, Value};
 
@@ -45,11 +44,13 @@ struct Site {
 
 impl Site {
     fn new(backend: Backend) -> Site {
-        let node = Node::with_backend(backend);
+        Site::on(Node::with_backend(backend))
+    }
+
+    /// A site around `node` (whichever way its entries choose the backend).
+    fn on(node: Node) -> Site {
         node.prime_firewall();
-        if backend == Backend::Iptables {
-            node.ns.sh_ok("iptables -P FORWARD DROP && ip6tables -P FORWARD DROP");
-        }
+        node.ns.sh_ok("iptables -P FORWARD DROP && ip6tables -P FORWARD DROP");
         let client = Netns::new("bn-client");
         node.veth_to(&client, "up0", "eth0", &format!("{UPLINK}/24"), &format!("{CLIENT}/24"));
         Site { node, client }
@@ -286,7 +287,7 @@ fn outside_client_reaches_pod_over_tcp_and_udp_without_snat(backend: Backend) {
     expect_reply(&site.node, &site.client, Proto::Tcp, UPLINK, 30080, &expected);
     expect_reply(&site.node, &site.client, Proto::Udp, UPLINK, 35353, &expected);
     if backend == Backend::Nftables {
-        // No FORWARD DROP policy here (see the module's doc): the accepts must be there anyway.
+        // The table's own accepts, beside those in iptables' FORWARD.
         let fwd = site.node.nft_elements("fwd4");
         for want in [format!("{} . tcp . 8080", pod.ipv4()), format!("{} . udp . 5353", pod.ipv4())] {
             assert!(fwd.contains(&want), "fwd4 lacks {want:?}: {fwd:?}\n{}", site.diagnostics());
@@ -705,3 +706,54 @@ fn del_without_prev_result_or_runtime_config_removes_everything(backend: Backend
     assert!(!node.nft_table_exists(), "table inet {NFT_TABLE} left after DEL:\n{}", diagnostics(&node));
 }
 both_backends!(del_without_prev_result_or_runtime_config_removes_everything);
+
+/// 13. An entry without `"backend"` is served by nftables on this machine (nf_tables is there):
+///     the record says so, and iptables holds nothing of bridge-nat but the accepts beside the
+///     FORWARD DROP, in IPv4 only (the network has no IPv6). They come with the network's first
+///     attachment; a later one spawns no process (its iptables tool does not exist), and the last
+///     DEL takes them away.
+#[test]
+fn an_entry_without_backend_gets_nftables_and_accepts_beside_forward_drop() {
+    if !require_root() {
+        return;
+    }
+    let site = Site::on(Node::with_auto_backend());
+    let node = &site.node;
+    let bridge_nat = entry(node, static_rules(&[rule("web", 30080, 8080, "tcp", Some("10.20.0.10"))]));
+    assert!(bridge_nat.get("backend").is_none(), "the entry names a backend: {bridge_nat}");
+    let conf = site.conflist("1.0.0", bridge_nat.clone());
+    let a = site.add_pod(&conf, "a", &[]);
+    assert_eq!(a.ipv4(), "10.20.0.10");
+    let record = node.record(&a.id, "eth0").expect("a record of pod a");
+    assert_eq!(record["backend"], json!("nftables"), "record: {record}");
+
+    let c = "-m comment --comment";
+    let want = vec![
+        format!(":{NFT_ACCEPT_CHAIN} -"),
+        format!("-A FORWARD {c} bridge-nat -j {NFT_ACCEPT_CHAIN}"),
+        format!("-A {NFT_ACCEPT_CHAIN} -i {} {c} \"bridge-nat:dind\" -j ACCEPT", common::BRIDGE),
+        format!(
+            "-A {NFT_ACCEPT_CHAIN} -o {} -m conntrack --ctstate RELATED,ESTABLISHED,DNAT {c} \"bridge-nat:dind\" -j ACCEPT",
+            common::BRIDGE
+        ),
+    ];
+    assert_eq!(node.nft_accepts("iptables-save"), want, "\n{}", site.diagnostics());
+    assert_eq!(node.nft_accepts("ip6tables-save"), Vec::<String>::new(), "IPv6 accepts for an IPv4 network");
+    let _server = a.serve_tcp(8080, "pod-a");
+    expect_reply(node, &site.client, Proto::Tcp, UPLINK, 30080, "pod-a");
+    a.cni(node, "check", &conf, &[]).assert_ok("CHECK a");
+
+    // The network's accepts are there: a second attachment needs no iptables tool at all.
+    let mut no_tool = bridge_nat.clone();
+    no_tool["iptables"] = json!("/nonexistent/iptables");
+    let no_tool = site.conflist("1.0.0", no_tool);
+    let b = site.add_pod(&no_tool, "b", &[]);
+    assert_eq!(node.record(&b.id, "eth0").expect("record of b")["backend"], json!("nftables"));
+    b.cni(node, "del", &no_tool, &[]).assert_ok("DEL b (not the last) without an iptables tool");
+    assert_eq!(node.nft_accepts("iptables-save"), want, "the accepts must stay while pod a is there");
+
+    a.cni(node, "del", &conf, &[]).assert_ok("DEL a");
+    let traces = node.iptables_traces();
+    assert!(traces.is_empty(), "left after the last DEL:\n{}", traces.join("\n"));
+    assert!(!node.nft_table_exists(), "table inet {NFT_TABLE} left after the last DEL");
+}

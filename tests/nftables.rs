@@ -1,6 +1,8 @@
-//! What only the nftables backend (`"backend": "nftables"`) promises: no iptables rule at all,
-//! one table `inet bridge-nat` that exists exactly while an attachment does and holds each
-//! attachment as set and map elements, and DNAT only for packets addressed to the node.
+//! What only the nftables backend (`"backend": "nftables"`) promises: no iptables rule at all
+//! (but its accepts beside an iptables FORWARD that drops by policy), one table `inet bridge-nat`
+//! that exists exactly while an attachment does and holds each attachment as set and map
+//! elements, DNAT only for packets addressed to the node; and how an attachment moves between
+//! backends.
 //!
 //! Topology (every address lives in a namespace the test creates):
 //!
@@ -19,7 +21,7 @@ use std::time::Duration;
 
 use common::{
     nft_sets, normalise_nft, parallel, require_root, wait_for, Backend, Background, DriverOutput, Netns, Node,
-    NFT_TABLE,
+    NFT_ACCEPT_CHAIN, NFT_TABLE,
 };
 use serde_json::{json, Value};
 
@@ -497,27 +499,178 @@ fn fifty_attachments_each_hold_their_elements_and_the_last_del_removes_the_table
     assert!(after == before, "node differs after {PODS} DELs\n--- before\n{before}\n--- after\n{after}");
 }
 
-/// A forward chain elsewhere with policy drop (iptables' FORWARD DROP, as Docker sets it) cannot
-/// be overruled by the table's accepts: ADD and CHECK succeed but log a warning naming that chain,
-/// and without the policy they do not.
+/// The accepts beside iptables' FORWARD as iptables-save lists them for the harness network: the
+/// chain, the jump, the two accepts.
+fn accepts_lines() -> Vec<String> {
+    let c = "-m comment --comment";
+    vec![
+        format!(":{NFT_ACCEPT_CHAIN} -"),
+        format!("-A FORWARD {c} bridge-nat -j {NFT_ACCEPT_CHAIN}"),
+        format!("-A {NFT_ACCEPT_CHAIN} -i {} {c} \"bridge-nat:dind\" -j ACCEPT", common::BRIDGE),
+        format!(
+            "-A {NFT_ACCEPT_CHAIN} -o {} -m conntrack --ctstate RELATED,ESTABLISHED,DNAT {c} \"bridge-nat:dind\" -j ACCEPT",
+            common::BRIDGE
+        ),
+    ]
+}
+
+/// `bridge-nat watch` on the node, its log in the node's log file; stopped on drop.
+fn agent(node: &Node) -> Background {
+    let bin = env!("CARGO_BIN_EXE_bridge-nat");
+    let (state, log) = (node.state_dir(), node.log_file());
+    node.ns.spawn(&format!(
+        "exec {bin} watch --state-dir {} --log-file {} --interval 3600",
+        state.display(),
+        log.display()
+    ))
+}
+
+/// iptables' FORWARD policy becomes DROP after the network's first attachment (Docker installed
+/// later): the accepts were not needed then, and a later attachment's ADD adds none (it stays
+/// O(1)) but logs why traffic dies; CHECK names each missing accept, for IPv4 only. The node
+/// agent installs them, and those for IPv6 once ip6tables' FORWARD drops too, and traffic flows.
+/// Back to ACCEPT, they stay while the network has attachments; the last DEL takes them away.
 #[test]
-fn a_dropping_forward_policy_elsewhere_is_named_in_the_log() {
+fn a_forward_drop_after_the_first_attachment_is_named_by_check_and_repaired_by_the_agent() {
     if !require_root() {
         return;
     }
     let site = Site::new();
     let node = &site.node;
     let conf = site.conflist(entry(node, json!({})));
-    let pm = mappings(&[(30090, 8080, "tcp", None)]);
-    let a = Pod::added(node, &conf, "quiet", &pm);
-    assert!(!node.log().contains("policy drop"), "warning without a drop policy:\n{}", node.log());
+    let a = Pod::added(node, &conf, "quiet", &mappings(&[(30090, 8080, "tcp", None)]));
+    let _server = a.serve(8080, "pod-a");
+    expect_reply(node, &site.client, UPLINK, 30090, "pod-a");
+    assert!(!node.log().contains("by policy"), "warning without a drop policy:\n{}", node.log());
+    assert!(node.nft_accepts("iptables-save").is_empty(), "accepts without a drop policy");
+
     node.ns.sh_ok("iptables -P FORWARD DROP");
     let b = Pod::added(node, &conf, "loud", &mappings(&[(30091, 8080, "tcp", None)]));
-    let warning = "forward chain(s) with policy drop: ip filter FORWARD";
+    let warning = "ip filter FORWARD drop(s) by policy and hold(s) no accepts of bridge-nat yet";
     assert!(node.log().contains(warning), "no warning naming ip filter FORWARD:\n{}", node.log());
-    b.cni(node, "check", &conf, &[]).assert_ok("CHECK with the drop policy (a warning, not a failure)");
+    assert!(node.nft_accepts("iptables-save").is_empty(), "a later attachment installed the accepts");
+    let (ok, reply) = request(&site.client, UPLINK, 30090);
+    assert!(!ok || !reply.contains("pod-a"), "forwarded through a FORWARD DROP without accepts: {reply}");
+
+    let check = b.cni(node, "check", &conf, &[]);
+    assert_eq!(common::error_code(&check), Some(102), "CHECK must fail: {check:?}");
+    let msg = common::error_msg(&check);
+    for line in &accepts_lines()[1..] {
+        let rule = line.trim_start_matches("-A ").replace('"', "");
+        let (chain, spec) = rule.split_once(' ').expect("chain and spec");
+        let named = format!("missing firewall rule: ipv4 filter -A {chain} {spec}");
+        assert!(msg.contains(&named), "CHECK must name {named:?}: {msg}");
+    }
+    assert!(!msg.contains("ipv6"), "ip6 FORWARD accepts: nothing is missing there: {msg}");
+
+    // Its first reconcile repairs what is there; a later policy change wakes it.
+    let _agent = agent(node);
+    let repaired = |cmd: &str| node.nft_accepts(cmd) == accepts_lines();
+    let seen = wait_for(|| repaired("iptables-save"), Duration::from_secs(20));
+    assert!(seen, "the agent did not add the accepts\n{}", diagnostics(node));
+    assert!(node.nft_accepts("ip6tables-save").is_empty(), "IPv6 accepts although ip6 FORWARD accepts");
+    expect_reply(node, &site.client, UPLINK, 30090, "pod-a");
+    node.ns.sh_ok("ip6tables -P FORWARD DROP");
+    let seen = wait_for(|| repaired("ip6tables-save"), Duration::from_secs(20));
+    assert!(seen, "the agent did not notice ip6 FORWARD's drop policy\n{}", diagnostics(node));
+    assert!(node.log().contains("the node differs from the records"), "no check found it:\n{}", node.log());
+    expect_reply(node, &site.client, &format!("[{UPLINK6}]"), 30090, "pod-a");
+    for p in [&a, &b] {
+        p.cni(node, "check", &conf, &[]).assert_ok("CHECK after the repair");
+    }
+
+    node.ns.sh_ok("iptables -P FORWARD ACCEPT && ip6tables -P FORWARD ACCEPT");
+    let out = node.ns.exec(&[
+        env!("CARGO_BIN_EXE_bridge-nat"),
+        "reconcile",
+        "--state-dir",
+        &node.state_dir().to_string_lossy(),
+        "--log-file",
+        &node.log_file().to_string_lossy(),
+    ]);
+    assert!(out.status.success(), "reconcile: {}", String::from_utf8_lossy(&out.stdout));
+    for cmd in ["iptables-save", "ip6tables-save"] {
+        assert_eq!(node.nft_accepts(cmd), accepts_lines(), "reconcile removed needed accepts ({cmd})");
+    }
     for p in [&a, &b] {
         p.cni(node, "del", &conf, &[]).assert_ok("DEL");
     }
+    let traces = node.iptables_traces();
+    assert!(traces.is_empty(), "left after the last DEL:\n{}", traces.join("\n"));
     assert!(!node.nft_table_exists(), "table after the last DEL");
+}
+
+/// The record of `pod`'s attachment names `backend`, and the node holds its forward of `port`
+/// only there: an iptables DNAT rule, or a dnat4-any element, never both.
+#[track_caller]
+fn served_by(node: &Node, pod: &Pod, backend: &str, port: u16) {
+    let record = node.record(&pod.id, "eth0").expect("a record");
+    assert_eq!(record["backend"], json!(backend), "record: {record}");
+    let dport = format!("--dport {port} ");
+    let in_iptables = node.iptables_traces().iter().any(|t| t.contains(&dport));
+    let element = format!("tcp . {port} : {} . 8080", pod.ip(false));
+    let in_nft = node.nft_elements("dnat4-any").contains(&element);
+    assert_eq!(
+        (in_iptables, in_nft),
+        (backend == "iptables", backend == "nftables"),
+        "forward of {port} (iptables, nftables) for a {backend} record\n{}",
+        diagnostics(node)
+    );
+}
+
+/// An ADD over a live attachment recorded with the other backend moves it there: the old
+/// backend's objects go (by that backend), the new one's come, the record follows, traffic
+/// flows; and back. An entry without `"backend"` (auto) counts as nftables here. The last DEL
+/// leaves nothing of either.
+#[test]
+fn an_add_with_another_backend_moves_the_attachment() {
+    if !require_root() {
+        return;
+    }
+    let site = Site::new();
+    let node = &site.node;
+    let web = json!({ "portForwarding": { "rules": [
+        { "name": "web", "hostPort": 30095, "destPort": 8080, "protocol": "tcp" }
+    ] } });
+    let with_backend = |backend: Option<&str>| {
+        let mut e = entry(node, web.clone());
+        match backend {
+            Some(b) => e["backend"] = json!(b),
+            None => {
+                e.as_object_mut().expect("object").remove("backend");
+            }
+        }
+        e
+    };
+    let ipt = with_backend(Some("iptables"));
+    let conf = site.conflist(ipt.clone());
+    let mut a = Pod::new(node, "mover");
+    a.add(node, &conf, &[]);
+    let _server = a.serve(8080, "pod-a");
+    served_by(node, &a, "iptables", 30095);
+    expect_reply(node, &site.client, UPLINK, 30095, "pod-a");
+
+    // As a runtime repeats ADD (libcni's bridge would refuse the existing veth).
+    let readd = |entry: &Value| {
+        let stdin = common::plugin_stdin("1.0.0", entry, Some(&a.result));
+        node.plugin("ADD", &a.ns, &a.id, "eth0", &stdin).assert_ok("re-ADD with another backend");
+    };
+    readd(&with_backend(None));
+    served_by(node, &a, "nftables", 30095);
+    assert!(
+        node.iptables_traces().is_empty(),
+        "iptables rules left after the move:\n{}",
+        node.iptables_traces().join("\n")
+    );
+    expect_reply(node, &site.client, UPLINK, 30095, "pod-a");
+    a.cni(node, "check", &conf, &[]).assert_ok("CHECK after the move to nftables");
+
+    readd(&ipt);
+    served_by(node, &a, "iptables", 30095);
+    assert!(!node.nft_table_exists(), "table inet {NFT_TABLE} left after the move back");
+    expect_reply(node, &site.client, UPLINK, 30095, "pod-a");
+    a.cni(node, "check", &conf, &[]).assert_ok("CHECK after the move back");
+
+    a.cni(node, "del", &conf, &[]).assert_ok("DEL");
+    assert!(node.iptables_traces().is_empty() && !node.nft_table_exists(), "left after DEL\n{}", diagnostics(node));
 }

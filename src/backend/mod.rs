@@ -1,7 +1,7 @@
 //! Firewall backends behind one interface. A backend renders a plan into its kernel objects and
 //! changes the kernel; it knows nothing of records, the index or the lock, which the pipeline
 //! (commands/) owns. Which backend serves an attachment is decided once: from the config on ADD,
-//! from the record on every later call.
+//! from the record on every later call. `"backend": "auto"` is resolved here, once per ADD.
 //!
 //! Shared objects (a chain jump, a network's masquerade, the nftables table) are named by keys the
 //! pipeline holds in the index for each attachment; `install` is told which keys this attachment is
@@ -10,7 +10,7 @@
 pub mod iptables;
 pub mod nftables;
 
-use crate::config::{AttachmentId, Backend, Settings};
+use crate::config::{AttachmentId, Backend, BackendChoice, Settings};
 use crate::error::Result;
 use crate::plan::Plan;
 use serde::{Deserialize, Serialize};
@@ -20,6 +20,7 @@ use std::collections::BTreeSet;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Objects {
     /// iptables: every rule this attachment needs, shared ones included, in iptables-save form.
+    /// nftables: the accepts its network needs in iptables' FORWARD where that drops by policy.
     #[serde(default)]
     pub rules: Vec<iptables::Rule>,
     /// nftables: the table contents this attachment needs.
@@ -66,8 +67,8 @@ pub trait Firewall {
     /// STATUS: can this backend change the kernel at all?
     fn usable(&mut self) -> Result<()>;
 
-    /// Things on the node, outside our objects, that defeat them (logged after ADD and CHECK).
-    fn node_warnings(&mut self) -> Vec<String> {
+    /// Things on the node, outside our objects, that defeat `objects` (logged after ADD and CHECK).
+    fn node_warnings(&mut self, _objects: &Objects) -> Vec<String> {
         Vec::new()
     }
 }
@@ -76,11 +77,53 @@ pub trait Firewall {
 pub fn open(kind: Backend, settings: &Settings) -> Box<dyn Firewall> {
     match kind {
         Backend::Iptables => Box::new(iptables::IptablesBackend::new(&settings.iptables, settings.lock_timeout)),
-        Backend::Nftables => Box::new(nftables::NftablesBackend::new()),
+        Backend::Nftables => Box::new(nftables::NftablesBackend::new(&settings.iptables, settings.lock_timeout)),
+    }
+}
+
+/// The backend new attachments get under `settings`, `auto` resolved: nftables where nf_tables
+/// answers a table lookup (the probe's socket then serves the call), iptables otherwise.
+pub fn open_for(settings: &Settings) -> Box<dyn Firewall> {
+    match settings.backend {
+        BackendChoice::Only(kind) => open(kind, settings),
+        BackendChoice::Auto if iptables::is_legacy(&settings.iptables) => open(Backend::Iptables, settings),
+        BackendChoice::Auto => {
+            let mut nft = nftables::NftablesBackend::new(&settings.iptables, settings.lock_timeout);
+            match nft.usable() {
+                Ok(()) => Box::new(nft),
+                Err(e) => {
+                    log::info!("backend auto: nf_tables unusable ({e}); using iptables");
+                    open(Backend::Iptables, settings)
+                }
+            }
+        }
     }
 }
 
 /// Every backend, for the commands that look after the whole node (GC, reconcile, uninstall).
 pub fn every(settings: &Settings) -> Vec<Box<dyn Firewall>> {
     [Backend::Iptables, Backend::Nftables].into_iter().map(|k| open(k, settings)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_named_backend_is_used_as_is_and_auto_keeps_a_legacy_node_on_iptables() {
+        let with = |backend, iptables: &str| Settings { backend, iptables: iptables.into(), ..Settings::default() };
+        for kind in [Backend::Iptables, Backend::Nftables] {
+            assert_eq!(open_for(&with(BackendChoice::Only(kind), "iptables")).kind(), kind);
+        }
+        // Decided before any probe: nftables cannot see a legacy FORWARD policy.
+        let legacy = with(BackendChoice::Auto, "/usr/sbin/iptables-legacy");
+        assert_eq!(open_for(&legacy).kind(), Backend::Iptables);
+    }
+
+    #[test]
+    fn an_nftables_record_from_before_the_accepts_still_loads() {
+        let old = serde_json::json!({ "nft": { "own": [], "shared": [], "marks": [] } });
+        let objects: Objects = serde_json::from_value(old).expect("an old nftables record's objects load");
+        assert!(objects.rules.is_empty() && objects.nft.is_some());
+    }
 }

@@ -21,7 +21,7 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<serde_json::Value> {
     let att = prev_result::parse(prev, conf.bridge.as_deref())?;
     let id = attachment_id(conf, env);
     let planned = plan::plan(conf, &id, &att)?;
-    let mut fw = backend::open(conf.settings.backend, &conf.settings);
+    let mut fw = backend::open_for(&conf.settings);
 
     let node = Node::open(&conf.settings)?;
     let _lock = node.lock(conf.settings.lock_timeout)?;
@@ -31,16 +31,15 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<serde_json::Value> {
         None
     });
     if let Some(old) = old.filter(|r| r.is_live()) {
-        if old.backend != fw.kind() {
-            return Err(Error::invalid_config(format!(
-                "{} was added with the {} backend; DEL it before adding it with {}",
-                id.describe(),
-                old.backend.name(),
-                fw.kind().name()
-            )));
+        // A repeated ADD: remove the old one first, so the node holds exactly the new record. One
+        // recorded with the other backend moves: removed by that backend, then added by this one.
+        if old.backend == fw.kind() {
+            node.remove(&mut *fw, &old).context("remove the earlier ADD")?;
+        } else {
+            log::info!("moving {} from the {} backend to {}", id.describe(), old.backend.name(), fw.kind().name());
+            let mut was = backend::open(old.backend, &conf.settings);
+            node.remove(&mut *was, &old).context(format!("remove the earlier ADD with {}", old.backend.name()))?;
         }
-        // A repeated ADD: remove the old one first, so the node holds exactly the new record.
-        node.remove(&mut *fw, &old).context("remove the earlier ADD")?;
     }
     node.check_claims(&id, &planned.host_ports)?;
 
@@ -69,7 +68,7 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<serde_json::Value> {
     rec.status = Status::Applied;
     node.store.save(&rec).context("record result")?;
     kernel::clear_udp_conntrack(&planned.host_ports);
-    for w in fw.node_warnings() {
+    for w in fw.node_warnings(&rec.firewall) {
         log::warn!("{w}");
     }
     log::info!(

@@ -38,8 +38,8 @@ pub fn check(conf: &NetConf, env: &Env) -> Result<()> {
     problems.extend(fw.verify(&id, &rec.firewall)?);
     problems.extend(kernel::check_sysctls(&rec.sysctls));
     problems.extend(check_routing(&rec)?);
-    // Not a CHECK failure: the admin may accept the bridge in that firewall first.
-    for w in fw.node_warnings() {
+    // What defeats the objects from outside them, and how it gets repaired, for the log.
+    for w in fw.node_warnings(&rec.firewall) {
         log::warn!("{w}");
     }
     if problems.is_empty() {

@@ -27,12 +27,14 @@ pub struct Report {
 pub fn problems_per_attachment(settings: &Settings) -> Result<Vec<(AttachmentId, Vec<String>)>> {
     let node = Node::open(settings)?;
     let mut out = Vec::new();
+    // One backend of each kind for the whole pass: what they read of the node, they read once.
+    let mut backends = backend::every(settings);
     for rec in node.store.load_all()?.into_iter().filter(|r| r.is_live()) {
         let mut problems = Vec::new();
         if rec.status != Status::Applied {
             problems.push("the last ADD did not complete".to_string());
         }
-        let mut fw = backend::open(rec.backend, settings);
+        let fw = backends.iter_mut().find(|f| f.kind() == rec.backend).expect("every backend kind is open");
         problems.extend(fw.verify(&rec.id, &rec.firewall)?);
         problems.extend(kernel::check_sysctls(&rec.sysctls));
         problems.extend(check_routing(&rec)?);

@@ -11,8 +11,6 @@ pub fn status(conf: &NetConf) -> Result<()> {
     let node = Node::open(&conf.settings).map_err(unavailable)?;
     let _lock = node.lock(conf.settings.lock_timeout)?;
     node.store.probe_writable().map_err(unavailable)?;
-    let kind = conf.settings.backend;
-    backend::open(kind, &conf.settings)
-        .usable()
-        .map_err(|e| Error::new(code::NOT_AVAILABLE, format!("{} unusable: {}", kind.name(), e.msg)))
+    let mut fw = backend::open_for(&conf.settings);
+    fw.usable().map_err(|e| Error::new(code::NOT_AVAILABLE, format!("{} unusable: {}", fw.kind().name(), e.msg)))
 }

@@ -107,15 +107,29 @@ pub struct Settings {
     pub lock_timeout: Duration,
     /// `iptables`, `iptables-legacy`, `iptables-nft`, or an absolute path to one of them.
     pub iptables: String,
-    pub backend: Backend,
+    pub backend: BackendChoice,
     pub mark_mask: u32,
 }
 
-/// Where the forwarding rules live.
+/// `"backend"`: which backend new attachments get. An attachment keeps the backend it was added
+/// with (its record names it) until a later ADD of it resolves to another one, which moves it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendChoice {
+    /// `"auto"`, the default: nftables where nf_tables answers (one table lookup per ADD), and
+    /// iptables where it does not or where `"iptables"` names iptables-legacy (nftables cannot see
+    /// a legacy FORWARD policy, let alone accept the bridge there).
+    #[default]
+    Auto,
+    /// `"iptables"` or `"nftables"`: that backend, whatever the node offers.
+    Only(Backend),
+}
+
+/// Where an attachment's forwarding rules live; what its record says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     /// Chains in iptables' nat/filter/mangle tables, applied with one iptables-restore per family.
+    /// Also what a record without a `backend` field (written before backends existed) means.
     #[default]
     Iptables,
     /// One native nftables table whose forwards are map elements, changed over netlink.
@@ -139,7 +153,7 @@ impl Default for Settings {
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             lock_timeout: Duration::from_millis(DEFAULT_LOCK_TIMEOUT_MS),
             iptables: "iptables".into(),
-            backend: Backend::Iptables,
+            backend: BackendChoice::Auto,
             mark_mask: DEFAULT_MARK_MASK,
         }
     }

@@ -174,6 +174,20 @@ fn minimal_config_takes_the_defaults() {
 }
 
 #[test]
+fn backend_is_auto_unless_one_is_named() {
+    assert_eq!(ok(&minimal()).settings.backend, BackendChoice::Auto);
+    for (given, want) in [
+        ("", BackendChoice::Auto),
+        ("auto", BackendChoice::Auto),
+        ("iptables", BackendChoice::Only(Backend::Iptables)),
+        ("nftables", BackendChoice::Only(Backend::Nftables)),
+    ] {
+        assert_eq!(ok(&example_with("/backend", json!(given))).settings.backend, want, "{given:?}");
+    }
+    rejected(&example_with("/backend", json!("nft")), 7, &["backend", "\"nft\"", "auto, iptables or nftables"]);
+}
+
+#[test]
 fn rule_priority_defaults_to_100() {
     let mut v = example();
     remove(&mut v, "/routing/rulePriority");

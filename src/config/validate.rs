@@ -102,9 +102,10 @@ pub(super) fn validate_settings(raw: &RawConf) -> Result<Settings> {
         s.iptables = ipt.to_string();
     }
     match raw.backend.as_deref() {
-        None | Some("") | Some("iptables") => {}
-        Some("nftables") => s.backend = Backend::Nftables,
-        Some(other) => return Err(invalid(format!("backend: {other:?} must be iptables or nftables"))),
+        None | Some("") | Some("auto") => s.backend = BackendChoice::Auto,
+        Some("iptables") => s.backend = BackendChoice::Only(Backend::Iptables),
+        Some("nftables") => s.backend = BackendChoice::Only(Backend::Nftables),
+        Some(other) => return Err(invalid(format!("backend: {other:?} must be auto, iptables or nftables"))),
     }
     if let Some(m) = &raw.mark_mask {
         let mask = parse_mark("markMask", m)?;

@@ -33,27 +33,31 @@ static COUNTER: AtomicUsize = AtomicUsize::new(0);
 /// The firewall backend of the bridge-nat entry (`"backend"` in the conflist entry).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
-    /// No `"backend"` field: the default, rules through iptables-restore.
+    /// `"backend": "iptables"`: rules through iptables-restore.
     Iptables,
-    /// `"backend": "nftables"`: everything in the table `inet bridge-nat`, no iptables rule.
+    /// `"backend": "nftables"`: everything in the table `inet bridge-nat`; iptables only holds the
+    /// accepts beside a FORWARD that drops by policy (chain [`NFT_ACCEPT_CHAIN`]).
     Nftables,
 }
 
 impl Backend {
-    /// Selects this backend in a bridge-nat entry: iptables leaves the field out (the entry
-    /// then reads exactly as before backends existed), nftables sets `"backend": "nftables"`.
+    /// Names this backend in a bridge-nat entry. Entries without the field (auto) come from
+    /// [`Node::with_auto_backend`].
     pub fn configure(self, entry: &mut Value) {
         let map = entry.as_object_mut().expect("a bridge-nat entry is a JSON object");
+        map.insert("backend".into(), json!(self.name()));
+    }
+
+    pub fn name(self) -> &'static str {
         match self {
-            Backend::Iptables => {
-                map.remove("backend");
-            }
-            Backend::Nftables => {
-                map.insert("backend".into(), json!("nftables"));
-            }
+            Backend::Iptables => "iptables",
+            Backend::Nftables => "nftables",
         }
     }
 }
+
+/// The nftables backend's chain in iptables' filter table, for the accepts beside a dropping FORWARD.
+pub const NFT_ACCEPT_CHAIN: &str = "BRIDGE-NAT-NFT-FWD";
 
 /// Two `#[test]`s for a scenario `fn NAME(backend: Backend)`: `NAME::iptables` and
 /// `NAME::nftables` (so `cargo test nftables` runs every nftables variant).
@@ -376,14 +380,17 @@ pub fn conflist(version: &str, ipam_data_dir: &Path, bridge_nat_entry: Value) ->
     })
 }
 
-/// The minimal bridge-nat conflist entry for `backend` (see [`Backend::configure`]).
-pub fn bridge_nat_entry(backend: Backend, state_dir: &Path, log_file: &Path) -> Value {
+/// The minimal bridge-nat conflist entry for `backend` (see [`Backend::configure`]); None leaves
+/// the field out (auto).
+pub fn bridge_nat_entry(backend: Option<Backend>, state_dir: &Path, log_file: &Path) -> Value {
     let mut entry = json!({
         "type": "bridge-nat",
         "stateDir": state_dir,
         "logFile": log_file,
     });
-    backend.configure(&mut entry);
+    if let Some(b) = backend {
+        b.configure(&mut entry);
+    }
     entry
 }
 
@@ -394,10 +401,12 @@ pub struct Node {
     pub ns: Netns,
     dir: PathBuf,
     backend: Backend,
+    /// Whether entries name the backend; without the field it is auto.
+    named: bool,
 }
 
 impl Node {
-    /// A node whose bridge-nat entries use the default (iptables) backend.
+    /// A node whose bridge-nat entries name the iptables backend.
     pub fn new() -> Node {
         Node::with_backend(Backend::Iptables)
     }
@@ -408,7 +417,15 @@ impl Node {
         let dir = std::env::temp_dir().join(unique("bridge-nat-test"));
         fs::create_dir_all(&dir).expect("create node temp dir");
         isolate_iproute2_config(&ns);
-        Node { ns, dir, backend }
+        Node { ns, dir, backend, named: true }
+    }
+
+    /// A node whose entries have no `"backend"` field: auto, which is nftables on every machine
+    /// these tests run on (they need nft, so nf_tables is there); [`Node::backend`] says so.
+    pub fn with_auto_backend() -> Node {
+        let mut node = Node::with_backend(Backend::Nftables);
+        node.named = false;
+        node
     }
 
     pub fn backend(&self) -> Backend {
@@ -435,6 +452,13 @@ impl Node {
         self.dir.join("ipam")
     }
 
+    /// The record of one attachment of the harness network, as JSON (None when absent).
+    pub fn record(&self, container_id: &str, ifname: &str) -> Option<Value> {
+        let path = self.state_dir().join("records").join(NETWORK_NAME).join(format!("{container_id}.{ifname}.json"));
+        let text = fs::read_to_string(path).ok()?;
+        Some(serde_json::from_str(&text).expect("a record is JSON"))
+    }
+
     /// The plugin's log so far (empty if it has not written one).
     pub fn log(&self) -> String {
         fs::read_to_string(self.log_file()).unwrap_or_default()
@@ -442,7 +466,7 @@ impl Node {
 
     /// Minimal bridge-nat entry pointing state and log into this node, with the node's backend.
     pub fn bridge_nat_entry(&self) -> Value {
-        bridge_nat_entry(self.backend, &self.state_dir(), &self.log_file())
+        bridge_nat_entry(self.named.then_some(self.backend), &self.state_dir(), &self.log_file())
     }
 
     /// [`conflist`] with host-local's data kept in this node's directory.
@@ -743,17 +767,18 @@ impl Node {
     }
 
     /// Panics unless the plugin used the node's backend: under nftables, the table exists and
-    /// iptables holds nothing of bridge-nat; under iptables, no bridge-nat table exists. Catches
-    /// a plugin that ignores the `backend` field.
+    /// iptables holds nothing of bridge-nat but the accepts beside a FORWARD that drops by policy,
+    /// in that family; under iptables, no bridge-nat table exists. Catches a plugin that ignores
+    /// the `backend` field.
     #[track_caller]
     pub fn assert_backend_in_use(&self) {
         match self.backend {
             Backend::Nftables => {
-                let traces = self.iptables_traces();
+                let traces = self.iptables_traces_beyond_accepts();
                 assert!(
                     self.nft_table_exists() && traces.is_empty(),
-                    "nftables backend: want the table inet {NFT_TABLE} and no iptables rule; table {}, \
-                     iptables:\n{}\n--- nft list ruleset\n{}\n--- log\n{}",
+                    "nftables backend: want the table inet {NFT_TABLE} and no iptables rule but accepts \
+                     beside a FORWARD DROP; table {}, iptables:\n{}\n--- nft list ruleset\n{}\n--- log\n{}",
                     if self.nft_table_exists() { "present" } else { "absent" },
                     traces.join("\n"),
                     String::from_utf8_lossy(&self.ns.sh("nft list ruleset").stdout),
@@ -764,6 +789,30 @@ impl Node {
                 assert!(!self.nft_table_exists(), "iptables backend created the table inet {NFT_TABLE}");
             }
         }
+    }
+
+    /// [`Node::iptables_traces`] less the nftables backend's accepts in a family whose FORWARD
+    /// drops by policy (their chain, the jump to it, its rules).
+    pub fn iptables_traces_beyond_accepts(&self) -> Vec<String> {
+        let drops =
+            |cmd: &str| self.ns.sh_ok(&format!("{cmd} -t filter")).lines().any(|l| l.starts_with(":FORWARD DROP"));
+        let allowed: Vec<String> =
+            ["iptables-save", "ip6tables-save"].into_iter().filter(|c| drops(c)).map(|c| format!("{c}: ")).collect();
+        self.iptables_traces()
+            .into_iter()
+            .filter(|t| !(t.contains(NFT_ACCEPT_CHAIN) && allowed.iter().any(|a| t.starts_with(a.as_str()))))
+            .collect()
+    }
+
+    /// The nftables backend's accepts as iptables-save (`cmd`) shows them: the chain, the jump, the
+    /// rules, in order.
+    pub fn nft_accepts(&self, cmd: &str) -> Vec<String> {
+        self.ns
+            .sh_ok(&format!("{cmd} -t filter"))
+            .lines()
+            .filter(|l| l.contains(NFT_ACCEPT_CHAIN))
+            .map(|l| strip_counters(l).to_string())
+            .collect()
     }
 }
 

@@ -10,7 +10,9 @@ mod restore;
 mod rules;
 
 pub use render::attachment_tag;
-pub use restore::Iptables;
+pub use restore::{is_legacy, nft_variant, Iptables};
+#[cfg(test)]
+pub use rules::parse_save;
 pub use rules::{diff, Current, Family, Rule, Transaction};
 
 use super::{Converge, Firewall, Objects};
@@ -138,7 +140,9 @@ impl Firewall for IptablesBackend {
     fn converge(&mut self, all: &[(&AttachmentId, &Objects)], _how: Converge) -> Result<Vec<String>> {
         let desired: BTreeSet<Rule> = all.iter().flat_map(|(_, o)| o.rules.iter().cloned()).collect();
         let families = [Family::Ipv4, Family::Ipv6];
-        let actual = self.ipt.read(&families).context("read firewall")?;
+        let mut actual = self.ipt.read(&families).context("read firewall")?;
+        // The nftables backend's accepts beside a dropping FORWARD are its own to converge.
+        actual.take_chain(super::nftables::ACCEPT_CHAIN);
         let tx = diff(&actual, &desired);
         let repairs: Vec<String> = tx
             .tables

@@ -7,6 +7,20 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+/// True when `tool` (as configured: a name or an absolute path) is iptables-legacy.
+pub fn is_legacy(tool: &str) -> bool {
+    tool.rsplit('/').next() == Some("iptables-legacy")
+}
+
+/// The nf_tables variant of the configured tool, in the same directory: what changes the FORWARD
+/// chains nf_tables reports.
+pub fn nft_variant(tool: &str) -> String {
+    match tool.rsplit_once('/') {
+        Some((dir, _)) => format!("{dir}/iptables-nft"),
+        None => "iptables-nft".to_string(),
+    }
+}
+
 pub struct Iptables {
     /// `iptables`, `iptables-legacy`, `iptables-nft`, or an absolute path to one of them.
     base: String,
@@ -120,5 +134,15 @@ mod tests {
         assert_eq!(ipt.tool(Family::Ipv4, "-save"), "/usr/sbin/iptables-legacy-save");
         let ipt = Iptables::new("iptables", Duration::from_secs(1));
         assert_eq!(ipt.tool(Family::Ipv6, "-save"), "ip6tables-save");
+    }
+
+    #[test]
+    fn the_nf_tables_variant_keeps_the_directory() {
+        assert_eq!(nft_variant("iptables"), "iptables-nft");
+        assert_eq!(nft_variant("/usr/sbin/iptables-legacy"), "/usr/sbin/iptables-nft");
+        let ipt = Iptables::new(&nft_variant("iptables"), Duration::from_secs(1));
+        assert_eq!(ipt.tool(Family::Ipv6, "-restore"), "ip6tables-nft-restore");
+        assert!(is_legacy("/sbin/iptables-legacy") && is_legacy("iptables-legacy"));
+        assert!(!is_legacy("iptables") && !is_legacy("/usr/sbin/iptables-nft"));
     }
 }

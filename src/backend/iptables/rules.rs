@@ -64,6 +64,17 @@ impl Current {
         let chains = chains_used(rules.iter().copied());
         Current { rules: rules.into_iter().cloned().collect(), chains }
     }
+
+    /// Split off `chain`, an own chain another backend manages: the chain, its rules and the jumps
+    /// to it.
+    pub fn take_chain(&mut self, chain: &str) -> Current {
+        let (taken, kept): (Vec<Rule>, Vec<Rule>) =
+            self.rules.drain(..).partition(|r| r.chain == chain || r.jump_target() == Some(chain));
+        self.rules = kept;
+        let chains = self.chains.iter().filter(|(_, _, c)| c == chain).cloned().collect();
+        self.chains.retain(|(_, _, c)| c != chain);
+        Current { rules: taken, chains }
+    }
 }
 
 fn chains_used<'a>(rules: impl Iterator<Item = &'a Rule>) -> BTreeSet<(Family, String, String)> {

@@ -1,25 +1,30 @@
 //! The native nftables backend: one table, `inet bridge-nat`, whose chains and rules never change
 //! with attachments; a forward is a map element. A call sends one netlink batch (one kernel
 //! transaction, no process spawned) of its own elements plus the shared elements, marks and the
-//! table it is the first (ADD) or last (DEL) to hold.
+//! table it is the first (ADD) or last (DEL) to hold. Where iptables' FORWARD drops by policy, the
+//! network's accepts there too (accepts.rs).
 
+mod accepts;
 mod elements;
 mod expr;
 mod layout;
 mod rules;
 mod socket;
 
+pub use accepts::CHAIN as ACCEPT_CHAIN;
 pub use elements::Element;
 pub use layout::{Mark, TABLE};
 pub use socket::Nft;
 
+use super::iptables::{nft_variant, Current, Family, Iptables, Rule};
 use super::{Converge, Firewall, Objects};
 use crate::config::{AttachmentId, Backend};
 use crate::error::{Context, Error, Result};
 use crate::plan::Plan;
 use serde::{Deserialize, Serialize};
-use socket::Tx;
-use std::collections::BTreeSet;
+use socket::{family_name, Tx};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 /// What one attachment put into the table.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,14 +56,19 @@ fn contents(objects: &Objects) -> NftRecord {
     objects.nft.clone().unwrap_or_default()
 }
 
-#[derive(Default)]
 pub struct NftablesBackend {
     nft: Option<Nft>,
+    /// The accepts go through iptables-nft: its FORWARD is the one whose policy nf_tables reports.
+    ipt: Iptables,
+    /// The accept chain per family as last read, until this backend changes it: a node-wide
+    /// check of many records reads it once.
+    accepts_read: BTreeMap<Family, Current>,
 }
 
 impl NftablesBackend {
-    pub fn new() -> NftablesBackend {
-        NftablesBackend::default()
+    /// `iptables` and `wait` as configured for the iptables backend (its nf_tables variant is used).
+    pub fn new(iptables: &str, wait: Duration) -> NftablesBackend {
+        NftablesBackend { nft: None, ipt: Iptables::new(&nft_variant(iptables), wait), accepts_read: BTreeMap::new() }
     }
 
     /// One socket per call, opened on first use.
@@ -82,7 +92,7 @@ impl Firewall for NftablesBackend {
             shared: c.shared.into_iter().collect(),
             marks: c.marks.iter().map(|m| (m.value, m.mask)).collect(),
         };
-        Objects { rules: Vec::new(), nft: Some(nft) }
+        Objects { rules: accepts::render(plan), nft: Some(nft) }
     }
 
     fn shared_keys(&self, _id: &AttachmentId, objects: &Objects) -> BTreeSet<String> {
@@ -90,6 +100,7 @@ impl Firewall for NftablesBackend {
         let mut keys: BTreeSet<String> = n.shared.iter().map(element_key).collect();
         keys.extend(n.marks().iter().map(mark_key));
         keys.insert(TABLE_KEY.to_string());
+        keys.extend(objects.rules.iter().map(accepts::key));
         keys
     }
 
@@ -112,7 +123,9 @@ impl Firewall for NftablesBackend {
             tx.add_mark(m);
         }
         tx.add_elements(&n.own);
-        nft.commit(tx)
+        nft.commit(tx)?;
+        let first: Vec<&Rule> = objects.rules.iter().filter(|r| first.contains(&accepts::key(r))).collect();
+        self.install_accepts(&first)
     }
 
     fn remove(&mut self, _id: &AttachmentId, objects: &Objects, last: &BTreeSet<String>) -> Result<()> {
@@ -134,15 +147,19 @@ impl Firewall for NftablesBackend {
             }
         }
         match nft.commit(tx) {
-            Err(e) if table_gone && e.details == "ENOENT" => Ok(()),
-            other => other,
+            Err(e) if table_gone && e.details == "ENOENT" => {}
+            other => other?,
         }
+        let last: Vec<&Rule> = objects.rules.iter().filter(|r| last.contains(&accepts::key(r))).collect();
+        self.remove_accepts(&last)
     }
 
     fn verify(&mut self, _id: &AttachmentId, objects: &Objects) -> Result<Vec<String>> {
         let n = contents(objects);
         let elems: Vec<&Element> = n.own.iter().chain(&n.shared).collect();
-        socket::check(self.nft()?, &elems, &n.marks())
+        let mut problems = socket::check(self.nft()?, &elems, &n.marks())?;
+        problems.extend(self.verify_accepts(&objects.rules)?);
+        Ok(problems)
     }
 
     fn compare(&self, wanted: &Objects, recorded: &Objects) -> Vec<String> {
@@ -158,6 +175,33 @@ impl Firewall for NftablesBackend {
     }
 
     fn converge(&mut self, all: &[(&AttachmentId, &Objects)], how: Converge) -> Result<Vec<String>> {
+        let mut repairs = self.converge_table(all, how)?;
+        let wanted: BTreeSet<&Rule> = all.iter().flat_map(|(_, o)| o.rules.iter()).collect();
+        repairs.extend(self.converge_accepts(&wanted).context(format!("converge chain {ACCEPT_CHAIN}"))?);
+        Ok(repairs)
+    }
+
+    fn usable(&mut self) -> Result<()> {
+        self.nft()?.table_exists().map(|_| ())
+    }
+
+    fn node_warnings(&mut self, objects: &Objects) -> Vec<String> {
+        let families = accepts::families(&objects.rules);
+        match self.forward_drops_without_accepts(&families) {
+            Ok(chains) if chains.is_empty() => Vec::new(),
+            Ok(chains) => vec![format!(
+                "{} drop(s) by policy and hold(s) no accepts of bridge-nat yet: forwarded pod traffic dies \
+                 there until `bridge-nat reconcile` (or the watch agent) adds them",
+                chains.join(", ")
+            )],
+            Err(e) => vec![format!("look up iptables' FORWARD policy: {e}")],
+        }
+    }
+}
+
+impl NftablesBackend {
+    /// The table: repaired where it differs from the records, or rebuilt.
+    fn converge_table(&mut self, all: &[(&AttachmentId, &Objects)], how: Converge) -> Result<Vec<String>> {
         let nft = self.nft()?;
         let mut repairs = Vec::new();
         if how == Converge::Repair {
@@ -183,23 +227,117 @@ impl Firewall for NftablesBackend {
         Ok(repairs)
     }
 
-    fn usable(&mut self) -> Result<()> {
-        self.nft()?.table_exists().map(|_| ())
+    /// Install the accepts first held here, in the families whose FORWARD drops; nothing to do
+    /// (no lookup, no process) for a network's later attachments.
+    fn install_accepts(&mut self, first: &[&Rule]) -> Result<()> {
+        if first.is_empty() {
+            return Ok(());
+        }
+        let nft = self.nft()?;
+        let families = accepts::families(first.iter().copied());
+        let drops: Vec<Family> = nft.forward_drops()?.into_iter().filter(|f| families.contains(f)).collect();
+        let mut has_chain = BTreeSet::new();
+        for &f in &drops {
+            if nft.iptables_chain_exists(f, ACCEPT_CHAIN)? {
+                has_chain.insert(f);
+            }
+        }
+        self.apply_accepts(accepts::install_tx(first, &drops, |f| has_chain.contains(&f)))
     }
 
-    fn node_warnings(&mut self) -> Vec<String> {
-        let chains = match self.nft().and_then(|nft| nft.dropping_forward_chains()) {
-            Ok(chains) => chains,
-            Err(e) => return vec![format!("look for forward chains that drop by policy: {e}")],
-        };
-        if chains.is_empty() {
-            return Vec::new();
+    /// Remove the accepts last held here, where the chain exists (read first: they may never have
+    /// been installed).
+    fn remove_accepts(&mut self, last: &[&Rule]) -> Result<()> {
+        if last.is_empty() {
+            return Ok(());
         }
-        vec![format!(
-            "forward chain(s) with policy drop: {}; nftables accepts cannot overrule them, so forwarded pod \
-             traffic is dropped there (use the iptables backend, or accept the bridge in that firewall)",
-            chains.join(", ")
-        )]
+        let mut there = Vec::new();
+        for f in accepts::families(last.iter().copied()) {
+            if self.nft()?.iptables_chain_exists(f, ACCEPT_CHAIN)? {
+                there.push(f);
+            }
+        }
+        if there.is_empty() {
+            return Ok(());
+        }
+        self.accepts_read.clear();
+        let current = self.read_accepts(&there)?;
+        self.apply_accepts(accepts::remove_tx(&current, last))
+    }
+
+    /// What of a record's accepts is missing in the families whose FORWARD drops.
+    fn verify_accepts(&mut self, rules: &[Rule]) -> Result<Vec<String>> {
+        if rules.is_empty() {
+            return Ok(Vec::new());
+        }
+        let drops = self.nft()?.forward_drops()?;
+        let needed: Vec<&Rule> = rules.iter().filter(|r| drops.contains(&r.family)).collect();
+        if needed.is_empty() {
+            return Ok(Vec::new());
+        }
+        let current = self.read_accepts(&accepts::families(needed.iter().copied()))?;
+        Ok(accepts::missing(&current, &needed))
+    }
+
+    /// Bring the accept chains to what `wanted` needs; reads nothing on a node where no FORWARD
+    /// drops and no chain of ours is left.
+    fn converge_accepts(&mut self, wanted: &BTreeSet<&Rule>) -> Result<Vec<String>> {
+        let nft = self.nft()?;
+        let drops = nft.forward_drops()?;
+        let mut families = Vec::new();
+        for f in [Family::Ipv4, Family::Ipv6] {
+            if drops.contains(&f) || nft.iptables_chain_exists(f, ACCEPT_CHAIN)? {
+                families.push(f);
+            }
+        }
+        if families.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.accepts_read.clear();
+        let current = self.read_accepts(&families)?;
+        let tx = accepts::converge_tx(&current, wanted, &drops);
+        let repairs = tx
+            .tables
+            .iter()
+            .flat_map(|((f, t), lines)| lines.iter().map(move |l| format!("iptables-nft {} {t}: {l}", family_name(*f))))
+            .collect();
+        self.apply_accepts(tx)?;
+        Ok(repairs)
+    }
+
+    /// The families of `families` whose FORWARD drops while our chain is absent there.
+    fn forward_drops_without_accepts(&mut self, families: &[Family]) -> Result<Vec<String>> {
+        if families.is_empty() {
+            return Ok(Vec::new());
+        }
+        let nft = self.nft()?;
+        let mut out = Vec::new();
+        for f in nft.forward_drops()?.into_iter().filter(|f| families.contains(f)) {
+            if !nft.iptables_chain_exists(f, ACCEPT_CHAIN)? {
+                out.push(format!("{} filter FORWARD", family_name(f)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The accept chain (and jumps to it) in `families`, read once per backend until changed.
+    fn read_accepts(&mut self, families: &[Family]) -> Result<Current> {
+        let mut all = Current::default();
+        for &f in families {
+            if !self.accepts_read.contains_key(&f) {
+                let mut cur = self.ipt.read(&[f]).context("read iptables' filter table")?;
+                self.accepts_read.insert(f, cur.take_chain(ACCEPT_CHAIN));
+            }
+            let cur = &self.accepts_read[&f];
+            all.rules.extend(cur.rules.iter().cloned());
+            all.chains.extend(cur.chains.iter().cloned());
+        }
+        Ok(all)
+    }
+
+    fn apply_accepts(&mut self, tx: super::iptables::Transaction) -> Result<()> {
+        self.accepts_read.clear();
+        self.ipt.apply(&tx, &[Family::Ipv4, Family::Ipv6]).context(format!("apply chain {ACCEPT_CHAIN}"))
     }
 }
 

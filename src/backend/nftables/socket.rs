@@ -8,8 +8,17 @@ use crate::netlink::nfnetlink::{
     self as nl, errno_error, find_attr, str_of, Attrs, Reply, Socket, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE,
     NLM_F_DUMP, NLM_F_REQUEST,
 };
+use crate::plan::Family;
 use layout::{Mark, FAMILY_INET, TABLE};
 use std::collections::BTreeMap;
+
+/// How nft names the family of iptables' tables.
+pub fn family_name(f: Family) -> &'static str {
+    match f {
+        Family::Ipv4 => "ip",
+        Family::Ipv6 => "ip6",
+    }
+}
 
 const SUBSYS: u16 = 10 << 8;
 const NEWTABLE: u16 = 0;
@@ -225,27 +234,40 @@ impl Nft {
         }
     }
 
-    /// iptables' FORWARD chains (ip and ip6 `filter`) whose policy is drop, as Docker sets it: our
-    /// accepts cannot overrule them, so forwarded pod traffic would die there. Two lookups by name,
-    /// not a dump: a node with kube-proxy holds thousands of chains.
-    pub fn dropping_forward_chains(&mut self) -> Result<Vec<String>> {
+    /// The families whose iptables FORWARD chain (table `filter`) drops by policy, as Docker sets
+    /// it. Two lookups by name, not a dump: a node with kube-proxy holds thousands of chains.
+    pub fn forward_drops(&mut self) -> Result<Vec<Family>> {
         let mut out = Vec::new();
-        for (family, name) in [(expr::NFPROTO_IPV4, "ip"), (expr::NFPROTO_IPV6, "ip6")] {
-            let mut a = Attrs::new();
-            a.str(1, "filter").str(3, "FORWARD");
-            let mut drops = false;
-            match self.request_in(family, GETCHAIN, 0, &a, |attrs| {
-                drops = find_attr(attrs, 5).and_then(nl::be32_of) == Some(0);
-            }) {
-                Ok(()) => {}
-                Err(e) if e.details == "ENOENT" => {}
-                Err(e) => return Err(e.context("look up the FORWARD chain")),
-            }
-            if drops {
-                out.push(format!("{name} filter FORWARD"));
+        for f in [Family::Ipv4, Family::Ipv6] {
+            if self.iptables_chain(f, "FORWARD")? == Some(true) {
+                out.push(f);
             }
         }
         Ok(out)
+    }
+
+    /// Whether iptables' filter table holds `chain` in family `f` (one lookup by name).
+    pub fn iptables_chain_exists(&mut self, f: Family, chain: &str) -> Result<bool> {
+        Ok(self.iptables_chain(f, chain)?.is_some())
+    }
+
+    /// None when iptables' filter table (as iptables-nft keeps it) lacks `chain`, else whether its
+    /// policy is drop.
+    fn iptables_chain(&mut self, f: Family, chain: &str) -> Result<Option<bool>> {
+        let family = match f {
+            Family::Ipv4 => expr::NFPROTO_IPV4,
+            Family::Ipv6 => expr::NFPROTO_IPV6,
+        };
+        let mut a = Attrs::new();
+        a.str(1, "filter").str(3, chain);
+        let mut drops = false;
+        match self.request_in(family, GETCHAIN, 0, &a, |attrs| {
+            drops = find_attr(attrs, 5).and_then(nl::be32_of) == Some(0);
+        }) {
+            Ok(()) => Ok(Some(drops)),
+            Err(e) if e.details == "ENOENT" => Ok(None),
+            Err(e) => Err(e.context(format!("look up the {chain} chain of {} filter", family_name(f)))),
+        }
     }
 
     /// Every rule in the table, in order, with its comment and handle.
