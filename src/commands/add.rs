@@ -88,6 +88,7 @@ fn record_for(conf: &NetConf, planned: &Plan, fw: &dyn Firewall) -> Record {
     rec.bridge = planned.bridge.clone();
     rec.addresses = planned.addresses.iter().map(|a| a.ip.to_string()).collect();
     rec.host_ports = planned.host_ports.clone();
+    rec.forwards = planned.forwards.clone();
     rec.firewall = fw.render(planned);
     rec.backend = fw.kind();
     rec.sysctls = planned.sysctls.clone();
