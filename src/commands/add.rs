@@ -19,6 +19,11 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<serde_json::Value> {
         )
     })?;
     let att = prev_result::parse(prev, conf.bridge.as_deref())?;
+    // Said before anything is touched: otherwise the first sign is a sysctl path that is missing.
+    if crate::routing::netlink::link_index(&att.bridge).is_none() {
+        let source = if conf.bridge.is_some() { "the config's \"bridge\"" } else { "prevResult" };
+        return Err(Error::invalid_config(format!("bridge {} does not exist (named by {source})", att.bridge)));
+    }
     let id = attachment_id(conf, env);
     let planned = plan::plan(conf, &id, &att)?;
     let mut fw = backend::open(conf.settings.backend, &conf.settings);
