@@ -69,6 +69,9 @@ fn run(command: &str) -> std::result::Result<Option<serde_json::Value>, (Error, 
         cid => format!("{}/{cid}/{}", draft.network_name(), env.ifname),
     };
     logging::init(&settings.log_file, settings.log_level, &format!("{} {who}: ", cmd.name()));
+    for w in draft.warnings() {
+        log::warn!("{w}");
+    }
     dispatch(cmd, draft, &env).map_err(fail)
 }
 

@@ -2,8 +2,10 @@
 //! of a runtime's `CNI_COMMAND`. Readable text by default, JSON with `--json`; exit 0 when all is
 //! well, 1 when the node is not right, 2 for a usage mistake.
 
+mod list;
 mod node;
 mod options;
+mod uninstall;
 
 pub use options::Options;
 
@@ -14,6 +16,8 @@ const SUBCOMMANDS: &[(&str, &str)] = &[
     ("check", "verify every attachment on the node against its record; list the problems"),
     ("reconcile", "repair the node: make the kernel equal to what the records say, once"),
     ("watch", "node agent: reconcile at start and whenever links, addresses, routes, rules or the firewall change"),
+    ("list", "every attachment on the node: forwards, the uplink replies leave by, marks, tables, status"),
+    ("uninstall", "remove everything bridge-nat put on the node (without --yes: only say what)"),
     ("help", "this text"),
     ("version", "the version and the CNI versions supported (also --version)"),
 ];
@@ -21,7 +25,7 @@ const SUBCOMMANDS: &[(&str, &str)] = &[
 pub fn usage() -> String {
     let mut out = format!(
         "bridge-nat {} - chained CNI plugin (run by a CNI runtime with CNI_COMMAND set) and its node tools\n\n\
-         usage: bridge-nat <command> [--state-dir DIR] [--log-file FILE] [--iptables TOOL] [--json]\n\ncommands:\n",
+         usage: bridge-nat <command> [--state-dir DIR] [--log-file FILE] [--iptables TOOL] [--json] [--yes]\n\ncommands:\n",
         env!("CARGO_PKG_VERSION")
     );
     for (name, what) in SUBCOMMANDS {
@@ -66,6 +70,8 @@ pub fn run(args: &[String]) -> ExitCode {
         "check" => node::check(&opts),
         "reconcile" => node::reconcile(&opts),
         "watch" => crate::agent::watch(&opts),
+        "list" => list::list(&opts),
+        "uninstall" => uninstall::uninstall(&opts),
         _ => unreachable!("every known subcommand is dispatched"),
     };
     match outcome {

@@ -7,6 +7,8 @@ use serde_json::json;
 
 /// Every attachment's problems; true when there are none.
 pub fn check(opts: &Options) -> Result<bool> {
+    // Like a CNI call: an ADD halfway through is not reported as a problem.
+    let _lock = commands::lock_node(&opts.settings)?;
     let found = commands::problems_per_attachment(&opts.settings)?;
     let healthy = found.iter().all(|(_, p)| p.is_empty());
     if opts.json {

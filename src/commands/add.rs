@@ -19,6 +19,11 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<serde_json::Value> {
         )
     })?;
     let att = prev_result::parse(prev, conf.bridge.as_deref())?;
+    // Said before anything is touched: otherwise the first sign is a sysctl path that is missing.
+    if crate::routing::netlink::link_index(&att.bridge).is_none() {
+        let source = if conf.bridge.is_some() { "the config's \"bridge\"" } else { "prevResult" };
+        return Err(Error::invalid_config(format!("bridge {} does not exist (named by {source})", att.bridge)));
+    }
     let id = attachment_id(conf, env);
     let planned = plan::plan(conf, &id, &att)?;
     let mut fw = backend::open_for(&conf.settings);
@@ -87,6 +92,7 @@ fn record_for(conf: &NetConf, planned: &Plan, fw: &dyn Firewall) -> Record {
     rec.bridge = planned.bridge.clone();
     rec.addresses = planned.addresses.iter().map(|a| a.ip.to_string()).collect();
     rec.host_ports = planned.host_ports.clone();
+    rec.forwards = planned.forwards.clone();
     rec.firewall = fw.render(planned);
     rec.backend = fw.kind();
     rec.sysctls = planned.sysctls.clone();

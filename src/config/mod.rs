@@ -18,6 +18,7 @@ pub const DEFAULT_RULE_PRIORITY: u32 = 100;
 pub const DEFAULT_MARK_MASK: u32 = 0x1fff;
 
 mod raw;
+mod unknown;
 mod validate;
 
 use validate::{validate, validate_network_name, validate_settings};
@@ -205,15 +206,22 @@ pub fn decode(stdin: &[u8]) -> Result<NetConfDraft> {
         let inner = e.into_inner();
         Error::new(code::DECODE, format!("network config: field {path}: {inner}"))
     })?;
-    Ok(NetConfDraft { raw })
+    let warnings = serde_json::from_slice(stdin).map(|v| unknown::unknown_fields(&v)).unwrap_or_default();
+    Ok(NetConfDraft { raw, warnings })
 }
 
 /// Decoded but not yet validated. The version is readable early so errors can carry it.
 pub struct NetConfDraft {
     raw: RawConf,
+    warnings: Vec<String>,
 }
 
 impl NetConfDraft {
+    /// Mistakes that do not stop the call (unknown fields), to be logged once logging is set up.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
     pub fn cni_version(&self) -> &str {
         &self.raw.cni_version
     }

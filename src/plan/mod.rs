@@ -56,10 +56,13 @@ impl std::fmt::Display for HostPort {
     }
 }
 
-/// One DNAT from a host port to a pod port; `mark` routes its replies (IPv4 only).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One DNAT from a host port to a pod port; `mark` routes its replies (IPv4 only). Recorded as
+/// planned, so `bridge-nat list` can show what forwards where.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Forward {
     pub host: HostPort,
+    #[serde(rename = "podIP")]
     pub pod_ip: IpAddr,
     pub pod_port: u16,
     pub mark: Option<u32>,

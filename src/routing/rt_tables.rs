@@ -61,6 +61,33 @@ impl RtTables {
         }
     }
 
+    /// Take every name bridge-nat registered back, in both places it may have written them.
+    pub fn remove_ours(&self) -> Result<()> {
+        remove_if_present(&self.drop_in_dir().join("bridge-nat.conf"))?;
+        let path = self.main_file();
+        let Ok(current) = fs::read_to_string(&path) else { return Ok(()) };
+        let text: String = current.lines().filter(|l| !l.ends_with(MARKER)).map(|l| format!("{l}\n")).collect();
+        if text != current {
+            write_replacing(&path, &text)?;
+        }
+        Ok(())
+    }
+
+    /// The names bridge-nat registered (its drop-in and its marked lines), whoever needs them.
+    pub fn ours(&self) -> BTreeSet<(u32, String)> {
+        let drop_in = fs::read_to_string(self.drop_in_dir().join("bridge-nat.conf")).unwrap_or_default();
+        let main = fs::read_to_string(self.main_file()).unwrap_or_default();
+        drop_in
+            .lines()
+            .chain(main.lines().filter(|l| l.ends_with(MARKER)))
+            .filter_map(|l| {
+                let mut parts = l.split_whitespace();
+                let id = parts.next()?.parse().ok()?;
+                Some((id, parts.next()?.to_string()))
+            })
+            .collect()
+    }
+
     /// The names iproute2 would resolve, for CHECK.
     pub fn registered(&self) -> BTreeSet<(u32, String)> {
         let mut files = vec![self.main_file()];
@@ -130,6 +157,7 @@ mod tests {
         let rt = RtTables::at(&d);
         rt.sync(&names(&[(101, "dind_eth0"), (100, "dind_net1")])).unwrap();
         assert!(rt.registered().contains(&(101, "dind_eth0".into())));
+        assert_eq!(rt.ours(), names(&[(101, "dind_eth0"), (100, "dind_net1")]));
         assert_eq!(fs::read_to_string(d.join("rt_tables")).unwrap(), "255\tlocal\n254\tmain\n");
         rt.sync(&BTreeSet::new()).unwrap();
         assert!(!d.join("rt_tables.d/bridge-nat.conf").exists());
@@ -145,8 +173,16 @@ mod tests {
         rt.sync(&names(&[(100, "dind_net1")])).unwrap();
         assert!(fs::read_to_string(d.join("rt_tables")).unwrap().contains("100\tdind_net1\t# bridge-nat"));
         assert!(rt.registered().contains(&(200, "mine".into())));
+        assert_eq!(rt.ours(), names(&[(100, "dind_net1")]));
         rt.sync(&BTreeSet::new()).unwrap();
         assert_eq!(fs::read_to_string(d.join("rt_tables")).unwrap(), original);
+        rt.sync(&names(&[(100, "dind_net1")])).unwrap();
+        // Written as marked lines, then the system gained a drop-in directory: both are ours.
+        fs::create_dir(d.join("rt_tables.d")).unwrap();
+        rt.sync(&names(&[(101, "dind_eth0")])).unwrap();
+        rt.remove_ours().unwrap();
+        assert_eq!(fs::read_to_string(d.join("rt_tables")).unwrap(), original);
+        assert!(rt.ours().is_empty());
         fs::remove_dir_all(d).unwrap();
     }
 }

@@ -73,6 +73,12 @@ impl Index {
         Ok(Index { dir })
     }
 
+    /// This boot's index if it exists, creating and removing nothing (uninstall without --yes).
+    pub fn existing(state_dir: &Path, boot_id: &str) -> Option<Index> {
+        let dir = state_dir.join("index").join(if boot_id.is_empty() { "unknown-boot" } else { boot_id });
+        dir.is_dir().then_some(Index { dir })
+    }
+
     /// Forget everything (GC rebuilds from the records).
     pub fn clear(&self) -> Result<()> {
         for sub in ["claims", "holders"] {

@@ -2,7 +2,7 @@
 
 use crate::backend::Objects;
 use crate::config::{AttachmentId, Backend};
-use crate::plan::{HostPort, Sysctl};
+use crate::plan::{Forward, HostPort, Sysctl};
 use crate::routing::{IpRule, Route, TableSpec};
 use serde::{Deserialize, Serialize};
 use std::fs;
@@ -44,6 +44,14 @@ pub struct Record {
     pub routes: Vec<Route>,
     #[serde(default)]
     pub backend: Backend,
+    /// The forwards as planned (host port, pod address and port, mark), for people and `list`.
+    /// Records written before this field existed load with none.
+    #[serde(default)]
+    pub forwards: Vec<Forward>,
+    /// How replies leave the node: "arrival" (by the uplink the connection came in on) or "rule"
+    /// (by the forward's mark and table). Absent: by the mark and table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_via: Option<String>,
 }
 impl Record {
     pub fn new(id: AttachmentId, cni_version: &str) -> Record {
@@ -62,6 +70,8 @@ impl Record {
             tables: Vec::new(),
             routes: Vec::new(),
             backend: Backend::Iptables,
+            forwards: Vec::new(),
+            reply_via: None,
         }
     }
 

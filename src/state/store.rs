@@ -21,6 +21,15 @@ impl Store {
         Ok(Store { dir: dir.to_path_buf() })
     }
 
+    /// The state directory if it exists, checked as `open` does, creating nothing: for the
+    /// commands that only read, or must change nothing (list, uninstall without --yes).
+    pub fn open_existing(dir: &Path) -> Result<Option<Store>> {
+        match fs::symlink_metadata(dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            _ => ensure_private_dir(dir).map(|()| Some(Store { dir: dir.to_path_buf() })),
+        }
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -40,18 +49,27 @@ impl Store {
     /// Every readable record on the node. Unreadable ones are logged and skipped: a half-written or
     /// corrupt file must never block other attachments.
     pub fn load_all(&self) -> Result<Vec<Record>> {
+        Ok(self
+            .scan()?
+            .into_iter()
+            .filter_map(|(_, r)| r.inspect_err(|e| log::warn!("ignoring unreadable record: {e}")).ok())
+            .collect())
+    }
+
+    /// Every record file with what reading it gave, unreadable ones included.
+    pub fn scan(&self) -> Result<Vec<(PathBuf, Result<Record>)>> {
         let mut out = Vec::new();
-        let records = self.dir.join("records");
-        for net in read_dir_sorted(&records)? {
+        for net in read_dir_sorted(&self.dir.join("records"))? {
             if !net.is_dir() || net.is_symlink() {
                 continue;
             }
             for file in read_dir_sorted(&net)? {
+                // Temp files of a write in progress start with a dot and do not end in .json.
                 if file.extension().is_some_and(|e| e == "json") {
                     match read_record(&file) {
-                        Ok(Some(r)) => out.push(r),
+                        Ok(Some(r)) => out.push((file, Ok(r))),
                         Ok(None) => {}
-                        Err(e) => log::warn!("ignoring unreadable record: {e}"),
+                        Err(e) => out.push((file, Err(e))),
                     }
                 }
             }
