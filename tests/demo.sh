@@ -17,7 +17,7 @@ node="$tag-node" pod="$tag-pod" ra="$tag-ra" rb="$tag-rb" ca="$tag-ca" cb="$tag-
 work=$(mktemp -d)
 agent=""
 cleanup() {
-  [ -n "$agent" ] && kill "$agent" 2>/dev/null && wait "$agent" 2>/dev/null
+  if [ -n "$agent" ]; then kill "$agent" 2>/dev/null; wait "$agent" 2>/dev/null || true; fi
   for ns in "$ca" "$cb" "$ra" "$rb" "$pod" "$node"; do
     ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
     ip netns del "$ns" 2>/dev/null || true
@@ -72,8 +72,8 @@ cni() { nsx "$node" "$driver" "$1" --conflist "$work/dind.conflist" --netns "/va
 tool() { nsx "$node" "$bn" "$@" --state-dir "$work/state" --log-file "$work/bridge-nat.log"; }
 
 step "the node agent: bridge-nat watch"
-nsx "$node" "$bn" watch --state-dir "$work/state" --log-file "$work/bridge-nat.log" 2>/dev/null &
-agent=$!
+ip netns exec "$node" "$bn" watch --state-dir "$work/state" --log-file "$work/bridge-nat.log" 2>/dev/null &
+agent=$!   # ip execs the agent: this is its pid
 for _ in $(seq 50); do grep -q "node agent started" "$work/bridge-nat.log" 2>/dev/null && break; sleep 0.1; done
 
 step "ADD (bridge -> host-local -> bridge-nat): the seed's rules, plus a runtime port mapping 8443 -> 8080"
