@@ -18,7 +18,15 @@
 //! - `BENCH_REPS`: cycles per case (default 30 at N ≤ 100, 15 above);
 //! - `BENCH_NS`: ascending background sizes (default `0,100,500,1000`);
 //! - `BENCH_LOG_LEVEL`: bridge-nat's `logLevel` (default `info`, the plugin's default);
-//! - `BENCH_BRIDGE_NAT`: another bridge-nat binary to measure.
+//! - `BENCH_BRIDGE_NAT`: another bridge-nat binary to measure;
+//! - `BENCH_DATAPLANE=0` skips the data plane (below); `BENCH_DP_SECONDS`: its measured time per
+//!   contender and number of forwards (default 3); `BENCH_DP_FORWARDS`: ascending numbers of
+//!   forwards on the node (default `1,100,1000`); `BENCH_DP_MAPPINGS`: port mappings per
+//!   attachment that holds the other forwards (default 1: one pod per forward).
+//!
+//! After the control plane, the data plane (dataplane.rs): new TCP connections per second from a
+//! client namespace through a forwarded host port to a server in a pod, with N forwards on the
+//! node, each contender alone on it.
 //!
 //! Each contender has its own host-port range, pod addresses, routing tables and marks, and each
 //! bridge-nat backend its own `stateDir` and log. Before measuring, every contender does one
@@ -34,10 +42,12 @@
 //! ip rules, routing tables, state directories), or /etc/iproute2 changed.
 
 mod controlplane;
+mod dataplane;
 mod node;
 mod plugin;
 mod report;
 mod settings;
+mod traffic;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -47,6 +57,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use controlplane::Bench;
+use dataplane::DataPlane;
 use node::{DirSnapshot, Node};
 use plugin::{Kind, Plugin};
 use report::Results;
@@ -79,7 +90,8 @@ fn install(src: &Path, bin_dir: &Path, name: &str) -> PathBuf {
 /// What one phase did, for the report and the exit status.
 struct PhaseOutcome {
     kinds: Vec<Kind>,
-    background: usize,
+    /// What was on the node, for the report.
+    what: String,
     clean: node::Cleanliness,
 }
 
@@ -105,14 +117,36 @@ fn run_phases(
             }
         }
         let background = kinds.iter().map(|&k| bench.count(k)).max().unwrap_or(0);
+        let what = format!("{background} background each");
         bench.teardown(&kinds)?;
         // Every contender of the phase is gone: the node must be back to where it started.
         let clean = node::inspect_clean(&state_dirs, &ROUTED_TABLES);
         for p in &clean.problems {
             eprintln!("not clean after {}: {p}", kinds.iter().map(|k| k.label()).collect::<Vec<_>>().join(", "));
         }
-        outcomes.push(PhaseOutcome { kinds, background, clean });
+        outcomes.push(PhaseOutcome { kinds, what, clean });
     }
+    Ok(())
+}
+
+/// The data-plane phase (dataplane.rs), then the same cleanliness check as after each phase.
+fn run_dataplane(
+    bench: &Bench,
+    settings: &Settings,
+    node_name: &str,
+    dp: &mut DataPlane,
+    outcomes: &mut Vec<PhaseOutcome>,
+) -> Result<()> {
+    let Some(dp_settings) = &settings.dataplane else { return Ok(()) };
+    dataplane::run(&bench.plugins, &settings.contenders, dp_settings, node_name, bench.next_pod, dp)?;
+    let state_dirs: Vec<PathBuf> =
+        bench.plugins.values().filter(|p| p.kind.is_bridge_nat()).map(|p| p.state_dir.clone()).collect();
+    let clean = node::inspect_clean(&state_dirs, &ROUTED_TABLES);
+    for p in &clean.problems {
+        eprintln!("not clean after the data plane: {p}");
+    }
+    let what = format!("data plane: up to {} attachments each", dp.max_attachments + 1);
+    outcomes.push(PhaseOutcome { kinds: settings.contenders.clone(), what, clean });
     Ok(())
 }
 
@@ -178,14 +212,19 @@ fn main() -> ExitCode {
     };
     let mut reps_used = BTreeMap::new();
     let mut outcomes = Vec::new();
+    let mut dp = DataPlane::default();
     let failure = bench
         .warm_up(&settings.contenders)
         .and_then(|()| run_phases(&mut bench, &settings, &mut reps_used, &mut outcomes))
+        .and_then(|()| run_dataplane(&bench, &settings, node.name(), &mut dp, &mut outcomes))
         .err();
 
     let iproute2_after = DirSnapshot::take(Path::new("/etc/iproute2"));
     let iproute2_changes = iproute2_before.changes(&iproute2_after);
     let mut results = std::mem::take(&mut bench.results);
+    if let Some(dp_settings) = settings.dataplane.as_ref().filter(|_| !dp.rates.is_empty()) {
+        results.sections.push(dp.markdown(&settings.contenders, dp_settings));
+    }
     let clean = outcomes.iter().all(|o| o.clean.problems.is_empty()) && iproute2_changes.is_empty();
     let pass = failure.is_none() && clean && !bench.bridge_nat_check_failed;
 
@@ -198,9 +237,9 @@ fn main() -> ExitCode {
     for o in &outcomes {
         let names: Vec<&str> = o.kinds.iter().map(|k| k.label()).collect();
         results.notes.push(format!(
-            "Node clean after deleting every attachment of {} ({} background each; iptables, `nft list tables`, ip rules, tables {ROUTED_TABLES:?}, state directories): **{}**",
+            "Node clean after deleting every attachment of {} ({}; iptables, `nft list tables`, ip rules, tables {ROUTED_TABLES:?}, state directories): **{}**",
             names.join(", "),
-            o.background,
+            o.what,
             if o.clean.problems.is_empty() { "PASS" } else { "FAIL" }
         ));
         for p in &o.clean.problems {

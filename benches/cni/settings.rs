@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use crate::dataplane::{DpSettings, MAX_FORWARDS};
 use crate::plugin::Kind;
 use crate::{fresh_ports, Result, BACKGROUND_PORTS};
 
@@ -18,6 +19,8 @@ pub struct Settings {
     pub reps: Option<usize>,
     pub log_level: String,
     pub bridge_nat: PathBuf,
+    /// None with `BENCH_DATAPLANE=0`.
+    pub dataplane: Option<DpSettings>,
 }
 
 impl Settings {
@@ -63,6 +66,7 @@ impl Settings {
             bridge_nat: std::env::var_os("BENCH_BRIDGE_NAT")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_bridge-nat"))),
+            dataplane: dataplane_from_env(&var)?,
         })
     }
 
@@ -82,4 +86,44 @@ impl Settings {
                 .collect(),
         }
     }
+}
+
+fn dataplane_from_env(var: &dyn Fn(&str) -> Option<String>) -> Result<Option<DpSettings>> {
+    match var("BENCH_DATAPLANE").as_deref().map(str::trim) {
+        None | Some("1") => {}
+        Some("0") => return Ok(None),
+        Some(other) => return Err(format!("BENCH_DATAPLANE: {other:?} is neither 0 nor 1")),
+    }
+    let seconds = match var("BENCH_DP_SECONDS") {
+        None => 3.0,
+        Some(s) => s
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|s| (0.5..=60.0).contains(s))
+            .ok_or_else(|| format!("BENCH_DP_SECONDS: {s:?} is not a number of seconds from 0.5 to 60"))?,
+    };
+    let forwards =
+        var("BENCH_DP_FORWARDS")
+            .unwrap_or_else(|| "1,100,1000".into())
+            .split(',')
+            .map(|s| {
+                s.trim().parse().ok().filter(|n| (1..=MAX_FORWARDS).contains(n)).ok_or_else(|| {
+                    format!("BENCH_DP_FORWARDS: {s:?} is not a number of forwards from 1 to {MAX_FORWARDS}")
+                })
+            })
+            .collect::<Result<Vec<usize>>>()?;
+    if !forwards.windows(2).all(|w| w[0] < w[1]) {
+        return Err(format!("BENCH_DP_FORWARDS must be ascending: {forwards:?}"));
+    }
+    let per_attachment = match var("BENCH_DP_MAPPINGS") {
+        None => 1,
+        Some(m) => m
+            .trim()
+            .parse()
+            .ok()
+            .filter(|m| (1..=1000).contains(m))
+            .ok_or_else(|| format!("BENCH_DP_MAPPINGS: {m:?} is not a number of mappings from 1 to 1000"))?,
+    };
+    Ok(Some(DpSettings { seconds, forwards, per_attachment }))
 }
