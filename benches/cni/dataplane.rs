@@ -81,13 +81,10 @@ pub fn run(
                 settings.seconds
             );
             let refused = |when: &str| match ends.probe(MEASURED_PORT) {
-                Ok(()) => Err(format!(
-                    "data plane, contender {}: port {MEASURED_PORT} answers {when} (something else forwards it)",
-                    kind.label()
-                )),
+                Ok(()) => Err(format!("data plane, contender {}: port {MEASURED_PORT} answers {when}", kind.label())),
                 Err(_) => Ok(()),
             };
-            refused("before the ADD of its forward")?;
+            refused("before the ADD of its forward (something else forwards it)")?;
             plugin.run_ok(Op::Add, &measured)?;
             ends.probe(MEASURED_PORT).map_err(|e| {
                 format!(
@@ -97,7 +94,7 @@ pub fn run(
             })?;
             let rate = ends.measure(MEASURED_PORT, settings.seconds);
             plugin.run_ok(Op::Del, &measured)?;
-            refused("after the DEL of its forward")?;
+            refused("after the DEL of its forward (the DEL left it)")?;
             out.rates.insert((n, kind), rate);
             crate::node::check_interrupted();
         }
