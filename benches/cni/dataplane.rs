@@ -72,6 +72,9 @@ pub fn run(
                 plugin.run_ok(Op::Add, &att)?;
                 background_forwards += m;
                 background.push(att);
+                if background.len().is_multiple_of(100) {
+                    eprintln!("  {} attachments, {:.0} s", background.len(), started.elapsed().as_secs_f64());
+                }
             }
             out.max_attachments = out.max_attachments.max(background.len());
             eprintln!(
@@ -98,10 +101,11 @@ pub fn run(
             out.rates.insert((n, kind), rate);
             crate::node::check_interrupted();
         }
-        eprintln!("  deleting {} attachment(s) ...", background.len());
+        let started = Instant::now();
         for att in background.iter().rev() {
             plugin.run_ok(Op::Del, att)?;
         }
+        eprintln!("  deleted {} attachment(s) in {:.0} s", background.len(), started.elapsed().as_secs_f64());
     }
     Ok(())
 }
@@ -201,6 +205,10 @@ impl DataPlane {
         }
         let windows = ((settings.seconds / WINDOW.as_secs_f64()).round() as usize).max(1);
         let total: u64 = self.rates.values().map(|r| r.connections).sum();
+        let share = |f: fn(&Rate) -> f64| {
+            let wall: f64 = self.rates.values().map(|r| r.wall_secs).sum();
+            100.0 * self.rates.values().map(f).sum::<f64>() / wall.max(1e-9)
+        };
         let _ = writeln!(
             out,
             "\nConnections per second: median (slowest–fastest) of {windows} windows of {} ms per cell, after {} ms of \
@@ -211,11 +219,15 @@ impl DataPlane {
              = the measured one, added last (the end of any chain that grows by appending), plus N − 1 on other host \
              ports of other attachments ({} mapping(s) each, {} attachments at most), all installed by the \
              contender's own ADDs; each contender is alone on the node. Before each ADD and after each DEL the port \
-             must refuse connections. {}",
+             must refuse connections. Over the windows the client thread spent {:.0}% of the wall time in user space \
+             and {:.0}% in the kernel (its syscalls, and the node's whole packet path, which veth runs in the \
+             sender's softirq). {}",
             WINDOW.as_millis(),
             WARM_UP.as_millis(),
             settings.per_attachment,
             self.max_attachments,
+            share(|r| r.user_secs),
+            share(|r| r.sys_secs),
             if kinds.iter().any(|&k| with_ratio(k)) {
                 "`÷ portmap` = that backend's median ÷ portmap's (above 1: more connections per second than portmap)."
             } else {

@@ -45,6 +45,12 @@ pub struct Rate {
     pub accepted: u64,
     /// Connections the client made, warm-up included (to compare with `accepted`).
     pub attempted_ok: u64,
+    /// The client thread's CPU time in user space and in the kernel over the windows, and their
+    /// wall time: the kernel share includes the node's whole packet path, which veth runs in the
+    /// sender's softirq, so a small user share says the client itself costs little.
+    pub user_secs: f64,
+    pub sys_secs: f64,
+    pub wall_secs: f64,
 }
 
 /// Owns both namespaces and the server thread; Drop stops the server and deletes them.
@@ -243,6 +249,8 @@ fn client_loop(addr: &libc::sockaddr_in, windows: usize) -> Rate {
             rate.attempted_ok += 1;
         }
     }
+    let (user0, sys0) = thread_cpu();
+    let measured = Instant::now();
     for _ in 0..windows {
         let start = Instant::now();
         let mut ok = 0u64;
@@ -272,5 +280,17 @@ fn client_loop(addr: &libc::sockaddr_in, windows: usize) -> Rate {
             break;
         }
     }
+    let (user1, sys1) = thread_cpu();
+    (rate.user_secs, rate.sys_secs, rate.wall_secs) = (user1 - user0, sys1 - sys0, measured.elapsed().as_secs_f64());
     rate
+}
+
+/// (user, system) CPU seconds of the calling thread.
+fn thread_cpu() -> (f64, f64) {
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) } != 0 {
+        return (0.0, 0.0);
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    (secs(usage.ru_utime), secs(usage.ru_stime))
 }
