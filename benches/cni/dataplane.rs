@@ -98,7 +98,19 @@ pub fn run(
             let rate = ends.measure(MEASURED_PORT, settings.seconds);
             plugin.run_ok(Op::Del, &measured)?;
             refused("after the DEL of its forward (the DEL left it)")?;
+            let failed = (rate.failures > 0).then(|| {
+                format!(
+                    "data plane, contender {}: {} of {} connections through port {MEASURED_PORT} failed at {n} forwards (first: {})",
+                    kind.label(),
+                    rate.failures,
+                    rate.failures + rate.connections,
+                    rate.first_error.as_deref().unwrap_or("?")
+                )
+            });
             out.rates.insert((n, kind), rate);
+            if let Some(e) = failed {
+                return Err(e);
+            }
             crate::node::check_interrupted();
         }
         let started = Instant::now();
