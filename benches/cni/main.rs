@@ -18,7 +18,15 @@
 //! - `BENCH_REPS`: cycles per case (default 30 at N ≤ 100, 15 above);
 //! - `BENCH_NS`: ascending background sizes (default `0,100,500,1000`);
 //! - `BENCH_LOG_LEVEL`: bridge-nat's `logLevel` (default `info`, the plugin's default);
-//! - `BENCH_BRIDGE_NAT`: another bridge-nat binary to measure.
+//! - `BENCH_BRIDGE_NAT`: another bridge-nat binary to measure;
+//! - `BENCH_DATAPLANE=0` skips the data plane (below); `BENCH_DP_SECONDS`: its measured time per
+//!   contender and number of forwards (default 3); `BENCH_DP_FORWARDS`: ascending numbers of
+//!   forwards on the node (default `1,100,1000`); `BENCH_DP_MAPPINGS`: port mappings per
+//!   attachment that holds the other forwards (default 1: one pod per forward).
+//!
+//! After the control plane, the data plane (dataplane.rs): new TCP connections per second from a
+//! client namespace through a forwarded host port to a server in a pod, with N forwards on the
+//! node, each contender alone on it.
 //!
 //! Each contender has its own host-port range, pod addresses, routing tables and marks, and each
 //! bridge-nat backend its own `stateDir` and log. Before measuring, every contender does one
@@ -33,9 +41,13 @@
 //! CHECK failed, the node is not clean after a contender's last DEL (iptables, `nft list tables`,
 //! ip rules, routing tables, state directories), or /etc/iproute2 changed.
 
+mod controlplane;
+mod dataplane;
 mod node;
 mod plugin;
 mod report;
+mod settings;
+mod traffic;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -44,11 +56,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use serde_json::json;
-
+use controlplane::Bench;
+use dataplane::DataPlane;
 use node::{DirSnapshot, Node};
-use plugin::{Attachment, Kind, Op, Plugin};
-use report::{Case, Results};
+use plugin::{Kind, Plugin};
+use report::Results;
+use settings::{Layout, Settings};
 
 const PORTMAP: &str = "/usr/lib/cni/portmap";
 const SYSTEM_CNI_DIR: &str = "/usr/lib/cni";
@@ -62,95 +75,9 @@ fn fresh_ports(kind: Kind) -> u16 {
         Kind::Portmap => 50000,
     }
 }
-/// The routed case (bridge-nat only): per backend, two (fwmark, routing table) pairs.
-fn routed_marks_tables(kind: Kind) -> [(u32, u32); 2] {
-    match kind {
-        Kind::Nftables => [(0x67, 103), (0x68, 104)],
-        _ => [(0x65, 101), (0x66, 102)],
-    }
-}
 const ROUTED_TABLES: [u32; 4] = [101, 102, 103, 104];
 
 type Result<T> = std::result::Result<T, String>;
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Layout {
-    Separate,
-    Shared,
-}
-
-struct Settings {
-    contenders: Vec<Kind>,
-    layout: Layout,
-    ns: Vec<usize>,
-    reps: Option<usize>,
-    log_level: String,
-    bridge_nat: PathBuf,
-}
-
-impl Settings {
-    fn from_env() -> Result<Settings> {
-        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
-        let ns = var("BENCH_NS")
-            .unwrap_or_else(|| "0,100,500,1000".into())
-            .split(',')
-            .map(|s| s.trim().parse().map_err(|_| format!("BENCH_NS: {s:?} is not a number")))
-            .collect::<Result<Vec<usize>>>()?;
-        if !ns.windows(2).all(|w| w[0] < w[1]) {
-            return Err(format!("BENCH_NS must be ascending: {ns:?}"));
-        }
-        let max_n = ns.last().copied().unwrap_or(0);
-        if BACKGROUND_PORTS + Kind::ALL.len() * max_n > usize::from(fresh_ports(Kind::Iptables)) {
-            return Err(format!("BENCH_NS: {max_n} background attachments per contender do not fit the port ranges"));
-        }
-        let reps = match var("BENCH_REPS") {
-            None => None,
-            Some(r) => Some(r.trim().parse().map_err(|_| format!("BENCH_REPS: {r:?} is not a number"))?),
-        };
-        let mut contenders = Vec::new();
-        for key in var("BENCH_CONTENDERS").unwrap_or_else(|| "portmap,iptables,nftables".into()).split(',') {
-            let kind = Kind::from_key(key.trim()).ok_or_else(|| {
-                format!("BENCH_CONTENDERS: {key:?} is none of portmap, iptables, nftables (comma-separated)")
-            })?;
-            if !contenders.contains(&kind) {
-                contenders.push(kind);
-            }
-        }
-        contenders.sort();
-        let layout = match var("BENCH_LAYOUT").as_deref().map(str::trim) {
-            None | Some("separate") => Layout::Separate,
-            Some("shared") => Layout::Shared,
-            Some(other) => return Err(format!("BENCH_LAYOUT: {other:?} is neither separate nor shared")),
-        };
-        Ok(Settings {
-            contenders,
-            layout,
-            ns,
-            reps,
-            log_level: var("BENCH_LOG_LEVEL").unwrap_or_else(|| "info".into()),
-            bridge_nat: std::env::var_os("BENCH_BRIDGE_NAT")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_bridge-nat"))),
-        })
-    }
-
-    fn reps(&self, n: usize) -> usize {
-        self.reps.unwrap_or(if n <= 100 { 30 } else { 15 })
-    }
-
-    /// Groups of contenders measured together. Separate: bridge-nat nftables first (the newest
-    /// code fails soonest), portmap last (its chains outlive its last DEL).
-    fn phases(&self) -> Vec<Vec<Kind>> {
-        match self.layout {
-            Layout::Shared => vec![self.contenders.clone()],
-            Layout::Separate => [Kind::Nftables, Kind::Iptables, Kind::Portmap]
-                .into_iter()
-                .filter(|k| self.contenders.contains(k))
-                .map(|k| vec![k])
-                .collect(),
-        }
-    }
-}
 
 /// Copies a binary into the scratch `bin/` (a concurrent `cargo build` cannot swap it mid-run).
 fn install(src: &Path, bin_dir: &Path, name: &str) -> PathBuf {
@@ -160,223 +87,11 @@ fn install(src: &Path, bin_dir: &Path, name: &str) -> PathBuf {
     dst
 }
 
-struct Bench {
-    plugins: BTreeMap<Kind, Plugin>,
-    results: Results,
-    /// Next free pod index for measured attachments.
-    next_pod: u32,
-    /// Size of each contender's slice of background pod indexes and host ports.
-    max_n: usize,
-    /// Background attachments each contender has on the node now.
-    background: BTreeMap<Kind, usize>,
-    /// Set when a bridge-nat CHECK failed (recorded, and the run fails).
-    bridge_nat_check_failed: bool,
-}
-
-impl Bench {
-    fn plugin(&self, kind: Kind) -> &Plugin {
-        &self.plugins[&kind]
-    }
-
-    fn prefix(kind: Kind) -> &'static str {
-        match kind {
-            Kind::Portmap => "pm",
-            Kind::Iptables => "ipt",
-            Kind::Nftables => "nft",
-        }
-    }
-
-    fn background_attachment(&self, kind: Kind, k: usize) -> Attachment {
-        let i = kind.slot() * self.max_n + k;
-        Attachment {
-            container_id: format!("{}-bg-{k:05}", Self::prefix(kind)),
-            ip: Attachment::pod_ip(i as u32),
-            mappings: vec![((BACKGROUND_PORTS + i) as u16, 8080)],
-            static_rules: None,
-        }
-    }
-
-    fn count(&self, kind: Kind) -> usize {
-        self.background.get(&kind).copied().unwrap_or(0)
-    }
-
-    /// Adds background attachments of the phase's contenders (interleaved) until each has `n`.
-    fn populate(&mut self, kinds: &[Kind], n: usize) -> Result<()> {
-        let from = kinds.iter().map(|&k| self.count(k)).min().unwrap_or(n);
-        if from >= n {
-            return Ok(());
-        }
-        let names: Vec<&str> = kinds.iter().map(|k| k.label()).collect();
-        eprintln!("populating background attachments {from} → {n} for {} ...", names.join(", "));
-        let started = Instant::now();
-        for k in from..n {
-            for &kind in kinds {
-                if self.count(kind) > k {
-                    continue;
-                }
-                let att = self.background_attachment(kind, k);
-                let out = self.plugin(kind).run_ok(Op::Add, &att)?;
-                self.results.record_background(kind, &format!("ADD while populating 0 → {}", self.max_n), out.elapsed);
-                self.background.insert(kind, k + 1);
-            }
-            if (k + 1) % 100 == 0 {
-                eprintln!("  {} each, {:.0} s", k + 1, started.elapsed().as_secs_f64());
-            }
-        }
-        Ok(())
-    }
-
-    fn teardown(&mut self, kinds: &[Kind]) -> Result<()> {
-        let top = kinds.iter().map(|&k| self.count(k)).max().unwrap_or(0);
-        eprintln!("deleting {top} background attachments of each of {} contender(s) ...", kinds.len());
-        let started = Instant::now();
-        for k in (0..top).rev() {
-            for &kind in kinds {
-                if k >= self.count(kind) {
-                    continue;
-                }
-                let att = self.background_attachment(kind, k);
-                let out = self.plugin(kind).run_ok(Op::Del, &att)?;
-                self.results.record_background(kind, "DEL of every background attachment", out.elapsed);
-                self.background.insert(kind, k);
-            }
-            if k % 100 == 0 && k > 0 {
-                eprintln!("  {k} each left, {:.0} s", started.elapsed().as_secs_f64());
-            }
-        }
-        Ok(())
-    }
-
-    fn fresh(&mut self, kind: Kind, tag: &str, mappings: usize) -> Attachment {
-        let pod = self.next_pod;
-        self.next_pod += 1;
-        let base = fresh_ports(kind);
-        Attachment {
-            container_id: format!("{}-{tag}-{pod:05}", Self::prefix(kind)),
-            ip: Attachment::pod_ip(pod),
-            mappings: (0..mappings).map(|m| (base + m as u16, 8080 + m as u16)).collect(),
-            static_rules: None,
-        }
-    }
-
-    /// One ADD → CHECK → DEL cycle. ADD and DEL must succeed (else the bench stops); a failed
-    /// CHECK is recorded (portmap 1.1.1 checks ip6tables even for an IPv4-only pod and fails).
-    fn cycle(&mut self, kind: Kind, att: &Attachment, case: Case, rss_candidate: bool) -> Result<()> {
-        for op in [Op::Add, Op::Check, Op::Del] {
-            let plugin = self.plugin(kind);
-            let out = if op == Op::Check { plugin.run(op, att) } else { plugin.run_ok(op, att)? };
-            if !out.ok && kind.is_bridge_nat() {
-                self.bridge_nat_check_failed = true;
-            }
-            let case = Case { op, ..case };
-            self.results.record(case, kind, out.ok, out.elapsed, || {
-                let text = format!("{}: {} {}", out.status, out.stdout, out.stderr);
-                text.split_whitespace().collect::<Vec<_>>().join(" ")
-            });
-            self.results.record_rss(kind, op, rss_candidate, out.maxrss_kib);
-        }
-        Ok(())
-    }
-
-    fn measure(&mut self, kinds: &[Kind], n: usize, mappings: usize, reps: usize) -> Result<()> {
-        eprintln!("measuring N={n}, {mappings} mapping(s), {reps} cycles per contender ...");
-        let case = Case { routed: false, n, mappings, op: Op::Add };
-        for r in 0..reps {
-            // Rotate which contender goes first so none always runs on a warmer cache.
-            let mut order = kinds.to_vec();
-            order.rotate_left(r % kinds.len().max(1));
-            for kind in order {
-                let att = self.fresh(kind, &format!("n{n}-m{mappings}"), mappings);
-                self.cycle(kind, &att, case, n == 0 && mappings == 1)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// bridge-nat only: two static forwards, each with its own routing block (mark, table, uplink).
-    /// No tableName: the plugin then writes no names into /etc/iproute2, which is not overlaid here.
-    fn measure_routed(&mut self, kinds: &[Kind], reps: usize) -> Result<()> {
-        let kinds: Vec<Kind> = kinds.iter().copied().filter(|k| k.is_bridge_nat()).collect();
-        if kinds.is_empty() {
-            return Ok(());
-        }
-        eprintln!("measuring bridge-nat with two routed static rules, {reps} cycles per backend ...");
-        for r in 0..reps {
-            let mut order = kinds.clone();
-            order.rotate_left(r % kinds.len());
-            for kind in order {
-                let [(mark_a, table_a), (mark_b, table_b)] = routed_marks_tables(kind);
-                let port = fresh_ports(kind) + 1001;
-                let rules = json!([
-                    { "name": "routed-a", "hostPort": port, "destPort": 8080, "protocol": "tcp",
-                      "routing": { "fwmark": format!("{mark_a:#x}"), "tableId": table_a, "outbound": { "interface": "up1" } } },
-                    { "name": "routed-b", "hostPort": port + 1, "destPort": 8081, "protocol": "tcp",
-                      "routing": { "fwmark": format!("{mark_b:#x}"), "tableId": table_b, "outbound": { "interface": "up2" } } }
-                ]);
-                let case = Case { routed: true, n: self.count(kind), mappings: 0, op: Op::Add };
-                let mut att = self.fresh(kind, "routed", 0);
-                att.static_rules = Some(rules);
-                self.cycle(kind, &att, case, false)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// One unrecorded cycle per contender (page cache, first chains or table, the state
-    /// directory), checking after ADD that each bridge-nat backend's rules are where they belong.
-    fn warm_up(&mut self, kinds: &[Kind]) -> Result<()> {
-        for &kind in kinds {
-            let att = self.fresh(kind, "warmup", 1);
-            let plugin = self.plugin(kind);
-            plugin.run_ok(Op::Add, &att)?;
-            let placed = placement_problem(kind);
-            plugin.run(Op::Check, &att);
-            plugin.run_ok(Op::Del, &att)?;
-            if let Some(problem) = placed {
-                return Err(format!("contender {}: ADD succeeded, but {problem}", kind.label()));
-            }
-        }
-        Ok(())
-    }
-}
-
-/// After one ADD on an otherwise empty node: is the backend's firewall where it should be?
-fn placement_problem(kind: Kind) -> Option<String> {
-    let tables = node::bridge_nat_nft_tables();
-    let lines = node::bridge_nat_iptables_lines();
-    match kind {
-        Kind::Portmap => None,
-        Kind::Iptables if lines.is_empty() => {
-            Some("iptables-save shows no bridge-nat chain or rule for it (backend \"iptables\" not honoured?)".into())
-        }
-        Kind::Iptables if !tables.is_empty() => {
-            Some(format!("backend \"iptables\" created nftables table(s) {}", tables.join(", ")))
-        }
-        Kind::Nftables if !tables.iter().any(|t| t == node::NFT_TABLE) => Some(format!(
-            "there is no nftables table `{}` (`nft list tables`: {}); {}",
-            node::NFT_TABLE,
-            if tables.is_empty() { "none of bridge-nat's".to_string() } else { tables.join(", ") },
-            if lines.is_empty() {
-                "nor any bridge-nat rule in iptables-save".to_string()
-            } else {
-                format!(
-                    "{} bridge-nat line(s) in iptables-save instead: this bridge-nat binary ignores \"backend\": \"nftables\"",
-                    lines.len()
-                )
-            }
-        )),
-        Kind::Nftables if !lines.is_empty() => Some(format!(
-            "backend \"nftables\" also wrote iptables rules, e.g. `{}`",
-            lines.first().map(String::as_str).unwrap_or_default()
-        )),
-        _ => None,
-    }
-}
-
 /// What one phase did, for the report and the exit status.
 struct PhaseOutcome {
     kinds: Vec<Kind>,
-    background: usize,
+    /// What was on the node, for the report.
+    what: String,
     clean: node::Cleanliness,
 }
 
@@ -402,14 +117,36 @@ fn run_phases(
             }
         }
         let background = kinds.iter().map(|&k| bench.count(k)).max().unwrap_or(0);
+        let what = format!("{background} background each");
         bench.teardown(&kinds)?;
         // Every contender of the phase is gone: the node must be back to where it started.
         let clean = node::inspect_clean(&state_dirs, &ROUTED_TABLES);
         for p in &clean.problems {
             eprintln!("not clean after {}: {p}", kinds.iter().map(|k| k.label()).collect::<Vec<_>>().join(", "));
         }
-        outcomes.push(PhaseOutcome { kinds, background, clean });
+        outcomes.push(PhaseOutcome { kinds, what, clean });
     }
+    Ok(())
+}
+
+/// The data-plane phase (dataplane.rs), then the same cleanliness check as after each phase.
+fn run_dataplane(
+    bench: &Bench,
+    settings: &Settings,
+    node_name: &str,
+    dp: &mut DataPlane,
+    outcomes: &mut Vec<PhaseOutcome>,
+) -> Result<()> {
+    let Some(dp_settings) = &settings.dataplane else { return Ok(()) };
+    dataplane::run(&bench.plugins, &settings.contenders, dp_settings, node_name, bench.next_pod, dp)?;
+    let state_dirs: Vec<PathBuf> =
+        bench.plugins.values().filter(|p| p.kind.is_bridge_nat()).map(|p| p.state_dir.clone()).collect();
+    let clean = node::inspect_clean(&state_dirs, &ROUTED_TABLES);
+    for p in &clean.problems {
+        eprintln!("not clean after the data plane: {p}");
+    }
+    let what = format!("data plane: up to {} attachments each", dp.max_attachments + 1);
+    outcomes.push(PhaseOutcome { kinds: settings.contenders.clone(), what, clean });
     Ok(())
 }
 
@@ -475,14 +212,19 @@ fn main() -> ExitCode {
     };
     let mut reps_used = BTreeMap::new();
     let mut outcomes = Vec::new();
+    let mut dp = DataPlane::default();
     let failure = bench
         .warm_up(&settings.contenders)
         .and_then(|()| run_phases(&mut bench, &settings, &mut reps_used, &mut outcomes))
+        .and_then(|()| run_dataplane(&bench, &settings, node.name(), &mut dp, &mut outcomes))
         .err();
 
     let iproute2_after = DirSnapshot::take(Path::new("/etc/iproute2"));
     let iproute2_changes = iproute2_before.changes(&iproute2_after);
     let mut results = std::mem::take(&mut bench.results);
+    if let Some(dp_settings) = settings.dataplane.as_ref().filter(|_| !dp.rates.is_empty()) {
+        results.sections.push(dp.markdown(&settings.contenders, dp_settings));
+    }
     let clean = outcomes.iter().all(|o| o.clean.problems.is_empty()) && iproute2_changes.is_empty();
     let pass = failure.is_none() && clean && !bench.bridge_nat_check_failed;
 
@@ -495,9 +237,9 @@ fn main() -> ExitCode {
     for o in &outcomes {
         let names: Vec<&str> = o.kinds.iter().map(|k| k.label()).collect();
         results.notes.push(format!(
-            "Node clean after deleting every attachment of {} ({} background each; iptables, `nft list tables`, ip rules, tables {ROUTED_TABLES:?}, state directories): **{}**",
+            "Node clean after deleting every attachment of {} ({}; iptables, `nft list tables`, ip rules, tables {ROUTED_TABLES:?}, state directories): **{}**",
             names.join(", "),
-            o.background,
+            o.what,
             if o.clean.problems.is_empty() { "PASS" } else { "FAIL" }
         ));
         for p in &o.clean.problems {

@@ -57,7 +57,7 @@ pub fn run_ok(cmd: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn setns_net(fd: &File) -> std::io::Result<()> {
+pub fn setns_net(fd: &File) -> std::io::Result<()> {
     // nix's `sched` feature is not enabled in this crate; the raw call is one line.
     if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
         return Err(std::io::Error::last_os_error());

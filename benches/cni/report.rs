@@ -66,6 +66,8 @@ pub struct Results {
     pub rss: BTreeMap<(Kind, Op), (Option<i64>, i64)>,
     /// Background work: (plugin, what) → every call's time.
     pub background: BTreeMap<(Kind, String), Vec<Duration>>,
+    /// Further Markdown sections (the data plane), printed before the notes.
+    pub sections: Vec<String>,
     /// Free-form observations printed under the table.
     pub notes: Vec<String>,
 }
@@ -134,6 +136,9 @@ impl Results {
         let mut out = String::new();
         if self.samples.is_empty() {
             let _ = writeln!(out, "Nothing was measured.\n");
+            for section in &self.sections {
+                let _ = writeln!(out, "{section}");
+            }
             for n in &self.notes {
                 let _ = writeln!(out, "{n}");
             }
@@ -227,6 +232,9 @@ impl Results {
                 );
             }
             let _ = writeln!(out);
+        }
+        for section in &self.sections {
+            let _ = writeln!(out, "{section}");
         }
         for n in &self.notes {
             let _ = writeln!(out, "{n}");
