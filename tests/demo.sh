@@ -80,6 +80,7 @@ step "ADD (bridge -> host-local -> bridge-nat): the seed's rules, plus a runtime
 cni add --port-mappings '[{"hostPort":8443,"containerPort":8080,"protocol":"tcp"}]' >/dev/null && echo "ADD done"
 nsx "$pod" socat TCP-LISTEN:8080,reuseaddr,fork SYSTEM:'echo hello from the pod - you are \$SOCAT_PEERADDR' &
 nsx "$pod" socat TCP-LISTEN:2376,reuseaddr,fork SYSTEM:'echo docker-tls answers \$SOCAT_PEERADDR' &
+disown -a   # the cleanup kills them with the namespaces; no job notices
 for _ in $(seq 50); do nsx "$pod" ss -ltn | grep -q ':2376' && break; sleep 0.1; done
 
 step "what is forwarded here: bridge-nat list"

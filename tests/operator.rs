@@ -175,7 +175,7 @@ fn two_networks(node: &Node) -> (Network, Network) {
             "capabilities": { "portMappings": true },
             "routing": {
                 "enabled": true, "tableId": 100, "tableName": "dind_out", "rulePriority": 100,
-                "outbound": { "interface": "up2" }
+                "outbound": { "interface": "up2" }, "replyVia": "rule"
             },
             "portForwarding": { "rules": [
                 { "name": "via-up1", "hostPort": 30081, "destIP": "10.20.0.10", "destPort": 8080, "protocol": "tcp",

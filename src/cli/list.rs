@@ -50,7 +50,7 @@ pub fn render(found: &[Listed]) -> String {
         let forwards: Vec<String> = a.forwards.iter().map(forward).collect();
         let width = forwards.iter().map(|f| f.chars().count()).max().unwrap_or(0);
         for (text, f) in forwards.iter().zip(&a.forwards) {
-            out += &format!("  forward  {text:<width$}  replies: {}\n", replies(f));
+            out += &format!("  forward  {text:<width$}  replies: {}\n", replies(f, a));
         }
         if !a.marks.is_empty() {
             out += &format!("  marks    {}\n", a.marks.iter().map(mark).collect::<Vec<_>>().join(", "));
@@ -79,12 +79,22 @@ fn forward(f: &ListedForward) -> String {
     }
 }
 
-fn replies(f: &ListedForward) -> String {
+fn replies(f: &ListedForward, a: &Listed) -> String {
     let uplink = f.reply_uplink.as_deref().unwrap_or("(uplink not recorded)");
     match (f.reply_via, f.mark, f.table) {
         ("mark", Some(m), Some(t)) => format!("{uplink} (mark {m:#x}, table {t})"),
         ("pod-default", _, Some(t)) => format!("{uplink} (table {t}, the pod's default)"),
-        ("arrival", ..) => "arrival uplink".into(),
+        ("arrival", ..) => {
+            // The uplinks whose tables a mark selects: the connection's arrival decides among them.
+            let uplinks: Vec<&str> = a
+                .marks
+                .iter()
+                .filter_map(|m| a.tables.iter().find(|t| t.id == m.table).map(|t| t.uplink.as_str()))
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            format!("the uplink it arrived on ({})", uplinks.join(", "))
+        }
         ("main", ..) => "main table".into(),
         _ => "unknown (record from an older version)".into(),
     }

@@ -95,6 +95,7 @@ fn record_for(conf: &NetConf, planned: &Plan, fw: &dyn Firewall) -> Record {
     rec.forwards = planned.forwards.clone();
     rec.firewall = fw.render(planned);
     rec.backend = fw.kind();
+    rec.reply_via = (!planned.routing.arrival.is_empty()).then(|| "arrival".to_string());
     rec.sysctls = planned.sysctls.clone();
     rec.ip_rules = planned.routing.ip_rules.iter().cloned().collect();
     rec.tables = planned.routing.tables.iter().cloned().collect();

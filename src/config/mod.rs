@@ -58,6 +58,17 @@ pub struct RouteSpec {
     pub outbound: Outbound,
 }
 
+/// `routing.replyVia`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReplyVia {
+    /// By the uplink the connection arrived on, when that uplink has a table in the network's
+    /// routing configuration; otherwise by the forward's own (or the fallback) mark.
+    #[default]
+    Arrival,
+    /// By the forward's own routing block, else the fallback mark: the seed's behaviour.
+    Rule,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GlobalRouting {
     pub table_id: u32,
@@ -168,6 +179,8 @@ pub struct NetConf {
     pub masquerade: bool,
     /// None when the block is absent or `enabled` is false.
     pub routing: Option<GlobalRouting>,
+    /// Which uplink replies to a forwarded connection leave by (`routing.replyVia`).
+    pub reply_via: ReplyVia,
     pub rules: Vec<PortRule>,
     pub port_mappings: Vec<PortMapping>,
     pub settings: Settings,
@@ -186,6 +199,7 @@ impl NetConf {
             bridge: None,
             masquerade: true,
             routing: None,
+            reply_via: ReplyVia::default(),
             rules: Vec::new(),
             port_mappings: Vec::new(),
             settings,

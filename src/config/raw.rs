@@ -78,6 +78,7 @@ pub(super) struct RawRouting {
     pub(super) fwmark: Option<RawMark>,
     pub(super) rule_priority: Option<i64>,
     pub(super) outbound: Option<RawOutbound>,
+    pub(super) reply_via: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -1163,3 +1163,21 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn reply_via_defaults_to_arrival_and_takes_rule() {
+    assert_eq!(ok(&example()).reply_via, ReplyVia::Arrival);
+    assert_eq!(ok(&example_with("/routing/replyVia", json!("rule"))).reply_via, ReplyVia::Rule);
+    assert_eq!(ok(&example_with("/routing/replyVia", json!("arrival"))).reply_via, ReplyVia::Arrival);
+    let e = rejected(&example_with("/routing/replyVia", json!("uplink")), 7, &["routing.replyVia", "\"uplink\""]);
+    assert!(e.msg.contains("arrival"), "{}", e.msg);
+}
+
+#[test]
+fn a_routing_block_with_only_reply_via_enables_no_global_routing() {
+    let mut v = minimal();
+    v["routing"] = json!({ "replyVia": "rule" });
+    let c = ok(&v);
+    assert_eq!(c.routing, None);
+    assert_eq!(c.reply_via, ReplyVia::Rule);
+}

@@ -23,7 +23,9 @@ pub(super) fn validate(raw: RawConf) -> Result<NetConf> {
         cni::validate_ifname(b).map_err(|e| invalid(format!("bridge: {}", e.msg)))?;
     }
     let routing = match &raw.routing {
-        Some(r) if r.enabled.unwrap_or(true) => Some(validate_global_routing(r, settings.mark_mask)?),
+        Some(r) if r.enabled.unwrap_or_else(|| names_global_routing(r)) => {
+            Some(validate_global_routing(r, settings.mark_mask)?)
+        }
         _ => None,
     };
     let rules = raw
@@ -42,6 +44,7 @@ pub(super) fn validate(raw: RawConf) -> Result<NetConf> {
         .collect::<Result<Vec<_>>>()?;
     check_unique_host_ports(&rules, &port_mappings)?;
     check_unique_marks_and_tables(routing.as_ref(), &rules)?;
+    let reply_via = validate_reply_via(raw.routing.as_ref().and_then(|r| r.reply_via.as_deref()))?;
     let valid_attachments = raw.valid_attachments.map(|list| {
         list.into_iter()
             .map(|a| AttachmentId { network: raw.name.clone(), container_id: a.container_id, ifname: a.ifname })
@@ -53,6 +56,7 @@ pub(super) fn validate(raw: RawConf) -> Result<NetConf> {
         bridge: raw.bridge,
         masquerade: raw.masquerade.unwrap_or(true),
         routing,
+        reply_via,
         rules,
         port_mappings,
         settings,
@@ -216,6 +220,23 @@ fn validate_outbound(field: &str, o: &Option<RawOutbound>) -> Result<Outbound> {
         gateway: validate_ip(&format!("{field}.gateway"), &o.gateway)?,
         use_default_route: o.use_default_route,
     })
+}
+
+/// A block that only says `replyVia` (for forwards with their own routing) turns nothing else on.
+fn names_global_routing(r: &RawRouting) -> bool {
+    r.table_id.is_some()
+        || r.table_name.is_some()
+        || r.fwmark.is_some()
+        || r.rule_priority.is_some()
+        || r.outbound.is_some()
+}
+
+fn validate_reply_via(v: Option<&str>) -> Result<ReplyVia> {
+    match v {
+        None | Some("arrival") => Ok(ReplyVia::Arrival),
+        Some("rule") => Ok(ReplyVia::Rule),
+        Some(other) => Err(invalid(format!("routing.replyVia: {other:?} is not one of \"arrival\", \"rule\""))),
+    }
 }
 
 fn validate_global_routing(r: &RawRouting, mask: u32) -> Result<GlobalRouting> {

@@ -2,7 +2,7 @@
 //! pod subnet. Pure: next hops are resolved against the live uplinks when applied (routing/).
 
 use super::{Forward, HostPort};
-use crate::config::{NetConf, Outbound, DEFAULT_RULE_PRIORITY};
+use crate::config::{NetConf, Outbound, ReplyVia, DEFAULT_RULE_PRIORITY};
 use crate::routing::{IpRule, TableSpec, MAIN_TABLE};
 use ipnetwork::IpNetwork;
 use std::collections::BTreeSet;
@@ -14,6 +14,30 @@ pub struct RoutingPlan {
     pub tables: BTreeSet<TableSpec>,
     /// Uplinks that need `src_valid_mark` so strict rp_filter accepts marked connections.
     pub uplinks: BTreeSet<String>,
+    /// `replyVia: "arrival"`: the mark a NEW connection to a forwarded port gets from the uplink it
+    /// arrived on, for every uplink that has a table here. It overrides the forward's own mark.
+    pub arrival: Vec<Arrival>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Arrival {
+    pub uplink: String,
+    pub mark: u32,
+}
+
+/// Every (uplink, mark, table) the routing configuration names: the rules' blocks, then the global
+/// block (when it has a fallback mark: a table without a mark cannot be chosen by one). The first
+/// mark of an uplink wins; every table of an uplink leaves by it, so the choice changes only which
+/// table the reply is looked up in.
+fn marked_uplinks(conf: &NetConf) -> Vec<(u32, u32, &Outbound, &Option<String>)> {
+    let global = conf.routing.iter().filter_map(|g| g.fwmark.map(|m| (m, g.table_id, &g.outbound, &g.table_name)));
+    let rules = conf
+        .rules
+        .iter()
+        .filter_map(|r| r.routing.as_ref())
+        .map(|rs| (rs.fwmark, rs.table_id, &rs.outbound, &rs.table_name));
+    let mut seen = BTreeSet::new();
+    rules.chain(global).filter(|(_, _, o, _)| seen.insert(o.interface.clone())).collect()
 }
 
 /// The mark, table and uplink a forward's replies are routed by, if any: the rule's own routing
@@ -62,6 +86,23 @@ pub(super) fn plan_routing(conf: &NetConf, bridge: &str, subnets: &[IpNetwork], 
             plan.tables.insert(table_spec(table, name, bridge, *subnet, outbound));
         }
         plan.uplinks.insert(outbound.interface.clone());
+    }
+    let inbound_v4 = forwards.iter().any(|f| f.pod_ip.is_ipv4());
+    if conf.reply_via == ReplyVia::Arrival && inbound_v4 && !subnets.is_empty() {
+        for (mark, table, outbound, name) in marked_uplinks(conf) {
+            plan.ip_rules.insert(IpRule {
+                priority,
+                table,
+                fwmark: Some((mark, mask)),
+                from: None,
+                suppress_default: false,
+            });
+            for subnet in subnets {
+                plan.tables.insert(table_spec(table, name, bridge, *subnet, outbound));
+            }
+            plan.uplinks.insert(outbound.interface.clone());
+            plan.arrival.push(Arrival { uplink: outbound.interface.clone(), mark });
+        }
     }
     if let Some(g) = &conf.routing {
         for subnet in subnets {

@@ -247,3 +247,38 @@ fn no_routing_block_means_no_routing() {
     assert_eq!(p.routing, RoutingPlan::default());
     assert!(p.sysctls.iter().all(|s| s.required));
 }
+
+#[test]
+fn arrival_marks_every_routed_uplink_rules_first_and_routes_by_all_their_tables() {
+    let c = conf(json!({
+        "routing": { "tableId": 100, "fwmark": "0x64", "outbound": { "interface": "eth5" } },
+        "portForwarding": { "rules": [
+            { "name": "plain", "hostPort": 2376, "destPort": 2376 },
+            { "name": "web", "hostPort": 30080, "destPort": 8080,
+              "routing": { "fwmark": "0x65", "tableId": 101, "outbound": { "interface": "eth0" } } },
+            { "name": "also-eth0", "hostPort": 30081, "destPort": 8081,
+              "routing": { "fwmark": "0x66", "tableId": 102, "outbound": { "interface": "eth0" } } }
+        ] }
+    }));
+    let p = plan(&c, &id(), &att(&c, &["10.20.0.10/24"])).unwrap();
+    let arrival: Vec<(String, u32)> = p.routing.arrival.iter().map(|a| (a.uplink.clone(), a.mark)).collect();
+    assert_eq!(arrival, vec![("eth0".to_string(), 0x65), ("eth5".to_string(), 0x64)]);
+    // The plain forward has no block of its own: its replies can leave by either uplink's table.
+    let marks: Vec<u32> = p.routing.ip_rules.iter().filter_map(|r| r.fwmark.map(|m| m.0)).collect();
+    assert_eq!(marks, vec![0x64, 0x65, 0x66]);
+    assert_eq!(p.routing.uplinks.len(), 2);
+}
+
+#[test]
+fn reply_via_rule_or_no_ipv4_forward_means_no_arrival_marks() {
+    let mut v = json!({
+        "routing": { "tableId": 100, "fwmark": "0x64", "outbound": { "interface": "eth5" }, "replyVia": "rule" },
+        "portForwarding": { "rules": [ { "hostPort": 2376, "destPort": 2376 } ] }
+    });
+    let c = conf(v.clone());
+    assert!(plan(&c, &id(), &att(&c, &["10.20.0.10/24"])).unwrap().routing.arrival.is_empty());
+    v["routing"].as_object_mut().unwrap().remove("replyVia");
+    let c = conf(v);
+    assert_eq!(plan(&c, &id(), &att(&c, &["10.20.0.10/24"])).unwrap().routing.arrival.len(), 1);
+    assert!(plan(&c, &id(), &att(&c, &["fd00::10/64"])).unwrap().routing.arrival.is_empty());
+}

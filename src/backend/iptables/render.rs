@@ -13,6 +13,8 @@ pub const CHAIN_POSTROUTING: &str = "BRIDGE-NAT-POSTRT";
 pub const CHAIN_FORWARD: &str = "BRIDGE-NAT-FORWARD";
 pub const CHAIN_MARK: &str = "BRIDGE-NAT-MARK";
 pub const CHAIN_SAVE: &str = "BRIDGE-NAT-SAVE";
+/// Per network: arrival uplink → mark. Named by a hash of the network, since chain names are short.
+const CHAIN_ARRIVAL_PREFIX: &str = "BRIDGE-NAT-IN-";
 
 /// Every rule one attachment needs, shared ones included.
 pub fn render(plan: &Plan) -> BTreeSet<Rule> {
@@ -27,14 +29,42 @@ pub fn render(plan: &Plan) -> BTreeSet<Rule> {
             rules.extend(forward_rules(family, &tag, &plan.bridge, f));
         }
     }
+    let arrival = &plan.routing.arrival;
     let marked: Vec<&Forward> = plan.forwards.iter().filter(|f| f.mark.is_some()).collect();
     for f in &marked {
-        rules.insert(mark_rule(&tag, f, plan.mark_mask));
+        rules.insert(mark_rule(&tag, f, plan.mark_mask, !arrival.is_empty()));
     }
-    if !marked.is_empty() {
+    if !arrival.is_empty() {
+        let chain = arrival_chain(&plan.id.network);
+        for f in plan.forwards.iter().filter(|f| f.pod_ip.is_ipv4()) {
+            rules.insert(Rule::new(Family::Ipv4, "mangle", CHAIN_MARK, format!("{}-j {chain}", new_to_port(&tag, f))));
+        }
+        let c = comment(&format!("bridge-nat:{}", plan.id.network));
+        for a in arrival {
+            let spec = format!("-i {} {c} -j MARK --set-xmark {:#x}/{:#x}", a.uplink, a.mark, plan.mark_mask);
+            rules.insert(Rule::new(Family::Ipv4, "mangle", &chain, spec));
+        }
+    }
+    if !marked.is_empty() || !arrival.is_empty() {
         rules.extend(mark_plumbing(plan.mark_mask));
     }
     rules
+}
+
+fn arrival_chain(network: &str) -> String {
+    // FNV-1a: stable across builds, unlike std's hasher; 32 bits keep the name within 28 chars.
+    let h = network.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    format!("{CHAIN_ARRIVAL_PREFIX}{h:08x}")
+}
+
+/// The matches of a NEW connection to a forward's host port, up to the attachment's tag.
+fn new_to_port(tag: &str, f: &Forward) -> String {
+    let dst = f.host.host_ip.map(|ip| format!("-d {ip}/32 ")).unwrap_or_default();
+    let proto = f.host.protocol.as_str();
+    format!(
+        "{dst}-p {proto} -m {proto} --dport {} -m addrtype --dst-type LOCAL -m conntrack --ctstate NEW -m comment --comment {tag} ",
+        f.host.port
+    )
 }
 
 /// Comment text that says which attachment a rule belongs to; only characters that need no quoting.
@@ -138,18 +168,21 @@ fn forward_rules(family: Family, tag: &str, bridge: &str, f: &Forward) -> Vec<Ru
     ]
 }
 
-/// New connections to a routed forward's host port get its mark (IPv4 only, as routing is).
-fn mark_rule(tag: &str, f: &Forward, mask: u32) -> Rule {
+/// New connections to a routed forward's host port get its mark (IPv4 only, as routing is). With
+/// arrival marks, only when no arrival mark was set first: whichever order the two rules run in,
+/// the arrival uplink wins.
+fn mark_rule(tag: &str, f: &Forward, mask: u32, arrival: bool) -> Rule {
     let mark = f.mark.expect("only marked forwards");
     let dst = f.host.host_ip.map(|ip| format!("-d {ip}/32 ")).unwrap_or_default();
     let proto = f.host.protocol.as_str();
+    let unmarked = if arrival { format!("-m mark --mark 0x0/{mask:#x} ") } else { String::new() };
     Rule::new(
         Family::Ipv4,
         "mangle",
         CHAIN_MARK,
         format!(
             "{dst}-p {proto} -m {proto} --dport {} -m addrtype --dst-type LOCAL -m conntrack --ctstate NEW \
-             -m comment --comment {tag} -j MARK --set-xmark {mark:#x}/{mask:#x}",
+             {unmarked}-m comment --comment {tag} -j MARK --set-xmark {mark:#x}/{mask:#x}",
             f.host.port
         ),
     )

@@ -180,9 +180,18 @@ pub fn render(plan: &Plan) -> Contents {
         ));
         if let Some(value) = f.mark {
             let mark = Mark { value, mask: plan.mark_mask };
-            let set = set.replace("dnat", "mark");
-            c.own.insert(Element::new(&set, key, vec![Value::Jump(mark.chain())]));
+            c.own.insert(Element::new(&set.replace("dnat", "mark"), key.clone(), vec![Value::Jump(mark.chain())]));
             c.marks.insert(mark);
+        }
+        if f.pod_ip.is_ipv4() {
+            for a in &plan.routing.arrival {
+                let mark = Mark { value: a.mark, mask: plan.mark_mask };
+                // The uplink goes after the host address, before protocol and port.
+                let mut k = key.clone();
+                k.insert(k.len() - 2, Value::Ifname(a.uplink.clone()));
+                c.own.insert(Element::new(&set.replace("dnat", "arrive"), k, vec![Value::Jump(mark.chain())]));
+                c.marks.insert(mark);
+            }
         }
     }
     c
@@ -276,7 +285,7 @@ mod tests {
     #[test]
     fn routed_forwards_jump_to_their_mark_chain() {
         let (got, own, _) = contents(
-            serde_json::json!({ "portForwarding": { "rules": [
+            serde_json::json!({ "routing": { "replyVia": "rule" }, "portForwarding": { "rules": [
                 { "name": "web", "hostPort": 30080, "destPort": 8080, "protocol": "tcp",
                   "routing": { "fwmark": "0x65", "tableId": 101, "outbound": { "interface": "eth0" } } },
                 { "name": "plain", "hostPort": 2376, "destPort": 2376, "protocol": "tcp" }
@@ -286,6 +295,35 @@ mod tests {
         assert!(own.contains(&"mark4-any { tcp . 30080 : jump mark-0x65-0x1fff }".to_string()), "{own:?}");
         assert!(own.iter().all(|e| !e.contains(". 2376 : jump")), "{own:?}");
         assert_eq!(got.marks.into_iter().collect::<Vec<_>>(), vec![Mark { value: 0x65, mask: 0x1fff }]);
+    }
+
+    #[test]
+    fn every_ipv4_forward_jumps_by_its_arrival_uplink() {
+        let (got, own, _) = contents(
+            serde_json::json!({
+                "routing": { "tableId": 100, "fwmark": "0x64", "outbound": { "interface": "eth5" } },
+                "portForwarding": { "rules": [
+                    { "name": "web", "hostPort": 30080, "destPort": 8080,
+                      "routing": { "fwmark": "0x65", "tableId": 101, "outbound": { "interface": "eth0" } } },
+                    { "name": "plain", "hostPort": 2376, "destPort": 2376 }
+                ] },
+                "runtimeConfig": { "portMappings": [ { "hostPort": 8443, "containerPort": 80, "hostIP": "192.168.1.2" } ] }
+            }),
+            &["10.20.0.10/24", "fd00::10/64"],
+        );
+        let arrive: Vec<&String> = own.iter().filter(|e| e.starts_with("arrive")).collect();
+        assert_eq!(
+            arrive,
+            vec![
+                "arrive4-addr { 192.168.1.2 . \"eth0\" . tcp . 8443 : jump mark-0x65-0x1fff }",
+                "arrive4-addr { 192.168.1.2 . \"eth5\" . tcp . 8443 : jump mark-0x64-0x1fff }",
+                "arrive4-any { \"eth0\" . tcp . 2376 : jump mark-0x65-0x1fff }",
+                "arrive4-any { \"eth0\" . tcp . 30080 : jump mark-0x65-0x1fff }",
+                "arrive4-any { \"eth5\" . tcp . 2376 : jump mark-0x64-0x1fff }",
+                "arrive4-any { \"eth5\" . tcp . 30080 : jump mark-0x64-0x1fff }",
+            ]
+        );
+        assert_eq!(got.marks.len(), 2);
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //!   nat-post:    hairpin and localhost masquerade, traffic staying on its own bridge returns,
 //!                then ip saddr . iifname @masq4 masquerade
 //!   filter-fwd:  from a bridge, established to a bridge, DNAT'd to a forwarded pod port: accept
-//!   mangle-pre:  established: jump restore; new to a local port: vmap @mark4-addr / @mark4-any
+//!   mangle-pre:  established: jump restore; new to a local port: vmap @mark4-addr / @mark4-any,
+//!                then iifname . port: vmap @arrive4-addr / @arrive4-any (the arrival uplink wins)
 //!   mangle-post: new: jump save
 //! Per routing mark M with mask K: chain mark-M-K sets the mark, and one rule each in restore and
 //! save copies it between packet and connection (masked, as CONNMARK --nfmask/--ctmask does).
@@ -83,6 +84,9 @@ pub const SETS: &[SetSpec] = &[
     SetSpec { name: "masq6", key: &[Ipv6, Ifname], data: DataType::None, interval: true },
     SetSpec { name: "mark4-addr", key: &[Ipv4, Proto, Port], data: DataType::Verdict, interval: false },
     SetSpec { name: "mark4-any", key: &[Proto, Port], data: DataType::Verdict, interval: false },
+    // Arrival uplink . host port → jump to the uplink's mark chain (`replyVia: "arrival"`).
+    SetSpec { name: "arrive4-addr", key: &[Ipv4, Ifname, Proto, Port], data: DataType::Verdict, interval: false },
+    SetSpec { name: "arrive4-any", key: &[Ifname, Proto, Port], data: DataType::Verdict, interval: false },
 ];
 
 pub fn set_spec(name: &str) -> Option<&'static SetSpec> {

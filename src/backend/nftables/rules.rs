@@ -211,9 +211,34 @@ pub fn static_rules() -> Vec<RuleSpec> {
             vec![
                 ct_has(CtKey::State, CT_STATE_NEW),
                 daddr_is_local(),
-                v4,
+                v4.clone(),
                 proto_port(reg(0)),
                 lookup("mark4-any", reg(0), Some(REG_VERDICT)),
+            ],
+        ),
+        RuleSpec::new(
+            "mangle-pre",
+            "arrive4-addr",
+            vec![
+                ct_has(CtKey::State, CT_STATE_NEW),
+                daddr_is_local(),
+                v4.clone(),
+                one(address(false, false, reg(0))),
+                one(Expr::MetaLoad(MetaKey::IifName, reg(1))),
+                proto_port(reg(5)),
+                lookup("arrive4-addr", reg(0), Some(REG_VERDICT)),
+            ],
+        ),
+        RuleSpec::new(
+            "mangle-pre",
+            "arrive4-any",
+            vec![
+                ct_has(CtKey::State, CT_STATE_NEW),
+                daddr_is_local(),
+                v4,
+                one(Expr::MetaLoad(MetaKey::IifName, reg(0))),
+                proto_port(reg(4)),
+                lookup("arrive4-any", reg(0), Some(REG_VERDICT)),
             ],
         ),
         RuleSpec::new(
