@@ -249,9 +249,13 @@ fn last_del_leaves_no_rules_routes_or_table_names(backend: Backend) {
     let etc = common::netns_etc(&node.ns);
     let config_before = dir_tree(&etc);
     let before = node.snapshot();
+    // Per-rule replies, so each pod holds only its own rule's mark and table (with arrival
+    // affinity every pod with a forward holds every routed uplink's).
+    let mut routing = global_routing();
+    routing["replyVia"] = json!("rule");
     let conf = t.conflist(entry(
         node,
-        Some(global_routing()),
+        Some(routing),
         &[
             routed("a-via-up2", PORT_UP2, Some("10.20.0.10"), "0x65", 101, "dind_up2", "up2"),
             routed("b-via-up1", PORT_UP1, Some("10.20.0.11"), "0x66", 102, "dind_up1", "up1"),

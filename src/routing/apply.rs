@@ -10,7 +10,15 @@ use std::net::IpAddr;
 /// The routes each table should hold now, and what could not be resolved (an uplink that is
 /// absent or has no route yet: the pod still comes up, CHECK reports it).
 pub fn resolve_tables(nl: &mut Netlink, tables: &BTreeSet<TableSpec>) -> Result<(BTreeSet<Route>, Vec<String>)> {
-    let main = nl.routes(MAIN_TABLE)?;
+    let all = nl.all_routes()?;
+    let ours: BTreeSet<u32> = tables.iter().map(|t| t.id).collect();
+    let main: Vec<MainRoute> = all.iter().filter(|r| r.table == MAIN_TABLE).cloned().collect();
+    // Some edge systems (EVE-OS, some DHCP clients) keep an uplink's default in a table of its own.
+    let elsewhere: Vec<MainRoute> = all
+        .iter()
+        .filter(|r| r.table != MAIN_TABLE && r.table != LOCAL_TABLE && !ours.contains(&r.table))
+        .cloned()
+        .collect();
     let mut routes = BTreeSet::new();
     let mut warnings = Vec::new();
     for spec in tables {
@@ -24,17 +32,43 @@ pub fn resolve_tables(nl: &mut Netlink, tables: &BTreeSet<TableSpec>) -> Result<
         for r in main.iter().filter(|r| r.oif == index && r.gateway.is_none() && r.scope_link && r.dst.prefix() > 0) {
             routes.insert(Route { table: spec.id, dst: r.dst, gateway: None, dev: uplink.clone() });
         }
-        match default_route(&main, spec, index) {
+        let p2p = || is_point_to_point(nl, uplink, index);
+        match default_route(&main, &elsewhere, spec, index, p2p) {
             Some(route) => {
                 routes.insert(route);
             }
-            None => warnings.push(format!("uplink {uplink} of table {} has no usable default route", spec.id)),
+            None => warnings.push(format!(
+                "uplink {uplink} of table {} has no gateway (none in main or any other table, and it is not \
+                 point-to-point): no default route until one appears",
+                spec.id
+            )),
         }
     }
     Ok((routes, warnings))
 }
 
-fn default_route(main: &[MainRoute], spec: &TableSpec, index: u32) -> Option<Route> {
+const LOCAL_TABLE: u32 = 255;
+
+/// Point-to-point and NOARP links (cellular modems) reach the far end without a gateway; so does
+/// an address configured with a peer. Anything else ARPs for each destination, so a device-only
+/// default would look like a route and carry nothing.
+fn is_point_to_point(nl: &mut Netlink, uplink: &str, index: u32) -> bool {
+    const IFF_POINTOPOINT: u32 = 0x10;
+    const IFF_NOARP: u32 = 0x80;
+    let flags = std::fs::read_to_string(format!("/sys/class/net/{uplink}/flags"))
+        .ok()
+        .and_then(|f| u32::from_str_radix(f.trim().trim_start_matches("0x"), 16).ok())
+        .unwrap_or(0);
+    flags & (IFF_POINTOPOINT | IFF_NOARP) != 0 || nl.has_peer_address(index).unwrap_or(false)
+}
+
+fn default_route(
+    main: &[MainRoute],
+    elsewhere: &[MainRoute],
+    spec: &TableSpec,
+    index: u32,
+    point_to_point: impl FnOnce() -> bool,
+) -> Option<Route> {
     let any: IpNetwork = "0.0.0.0/0".parse().expect("valid network");
     let uplink = &spec.outbound.interface;
     let make = |gateway: Option<IpAddr>, dev: String| Some(Route { table: spec.id, dst: any, gateway, dev });
@@ -45,14 +79,24 @@ fn default_route(main: &[MainRoute], spec: &TableSpec, index: u32) -> Option<Rou
         let d = main.iter().find(|r| r.dst.prefix() == 0)?;
         return make(d.gateway, link_name(d.oif)?);
     }
-    // A default via this uplink first, then any gateway seen on it; a point-to-point link with no
-    // gateway at all (a cellular modem) gets a device route.
+    // A default via this uplink in main first, then any gateway seen on it in main, then the
+    // lowest-metric default via it in another table.
     let on_uplink = || main.iter().filter(|r| r.oif == index);
     let gw = on_uplink()
         .find(|r| r.dst.prefix() == 0 && r.gateway.is_some())
         .or_else(|| on_uplink().find(|r| r.gateway.is_some()))
+        .or_else(|| {
+            elsewhere
+                .iter()
+                .filter(|r| r.oif == index && r.dst.prefix() == 0 && r.gateway.is_some())
+                .min_by_key(|r| r.metric)
+        })
         .and_then(|r| r.gateway);
-    make(gw, uplink.clone())
+    match gw {
+        Some(gw) => make(Some(gw), uplink.clone()),
+        None if point_to_point() => make(None, uplink.clone()),
+        None => None,
+    }
 }
 
 fn link_name(index: u32) -> Option<String> {

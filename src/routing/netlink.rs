@@ -27,6 +27,8 @@ pub struct MainRoute {
     pub gateway: Option<IpAddr>,
     pub oif: u32,
     pub scope_link: bool,
+    pub table: u32,
+    pub metric: u32,
 }
 
 pub struct Netlink {
@@ -138,18 +140,41 @@ impl Netlink {
     /// IPv4 routes of one table (the kernel filters the dump by table when asked strictly; we
     /// filter again since older kernels return every table).
     pub fn routes(&mut self, table: u32) -> Result<Vec<MainRoute>> {
+        Ok(self.all_routes()?.into_iter().filter(|r| r.table == table).collect())
+    }
+
+    /// Every IPv4 unicast route of every table.
+    pub fn all_routes(&mut self) -> Result<Vec<MainRoute>> {
         let mut msg = RouteMessage::default();
         msg.header.address_family = AddressFamily::Inet;
         let replies = self.request(RouteNetlinkMessage::GetRoute(msg), NLM_F_REQUEST | NLM_F_DUMP, "dump routes")?;
         Ok(replies
             .into_iter()
             .filter_map(|m| match m {
-                RouteNetlinkMessage::NewRoute(r) if route_table(&r) == table && r.header.kind == RouteType::Unicast => {
-                    main_route_from_message(&r)
-                }
+                RouteNetlinkMessage::NewRoute(r) if r.header.kind == RouteType::Unicast => main_route_from_message(&r),
                 _ => None,
             })
             .collect())
+    }
+
+    /// An IPv4 address configured with a peer (`ip addr add A peer B`): point-to-point addressing.
+    pub fn has_peer_address(&mut self, index: u32) -> Result<bool> {
+        let mut msg = AddressMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        let replies =
+            self.request(RouteNetlinkMessage::GetAddress(msg), NLM_F_REQUEST | NLM_F_DUMP, "dump addresses")?;
+        Ok(replies.iter().any(|m| match m {
+            RouteNetlinkMessage::NewAddress(a) if a.header.index == index => {
+                let find = |local: bool| {
+                    a.attributes.iter().find_map(|x| match (x, local) {
+                        (AddressAttribute::Local(ip), true) | (AddressAttribute::Address(ip), false) => Some(*ip),
+                        _ => None,
+                    })
+                };
+                matches!((find(true), find(false)), (Some(l), Some(p)) if l != p)
+            }
+            _ => false,
+        }))
     }
 
     pub fn replace_route(&mut self, route: &Route, oif: u32) -> Result<()> {
@@ -320,12 +345,15 @@ fn main_route_from_message(msg: &RouteMessage) -> Option<MainRoute> {
         gateway: None,
         oif: 0,
         scope_link: msg.header.scope == RouteScope::Link,
+        table: route_table(msg),
+        metric: 0,
     };
     for a in &msg.attributes {
         match a {
             RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = IpAddr::V4(*ip),
             RouteAttribute::Gateway(RouteAddress::Inet(ip)) => route.gateway = Some(IpAddr::V4(*ip)),
             RouteAttribute::Oif(i) => route.oif = *i,
+            RouteAttribute::Priority(m) => route.metric = *m,
             _ => {}
         }
     }
