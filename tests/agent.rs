@@ -262,6 +262,15 @@ fn idle_agent_uses_next_to_no_cpu_and_does_not_loop(backend: Backend) {
     // Clock ticks are 1/100 s: 1% of a core over 10 s is 10 ticks.
     assert!(used < 10, "the idle agent used {used} ticks (>= 1% of a core) over 10 s");
     assert_eq!(node.log().matches("repaired:").count(), passes, "the agent kept repairing:\n{}", node.log());
+    // Each pass's netfilter sockets are let go: more passes, no more open files.
+    let open_files = || std::fs::read_dir(format!("/proc/{}/fd", agent.pid())).expect("agent fds").count();
+    let before = open_files();
+    for _ in 0..3 {
+        wipe_firewall(node);
+        answered_within(&site, &site.t.client2, UP2, PORT_UP2, Instant::now(), Duration::from_secs(5));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(open_files(), before, "the agent keeps files open across passes");
 }
 both_backends!(idle_agent_uses_next_to_no_cpu_and_does_not_loop);
 

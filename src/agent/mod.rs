@@ -57,6 +57,8 @@ pub fn watch(opts: &Options) -> Result<bool> {
             continue;
         }
         let outcome = if full { reconcile(settings) } else { check_then_reconcile(settings) };
+        // A long-lived process must not keep every pass's netfilter sockets.
+        crate::netlink::nfnetlink::release();
         match outcome {
             Ok(repairs) => {
                 backoff = Duration::ZERO;

@@ -74,6 +74,7 @@ pub fn run(args: &[String]) -> ExitCode {
         "uninstall" => uninstall::uninstall(&opts),
         _ => unreachable!("every known subcommand is dispatched"),
     };
+    crate::netlink::nfnetlink::release();
     match outcome {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
