@@ -123,7 +123,9 @@ pub fn uninstall(settings: &Settings, really: bool) -> Result<Survey> {
         fw.converge(&[], Converge::Rebuild).context(format!("remove the {tool} rules"))?;
     }
     if nft_table {
-        NftablesBackend::new(&settings.iptables, settings.lock_timeout).converge(&[], Converge::Rebuild).context("remove the nftables table")?;
+        NftablesBackend::new(&settings.iptables, settings.lock_timeout)
+            .converge(&[], Converge::Rebuild)
+            .context("remove the nftables table")?;
     }
     routes::remove(&mut nl, &ip_rules, &tables).context("remove policy routing")?;
     RtTables::system().remove_ours()?;
