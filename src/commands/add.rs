@@ -25,7 +25,7 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<serde_json::Value> {
         return Err(Error::invalid_config(format!("bridge {} does not exist (named by {source})", att.bridge)));
     }
     let id = attachment_id(conf, env);
-    let planned = plan::plan(conf, &id, &att)?;
+    let planned = plan::plan(conf, &id, &att, env.pod.as_ref())?;
     let mut fw = backend::open_for(&conf.settings);
 
     let node = Node::open(&conf.settings)?;
