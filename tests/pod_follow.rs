@@ -12,7 +12,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{both_backends, error_code, error_msg, require_root, wait_for, Backend, Background, DriverOutput, Netns, Node};
+use common::{
+    both_backends, error_code, error_msg, require_root, wait_for, Backend, Background, DriverOutput, Netns, Node,
+};
 use serde_json::{json, Value};
 
 const UPLINK: &str = "203.0.113.1";
@@ -41,10 +43,9 @@ impl Site {
     }
 
     fn diagnostics(&self) -> String {
-        let out = self.node.ns.sh(
-            "echo '--- iptables-save'; iptables-save; echo '--- nft list ruleset'; nft list ruleset; \
-             echo '--- neighbours'; ip neigh; echo '--- addresses'; ip -br addr",
-        );
+        let out =
+            self.node.ns.sh("echo '--- iptables-save'; iptables-save; echo '--- nft list ruleset'; nft list ruleset; \
+             echo '--- neighbours'; ip neigh; echo '--- addresses'; ip -br addr");
         format!(
             "{}{}\n--- plugin log\n{}",
             String::from_utf8_lossy(&out.stdout),
@@ -55,9 +56,9 @@ impl Site {
 
     /// One TCP request to the node's uplink address; the answer's first line.
     fn request(&self, port: u16, timeout_s: u32) -> Option<String> {
-        let out = self.client.sh(&format!(
-            "socat -T{timeout_s} - TCP:{UPLINK}:{port},connect-timeout={timeout_s} </dev/null"
-        ));
+        let out = self
+            .client
+            .sh(&format!("socat -T{timeout_s} - TCP:{UPLINK}:{port},connect-timeout={timeout_s} </dev/null"));
         let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
         (out.status.success() && !text.is_empty()).then_some(text)
     }
@@ -181,12 +182,13 @@ fn rule_that_binds_nothing_is_warned_about(backend: Backend) {
     let site = Site::new(backend);
     let conf = site.conflist(&[
         rule("ghost", 30091, json!({ "destIP": "10.20.0.49" })),
-        rule("every-pod", 30092, json!({})),
+        rule("first-address", 30092, json!({ "destIP": "10.20.0.10" })),
         rule("absent", 30093, json!({ "pod": "default/nobody" })),
         rule("mine", 30094, json!({ "pod": "default/a" })),
     ]);
     let mut a = Pod::k8s(&site.node, "a");
     a.add(&site, &conf);
+    assert_eq!(a.ipv4(), "10.20.0.10");
     let log = site.node.log();
     let warnings: Vec<&str> = log.lines().filter(|l| l.contains("binds no live attachment")).collect();
     let ghost = warnings.iter().find(|l| l.contains("portForwarding.rules[0] \"ghost\""));
@@ -197,6 +199,26 @@ fn rule_that_binds_nothing_is_warned_about(backend: Backend) {
     for bound in ["rules[1]", "rules[3]"] {
         assert!(!warnings.iter().any(|l| l.contains(bound)), "{bound} is bound, yet warned:\n{log}");
     }
+
+    // Rules 1 and 3 stay bound by pod a while others come; once a is gone, the next ADD says so.
+    let unbound_after = |pod: &mut Pod| {
+        let before = site.node.log().len();
+        pod.add(&site, &conf);
+        let log = site.node.log();
+        let new: Vec<String> =
+            log[before..].lines().filter(|l| l.contains("binds no live attachment")).map(String::from).collect();
+        new
+    };
+    let mut b = Pod::k8s(&site.node, "b");
+    let warned = unbound_after(&mut b);
+    for held in ["rules[1]", "rules[3]"] {
+        assert!(!warned.iter().any(|l| l.contains(held)), "{held} is held by pod a: {warned:?}");
+    }
+    a.cni(&site.node, "del", &conf).assert_ok("DEL pod a");
+    let mut c = Pod::k8s(&site.node, "c");
+    let warned = unbound_after(&mut c);
+    let mine = warned.iter().find(|l| l.contains("portForwarding.rules[3] \"mine\""));
+    assert!(mine.is_some_and(|l| l.contains("pod default/a") && l.contains("ctr-c")), "{warned:?}");
 }
 both_backends!(rule_that_binds_nothing_is_warned_about);
 
