@@ -160,6 +160,8 @@ fn forward_follows_the_pod_its_rule_names(backend: Backend) {
     assert_ne!(second.ipv4(), first.ipv4(), "host-local gives the re-created pod a new address");
     let _srv2 = second.serve("web-8b2d1");
     site.expect_reply(30090, "web-8b2d1");
+    // CHECK plans with the same pod and finds the forward it installed.
+    second.cni(&site.node, "check", &conf).assert_ok("CHECK the second web pod");
 
     let mut third = Pod::k8s(&site.node, "web-a1b2c");
     let out = third.cni(&site.node, "add", &conf);

@@ -105,7 +105,7 @@ fn warn_unbound_rules(conf: &NetConf, node: &Node, added: &AttachmentId) {
                 .flatten()
                 .collect();
         log::warn!(
-            "portForwarding.rules[{i}] {:?} (hostPort {}, {}) binds no live attachment: nothing forwards to it; just added {}",
+            "portForwarding.rules[{i}] {:?} (hostPort {}, {}) binds no live attachment, so it forwards nothing; just added {}",
             r.name,
             r.host_port,
             target.join(", "),
