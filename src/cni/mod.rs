@@ -60,6 +60,41 @@ pub struct Env {
     pub netns: String,
     pub ifname: String,
     pub path: String,
+    /// The pod this attachment belongs to, from `CNI_ARGS`, when the runtime names it.
+    pub pod: Option<Pod>,
+}
+
+/// A pod as kubelet runtimes and Multus name it in `CNI_ARGS`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for Pod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The pod named by `CNI_ARGS` (`K=V;K=V`). Other keys are other plugins' business, and a pair we
+/// cannot read is skipped rather than refused: the runtime passes the same args to every plugin.
+/// A key given twice keeps its last value, as libcni's own parser does.
+pub fn pod_from_args(args: &str) -> Option<Pod> {
+    let (mut namespace, mut name) = (None, None);
+    for (k, v) in args.split(';').filter_map(|kv| kv.split_once('=')) {
+        match k.trim() {
+            "K8S_POD_NAMESPACE" => namespace = Some(v.trim()),
+            "K8S_POD_NAME" => name = Some(v.trim()),
+            _ => {}
+        }
+    }
+    match (namespace, name) {
+        (Some(ns), Some(n)) if !ns.is_empty() && !n.is_empty() => {
+            Some(Pod { namespace: ns.to_string(), name: n.to_string() })
+        }
+        _ => None,
+    }
 }
 
 impl Env {
@@ -72,6 +107,7 @@ impl Env {
             netns: get("CNI_NETNS"),
             ifname: get("CNI_IFNAME"),
             path: get("CNI_PATH"),
+            pod: pod_from_args(&get("CNI_ARGS")),
         };
         let per_attachment = matches!(cmd, Command::Add | Command::Del | Command::Check);
         if per_attachment {
@@ -258,5 +294,19 @@ mod tests {
     fn version_comparison_is_numeric() {
         assert!(version_at_least("1.10.0", "1.9.0"));
         assert!(!version_at_least("0.3.1", "0.4.0"));
+    }
+
+    #[test]
+    fn pod_comes_from_cni_args_and_other_keys_are_ignored() {
+        let pod = |ns: &str, n: &str| Some(Pod { namespace: ns.into(), name: n.into() });
+        let args = "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-7d9f;K8S_POD_INFRA_CONTAINER_ID=abc";
+        assert_eq!(pod_from_args(args), pod("default", "web-7d9f"));
+        // Podman names the container but no namespace: no pod.
+        assert_eq!(pod_from_args("IgnoreUnknown=1;K8S_POD_NAME=web"), None);
+        assert_eq!(pod_from_args("K8S_POD_NAME=a;garbage;K8S_POD_NAMESPACE=ns;K8S_POD_NAME=b"), pod("ns", "b"));
+        assert_eq!(pod_from_args("K8S_POD_NAMESPACE=;K8S_POD_NAME=web"), None);
+        assert_eq!(pod_from_args(""), None);
+        let vars = [("CNI_PATH", "/b"), ("CNI_ARGS", "K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p")];
+        assert_eq!(Env::read(Command::Gc, env_of(&vars)).unwrap().pod, pod("ns", "p"));
     }
 }

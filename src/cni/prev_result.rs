@@ -20,6 +20,8 @@ struct RawInterface {
     name: String,
     #[serde(default)]
     sandbox: String,
+    #[serde(default)]
+    mac: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -43,6 +45,8 @@ pub struct Attachment {
     /// Host-side bridge the pod hangs off.
     pub bridge: String,
     pub addresses: Vec<PodAddress>,
+    /// The MAC of the pod's own interface, when the plugin before us reported one.
+    pub mac: Option<[u8; 6]>,
 }
 
 impl Attachment {
@@ -103,7 +107,29 @@ pub fn parse(prev: &serde_json::Value, bridge_override: Option<&str>) -> Result<
             "no pod address; bridge-nat must come after an IPAM-using plugin such as bridge with host-local".into(),
         ));
     }
-    Ok(Attachment { bridge, addresses })
+    let mac = pod_mac(&raw);
+    Ok(Attachment { bridge, addresses, mac })
+}
+
+/// The container-side interface is the one with a sandbox; the one the pod's addresses name wins
+/// when a plugin reported several. A MAC we cannot read is treated as none: it only decides whether
+/// the node's neighbour entry is replaced or deleted, which is no reason to refuse the pod.
+fn pod_mac(raw: &RawResult) -> Option<[u8; 6]> {
+    let named = raw.ips.iter().filter_map(|ip| ip.interface).find_map(|i| raw.interfaces.get(i).map(|x| (i, x)));
+    let pod = named
+        .filter(|(_, x)| !x.sandbox.is_empty())
+        .or_else(|| raw.interfaces.iter().enumerate().find(|(_, x)| !x.sandbox.is_empty()));
+    pod.and_then(|(_, x)| parse_mac(&x.mac))
+}
+
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split([':', '-']);
+    for byte in out.iter_mut() {
+        let p = parts.next().filter(|p| p.len() == 2)?;
+        *byte = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
 }
 
 #[cfg(test)]
@@ -132,6 +158,19 @@ mod tests {
         assert_eq!(a.addresses[0].ip, "10.20.0.10".parse::<IpAddr>().unwrap());
         assert_eq!(a.addresses[0].subnet, "10.20.0.0/24".parse::<IpNetwork>().unwrap());
         assert_eq!(a.addresses[0].gateway, Some("10.20.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn pod_mac_is_the_sandbox_interfaces() {
+        let a = parse(&bridge_result_031(), None).unwrap();
+        assert_eq!(a.mac, Some([0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0x02]));
+        let mut r = bridge_result_031();
+        r["interfaces"][2].as_object_mut().unwrap().remove("mac");
+        assert_eq!(parse(&r, None).unwrap().mac, None);
+        r["interfaces"][2]["mac"] = json!("aa:bb:cc");
+        assert_eq!(parse(&r, None).unwrap().mac, None);
+        assert_eq!(parse_mac("AA-bb-cc-dd-ee-0f"), Some([0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0x0f]));
+        assert_eq!(parse_mac("aa:bb:cc:dd:ee:ff:00"), None);
     }
 
     #[test]

@@ -1,11 +1,11 @@
 //! ADD: validate → plan → lock → claim host ports → record intent → hold shared objects →
 //! sysctls, firewall, routing → record result. A failure undoes it all (node.rs `roll_back_add`).
 
-use super::node::Node;
+use super::node::{rule_key, Node};
 use super::{attachment_id, kernel};
 use crate::backend::{self, Firewall};
 use crate::cni::{prev_result, Env};
-use crate::config::NetConf;
+use crate::config::{AttachmentId, NetConf};
 use crate::crashpoint;
 use crate::error::{Context, Error, Result};
 use crate::plan::{self, Plan};
@@ -25,7 +25,7 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<serde_json::Value> {
         return Err(Error::invalid_config(format!("bridge {} does not exist (named by {source})", att.bridge)));
     }
     let id = attachment_id(conf, env);
-    let planned = plan::plan(conf, &id, &att)?;
+    let planned = plan::plan(conf, &id, &att, env.pod.as_ref())?;
     let mut fw = backend::open_for(&conf.settings);
 
     let node = Node::open(&conf.settings)?;
@@ -55,6 +55,8 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<serde_json::Value> {
 
     let mut applied = Applied::default();
     let result = kernel::apply_sysctls(&planned.sysctls)
+        // Before the forwards exist, so that their first packet already finds the new MAC.
+        .inspect(|()| kernel::refresh_neighbours(&att))
         .and_then(|()| node.install(&mut *fw, &rec, &first))
         .inspect(|()| crashpoint::reached("add:after-firewall"))
         .and_then(|()| kernel::apply_routing(&planned, &mut applied))
@@ -76,6 +78,7 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<serde_json::Value> {
     for w in fw.node_warnings(&rec.firewall) {
         log::warn!("{w}");
     }
+    warn_unbound_rules(conf, &node, &id);
     log::info!(
         "added with {}: {} forwards, {} shared objects first held here, {} ip rules, {} routes",
         fw.kind().name(),
@@ -87,12 +90,37 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<serde_json::Value> {
     Ok(prev.clone())
 }
 
+/// A static rule no attachment matches forwards nothing, and nothing else would say so: its pod
+/// is not there, or host-local gave its `destIP` to nobody (or to a pod already gone).
+fn warn_unbound_rules(conf: &NetConf, node: &Node, added: &AttachmentId) {
+    for (i, r) in conf.rules.iter().enumerate() {
+        match node.index.is_held(&rule_key(&conf.name, i)) {
+            Ok(true) => continue,
+            Ok(false) => {}
+            Err(e) => return log::warn!("cannot tell which static rules are bound: {e}"),
+        }
+        let target: Vec<String> =
+            [r.dest_ip.map(|ip| format!("destIP {ip}")), r.pod.as_ref().map(|p| format!("pod {p}"))]
+                .into_iter()
+                .flatten()
+                .collect();
+        log::warn!(
+            "portForwarding.rules[{i}] {:?} (hostPort {}, {}) binds no live attachment, so it forwards nothing; just added {}",
+            r.name,
+            r.host_port,
+            target.join(", "),
+            added.describe()
+        );
+    }
+}
+
 fn record_for(conf: &NetConf, planned: &Plan, fw: &dyn Firewall) -> Record {
     let mut rec = Record::new(planned.id.clone(), &conf.cni_version);
     rec.bridge = planned.bridge.clone();
     rec.addresses = planned.addresses.iter().map(|a| a.ip.to_string()).collect();
     rec.host_ports = planned.host_ports.clone();
     rec.forwards = planned.forwards.clone();
+    rec.bound_rules = planned.bound_rules.clone();
     rec.firewall = fw.render(planned);
     rec.backend = fw.kind();
     rec.reply_via = (!planned.routing.arrival.is_empty()).then(|| "arrival".to_string());

@@ -32,7 +32,7 @@ pub fn check(conf: &NetConf, env: &Env) -> Result<()> {
     let mut fw = backend::open(rec.backend, &conf.settings);
     // The config and prevResult of this CHECK must still describe what was installed.
     if let Some(prev) = &conf.prev_result {
-        let planned = plan::plan(conf, &id, &prev_result::parse(prev, conf.bridge.as_deref())?)?;
+        let planned = plan::plan(conf, &id, &prev_result::parse(prev, conf.bridge.as_deref())?, env.pod.as_ref())?;
         problems.extend(fw.compare(&fw.render(&planned), &rec.firewall));
     }
     problems.extend(fw.verify(&id, &rec.firewall)?);

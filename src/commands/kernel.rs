@@ -1,6 +1,7 @@
 //! The kernel state both backends share: sysctls, the bridge gateway, policy routing over
 //! rtnetlink, iproute2 table names and UDP conntrack entries.
 
+use crate::cni::prev_result::Attachment;
 use crate::config::Protocol;
 use crate::error::{Context, Error, Result};
 use crate::netlink::conntrack::{self, UdpFlow};
@@ -82,6 +83,20 @@ pub fn apply_routing(planned: &Plan, applied: &mut Applied) -> Result<BTreeSet<R
     }
     routes::apply(&mut nl, &r.ip_rules, &resolved, applied).context("policy routing")?;
     Ok(resolved)
+}
+
+/// Point the node's neighbour entries for the pod's addresses at the pod's MAC (see
+/// routing/neighbour.rs). A failure is logged, not fatal: the kernel still resolves the address
+/// again once the old entry ages out, so the pod is only late, not unreachable.
+pub fn refresh_neighbours(att: &Attachment) {
+    let Some(ifindex) = crate::routing::netlink::link_index(&att.bridge) else {
+        return;
+    };
+    let result = Netlink::open()
+        .and_then(|mut nl| att.addresses.iter().try_for_each(|a| nl.refresh_neighbour(ifindex, a.ip, att.mac)));
+    if let Err(e) = result {
+        log::warn!("neighbour entries of the pod on {}: {e}", att.bridge);
+    }
 }
 
 /// Remove ip rules and empty tables nobody needs any more.

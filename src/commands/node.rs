@@ -38,6 +38,11 @@ fn table_name_key(id: u32, name: &str) -> String {
     format!("rtname:{id}:{name}")
 }
 
+/// Held by every attachment that got a forward from static rule `index` of `network`.
+pub fn rule_key(network: &str, index: usize) -> String {
+    format!("rule:{network}:{index}")
+}
+
 impl Node {
     pub fn open(settings: &Settings) -> Result<Node> {
         let store = Store::open(&settings.state_dir).context("open state")?;
@@ -78,6 +83,9 @@ impl Node {
                 self.index.hold(&table_name_key(t.id, name), &rec.id)?;
             }
         }
+        for &i in &rec.bound_rules {
+            self.index.hold(&rule_key(&rec.id.network, i), &rec.id)?;
+        }
         Ok(first)
     }
 
@@ -101,6 +109,9 @@ impl Node {
             if let Some(name) = &t.name {
                 self.index.release(&table_name_key(t.id, name), &rec.id)?;
             }
+        }
+        for &i in &rec.bound_rules {
+            self.index.release(&rule_key(&rec.id.network, i), &rec.id)?;
         }
         self.index.unclaim(&rec.id, &rec.host_ports)?;
         Ok(last)

@@ -83,9 +83,32 @@ pub struct PortRule {
     pub name: String,
     pub host_port: u16,
     pub dest_ip: Option<IpAddr>,
+    pub pod: Option<PodSelector>,
     pub dest_port: u16,
     pub protocol: Protocol,
     pub routing: Option<RouteSpec>,
+}
+
+/// A rule's `pod`: "NAMESPACE/NAME", where a NAME ending in `*` matches every name it prefixes
+/// (a Deployment's pods are named after it, with a suffix that changes on every rollout).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodSelector {
+    pub namespace: String,
+    pub name: String,
+    pub prefix: bool,
+}
+
+impl PodSelector {
+    pub fn matches(&self, pod: &crate::cni::Pod) -> bool {
+        pod.namespace == self.namespace
+            && if self.prefix { pod.name.starts_with(&self.name) } else { pod.name == self.name }
+    }
+}
+
+impl std::fmt::Display for PodSelector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}{}", self.namespace, self.name, if self.prefix { "*" } else { "" })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

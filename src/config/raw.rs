@@ -63,6 +63,7 @@ pub(super) struct RawRule {
     pub(super) host_port: i64,
     #[serde(default, rename = "destIP")]
     pub(super) dest_ip: String,
+    pub(super) pod: Option<String>,
     pub(super) dest_port: i64,
     #[serde(default)]
     pub(super) protocol: String,

@@ -132,6 +132,7 @@ fn example_from_config_md_parses_to_expected_values() {
                 name: "docker-tls".into(),
                 host_port: 2376,
                 dest_ip: Some(ip),
+                pod: None,
                 dest_port: 2376,
                 protocol: Protocol::Tcp,
                 routing: None,
@@ -140,6 +141,7 @@ fn example_from_config_md_parses_to_expected_values() {
                 name: "web-app".into(),
                 host_port: 30080,
                 dest_ip: Some(ip),
+                pod: None,
                 dest_port: 8080,
                 protocol: Protocol::Tcp,
                 routing: Some(RouteSpec {
@@ -292,6 +294,35 @@ fn rule_without_dest_ip_has_none() {
     remove(&mut v, "/portForwarding/rules/0/destIP");
     assert_eq!(ok(&v).rules[0].dest_ip, None);
     assert_eq!(ok(&example_with("/portForwarding/rules/0/destIP", json!(""))).rules[0].dest_ip, None);
+}
+
+#[test]
+fn rule_pod_is_namespace_and_name_with_an_optional_prefix_glob() {
+    let pod = |s: &str| ok(&example_with("/portForwarding/rules/0/pod", json!(s))).rules[0].pod.clone().unwrap();
+    let p = pod("default/web-*");
+    assert_eq!((p.namespace.as_str(), p.name.as_str(), p.prefix), ("default", "web-", true));
+    assert_eq!(p.to_string(), "default/web-*");
+    let exact = pod("kube-system/dns.a-1");
+    assert!(!exact.prefix);
+    assert!(pod("ns/*").matches(&crate::cni::Pod { namespace: "ns".into(), name: "anything".into() }));
+    assert!(p.matches(&crate::cni::Pod { namespace: "default".into(), name: "web-7d9f".into() }));
+    assert!(!p.matches(&crate::cni::Pod { namespace: "other".into(), name: "web-7d9f".into() }));
+    assert!(!exact.matches(&crate::cni::Pod { namespace: "kube-system".into(), name: "dns.a-12".into() }));
+    assert_eq!(ok(&example()).rules[0].pod, None);
+}
+
+#[test]
+fn rule_pod_is_rejected_naming_the_field_and_value() {
+    for bad in
+        ["web", "/web", "default/", "Default/web", "default/web*x", "default/*web", "default/a/b", "ns/Web", "ns/-a"]
+    {
+        rejected(
+            &example_with("/portForwarding/rules/1/pod", json!(bad)),
+            code::INVALID_CONFIG,
+            &["portForwarding.rules[1]", "pod: ", &format!("{bad:?}")],
+        );
+    }
+    rejected(&example_with("/portForwarding/rules/0/pod", json!(7)), code::DECODE, &["portForwarding.rules[0].pod"]);
 }
 
 #[test]

@@ -271,10 +271,39 @@ fn validate_rule(r: &RawRule, mask: u32) -> Result<PortRule> {
         name: r.name.clone(),
         host_port: validate_port("hostPort", r.host_port)?,
         dest_ip: validate_ip("destIP", &r.dest_ip)?,
+        pod: r.pod.as_deref().map(validate_pod).transpose()?,
         dest_port: validate_port("destPort", r.dest_port)?,
         protocol: validate_protocol(&r.protocol)?,
         routing,
     })
+}
+
+/// Kubernetes' own rules: the namespace is a DNS label, the name a DNS subdomain; so is the name's
+/// prefix before a trailing `*`, which may be empty (every pod of the namespace).
+fn validate_pod(s: &str) -> Result<PodSelector> {
+    let bad = |why: &str| invalid(format!("pod: {s:?} {why}"));
+    let (namespace, name) = s.split_once('/').ok_or_else(|| bad("is not NAMESPACE/NAME"))?;
+    let (name, prefix) = match name.strip_suffix('*') {
+        Some(p) => (p, true),
+        None => (name, false),
+    };
+    let allowed = |c: char, dot: bool| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || (dot && c == '.');
+    let starts_ok = |x: &str| x.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if namespace.is_empty()
+        || namespace.len() > 63
+        || !starts_ok(namespace)
+        || !namespace.chars().all(|c| allowed(c, false))
+    {
+        return Err(bad("has a namespace that is not a DNS label (lowercase letters, digits and '-', at most 63)"));
+    }
+    let name_ok =
+        name.len() <= 253 && (name.is_empty() && prefix || starts_ok(name)) && name.chars().all(|c| allowed(c, true));
+    if !name_ok {
+        return Err(bad(
+            "has a name that is not a DNS subdomain (lowercase letters, digits, '-' and '.') with at most a trailing '*'",
+        ));
+    }
+    Ok(PodSelector { namespace: namespace.to_string(), name: name.to_string(), prefix })
 }
 
 fn validate_mapping(m: &RawPortMapping) -> Result<PortMapping> {

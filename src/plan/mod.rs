@@ -5,6 +5,7 @@
 mod routing;
 
 use crate::cni::prev_result::{Attachment, PodAddress};
+use crate::cni::Pod;
 use crate::config::{AttachmentId, NetConf, Protocol};
 use crate::error::{code, Error, Result};
 use ipnetwork::IpNetwork;
@@ -113,6 +114,8 @@ pub struct Plan {
     pub gateway: Option<IpNetwork>,
     /// The mark bits the plugin may use; every forward's mark fits inside.
     pub mark_mask: u32,
+    /// Indexes of the config's static rules this attachment got a forward from.
+    pub bound_rules: Vec<usize>,
 }
 
 impl Plan {
@@ -123,9 +126,9 @@ impl Plan {
     }
 }
 
-/// Build the plan for one attachment.
-pub fn plan(conf: &NetConf, id: &AttachmentId, att: &Attachment) -> Result<Plan> {
-    let forwards = plan_forwards(conf, att)?;
+/// Build the plan for one attachment; `pod` is the pod the runtime named in `CNI_ARGS`, if any.
+pub fn plan(conf: &NetConf, id: &AttachmentId, att: &Attachment, pod: Option<&Pod>) -> Result<Plan> {
+    let (forwards, bound_rules) = plan_forwards(conf, att, pod)?;
     let host_ports: Vec<HostPort> = {
         let set: BTreeSet<HostPort> = forwards.iter().map(|f| f.host).collect();
         set.into_iter().collect()
@@ -178,12 +181,16 @@ pub fn plan(conf: &NetConf, id: &AttachmentId, att: &Attachment) -> Result<Plan>
         host_ports,
         sysctls: sysctls.into_iter().collect(),
         mark_mask: conf.settings.mark_mask,
+        bound_rules,
     })
 }
 
-/// The static rules that belong to this attachment, then the runtime's port mappings.
-fn plan_forwards(conf: &NetConf, att: &Attachment) -> Result<Vec<Forward>> {
+/// The static rules that belong to this attachment, then the runtime's port mappings; and which
+/// static rules those were. A rule with a `pod` belongs only to that pod's attachment; one with a
+/// `destIP` only to the attachment holding it; with both, both must hold; with neither, to all.
+fn plan_forwards(conf: &NetConf, att: &Attachment, pod: Option<&Pod>) -> Result<(Vec<Forward>, Vec<usize>)> {
     let mut out = Vec::new();
+    let mut bound = Vec::new();
     for (i, r) in conf.rules.iter().enumerate() {
         let targets: Vec<IpAddr> = match r.dest_ip {
             Some(ip) => {
@@ -201,6 +208,10 @@ fn plan_forwards(conf: &NetConf, att: &Attachment) -> Result<Vec<Forward>> {
             }
             None => att.addresses.iter().map(|a| a.ip).collect(),
         };
+        if r.pod.as_ref().is_some_and(|want| !pod.is_some_and(|p| want.matches(p))) {
+            continue;
+        }
+        bound.push(i);
         for ip in targets {
             let host = HostPort { port: r.host_port, protocol: r.protocol, host_ip: None };
             out.push(Forward { host, pod_ip: ip, pod_port: r.dest_port, mark: routing::mark_for(conf, &host, ip) });
@@ -220,7 +231,7 @@ fn plan_forwards(conf: &NetConf, att: &Attachment) -> Result<Vec<Forward>> {
             });
         }
     }
-    Ok(out)
+    Ok((out, bound))
 }
 
 /// Refuse host ports that another live attachment already holds, naming both owners.

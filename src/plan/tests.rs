@@ -62,14 +62,14 @@ fn dest_ip_outside_the_subnet_is_rejected() {
         { "hostPort": 30080, "destPort": 8080 },
         { "hostPort": 30081, "destIP": "10.99.0.1", "destPort": 8080 }
     ]));
-    let e = plan(&c, &id(), &att(&c, &["10.20.0.10/24"])).unwrap_err();
+    let e = plan(&c, &id(), &att(&c, &["10.20.0.10/24"]), None).unwrap_err();
     assert_eq!(e.code, code::INVALID_CONFIG);
     for needle in ["portForwarding.rules[1].destIP", "10.99.0.1", "10.20.0.0/24"] {
         assert!(e.msg.contains(needle), "{:?} lacks {needle:?}", e.msg);
     }
     // A v6 destIP on a v4-only attachment is outside too.
     let c = rules_conf(json!([{ "hostPort": 30081, "destIP": "fd00::10", "destPort": 8080 }]));
-    let e = plan(&c, &id(), &att(&c, &["10.20.0.10/24"])).unwrap_err();
+    let e = plan(&c, &id(), &att(&c, &["10.20.0.10/24"]), None).unwrap_err();
     assert!(e.msg.contains("portForwarding.rules[0].destIP: fd00::10"), "{}", e.msg);
 }
 
@@ -86,7 +86,7 @@ fn host_ports_are_deduplicated_and_sorted() {
             { "hostPort": 9000, "containerPort": 90, "hostIP": "192.168.1.6" }
         ] }
     }));
-    let p = plan(&c, &id(), &att(&c, &["10.20.0.10/24", "fd00::10/64"])).unwrap();
+    let p = plan(&c, &id(), &att(&c, &["10.20.0.10/24", "fd00::10/64"]), None).unwrap();
     // Dual stack: the three wildcard forwards exist twice, the two v4 hostIP ones once.
     assert_eq!(p.forwards.len(), 3 * 2 + 2);
     assert_eq!(
@@ -171,7 +171,7 @@ fn routed_conf() -> NetConf {
 #[test]
 fn subnets_say_what_the_network_needs_per_family() {
     let c = conf(json!({ "masquerade": false }));
-    let p = plan(&c, &id(), &att(&c, &["10.20.0.10/24", "fd00::10/64"])).unwrap();
+    let p = plan(&c, &id(), &att(&c, &["10.20.0.10/24", "fd00::10/64"]), None).unwrap();
     let v4 =
         Subnet { family: Family::Ipv4, subnet: "10.20.0.0/24".parse().unwrap(), masquerade: false, localhost: true };
     let v6 = Subnet { family: Family::Ipv6, subnet: "fd00::/64".parse().unwrap(), masquerade: false, localhost: false };
@@ -182,7 +182,7 @@ fn subnets_say_what_the_network_needs_per_family() {
 #[test]
 fn forwards_carry_their_own_mark_or_the_fallback_mark() {
     let c = routed_conf();
-    let p = plan(&c, &id(), &att(&c, &["10.20.0.10/24"])).unwrap();
+    let p = plan(&c, &id(), &att(&c, &["10.20.0.10/24"]), None).unwrap();
     let mark_of = |port: u16| p.forwards.iter().find(|f| f.host.port == port).and_then(|f| f.mark);
     assert_eq!(mark_of(30080), Some(0x65));
     assert_eq!(mark_of(2376), Some(0x64));
@@ -191,7 +191,7 @@ fn forwards_carry_their_own_mark_or_the_fallback_mark() {
     let mut v = routed_conf_value();
     v["routing"].as_object_mut().unwrap().remove("fwmark");
     let c = conf(v);
-    let p = plan(&c, &id(), &att(&c, &["10.20.0.10/24"])).unwrap();
+    let p = plan(&c, &id(), &att(&c, &["10.20.0.10/24"]), None).unwrap();
     assert_eq!(p.forwards.iter().find(|f| f.host.port == 2376).unwrap().mark, None);
 }
 
@@ -205,7 +205,7 @@ fn routed_conf_value() -> Value {
 #[test]
 fn ipv6_forwards_are_never_marked() {
     let c = routed_conf();
-    let p = plan(&c, &id(), &att(&c, &["fd00::10/64"])).unwrap();
+    let p = plan(&c, &id(), &att(&c, &["fd00::10/64"]), None).unwrap();
     assert!(!p.forwards.is_empty());
     assert!(p.forwards.iter().all(|f| f.mark.is_none()));
     assert!(p.routing.ip_rules.is_empty() && p.routing.tables.is_empty());
@@ -214,7 +214,7 @@ fn ipv6_forwards_are_never_marked() {
 #[test]
 fn routing_plan_has_mark_rules_subnet_rules_and_one_table_per_uplink() {
     let c = routed_conf();
-    let p = plan(&c, &id(), &att(&c, &["10.20.0.10/24"])).unwrap();
+    let p = plan(&c, &id(), &att(&c, &["10.20.0.10/24"]), None).unwrap();
     let rules: Vec<String> = p.routing.ip_rules.iter().map(|r| r.to_string()).collect();
     assert_eq!(
         rules,
@@ -243,7 +243,7 @@ fn routing_plan_has_mark_rules_subnet_rules_and_one_table_per_uplink() {
 #[test]
 fn no_routing_block_means_no_routing() {
     let c = conf(json!({ "portForwarding": { "rules": [ { "hostPort": 2376, "destPort": 2376 } ] } }));
-    let p = plan(&c, &id(), &att(&c, &["10.20.0.10/24"])).unwrap();
+    let p = plan(&c, &id(), &att(&c, &["10.20.0.10/24"]), None).unwrap();
     assert_eq!(p.routing, RoutingPlan::default());
     assert!(p.sysctls.iter().all(|s| s.required));
 }
@@ -260,7 +260,7 @@ fn arrival_marks_every_routed_uplink_rules_first_and_routes_by_all_their_tables(
               "routing": { "fwmark": "0x66", "tableId": 102, "outbound": { "interface": "eth0" } } }
         ] }
     }));
-    let p = plan(&c, &id(), &att(&c, &["10.20.0.10/24"])).unwrap();
+    let p = plan(&c, &id(), &att(&c, &["10.20.0.10/24"]), None).unwrap();
     let arrival: Vec<(String, u32)> = p.routing.arrival.iter().map(|a| (a.uplink.clone(), a.mark)).collect();
     assert_eq!(arrival, vec![("eth0".to_string(), 0x65), ("eth5".to_string(), 0x64)]);
     // The plain forward has no block of its own: its replies can leave by either uplink's table.
@@ -276,9 +276,75 @@ fn reply_via_rule_or_no_ipv4_forward_means_no_arrival_marks() {
         "portForwarding": { "rules": [ { "hostPort": 2376, "destPort": 2376 } ] }
     });
     let c = conf(v.clone());
-    assert!(plan(&c, &id(), &att(&c, &["10.20.0.10/24"])).unwrap().routing.arrival.is_empty());
+    assert!(plan(&c, &id(), &att(&c, &["10.20.0.10/24"]), None).unwrap().routing.arrival.is_empty());
     v["routing"].as_object_mut().unwrap().remove("replyVia");
     let c = conf(v);
-    assert_eq!(plan(&c, &id(), &att(&c, &["10.20.0.10/24"])).unwrap().routing.arrival.len(), 1);
-    assert!(plan(&c, &id(), &att(&c, &["fd00::10/64"])).unwrap().routing.arrival.is_empty());
+    assert_eq!(plan(&c, &id(), &att(&c, &["10.20.0.10/24"]), None).unwrap().routing.arrival.len(), 1);
+    assert!(plan(&c, &id(), &att(&c, &["fd00::10/64"]), None).unwrap().routing.arrival.is_empty());
+}
+
+// ---------------------------------------------------------------- rules that follow a pod
+
+fn pod(ns: &str, name: &str) -> crate::cni::Pod {
+    crate::cni::Pod { namespace: ns.into(), name: name.into() }
+}
+
+#[test]
+fn pod_rule_follows_the_pod_whatever_its_address() {
+    let c = rules_conf(json!([
+        { "name": "web", "hostPort": 30080, "pod": "default/web-*", "destPort": 8080 },
+        { "name": "other", "hostPort": 30081, "pod": "default/db", "destPort": 5432 }
+    ]));
+    for addr in ["10.20.0.10/24", "10.20.0.57/24"] {
+        let a = att(&c, &[addr]);
+        let p = plan(&c, &id(), &a, Some(&pod("default", "web-7d9f-x2"))).unwrap();
+        assert_eq!(p.forwards.len(), 1, "{addr}");
+        assert_eq!(p.forwards[0].host, hp(30080, Protocol::Tcp, None));
+        assert_eq!(p.forwards[0].pod_ip, a.addresses[0].ip);
+        assert_eq!(p.bound_rules, vec![0]);
+    }
+    let a = att(&c, &["10.20.0.10/24"]);
+    // Another namespace, another name, or no pod named at all: the rules are not this attachment's.
+    for other in [Some(pod("kube-system", "web-1")), Some(pod("default", "api-1")), None] {
+        let p = plan(&c, &id(), &a, other.as_ref()).unwrap();
+        assert!(p.forwards.is_empty() && p.bound_rules.is_empty(), "{other:?}");
+    }
+    let p = plan(&c, &id(), &a, Some(&pod("default", "db"))).unwrap();
+    assert_eq!(p.bound_rules, vec![1]);
+    assert!(plan(&c, &id(), &a, Some(&pod("default", "db-0"))).unwrap().forwards.is_empty());
+}
+
+#[test]
+fn pod_and_dest_ip_must_both_match() {
+    let c = rules_conf(json!([{ "hostPort": 30080, "pod": "default/web-*", "destIP": "10.20.0.10", "destPort": 80 }]));
+    let web = pod("default", "web-1");
+    assert_eq!(plan(&c, &id(), &att(&c, &["10.20.0.10/24"]), Some(&web)).unwrap().forwards.len(), 1);
+    assert!(plan(&c, &id(), &att(&c, &["10.20.0.11/24"]), Some(&web)).unwrap().forwards.is_empty());
+    assert!(plan(&c, &id(), &att(&c, &["10.20.0.10/24"]), Some(&pod("default", "db"))).unwrap().forwards.is_empty());
+}
+
+#[test]
+fn bound_rules_name_the_static_rules_only() {
+    let c = conf(json!({
+        "portForwarding": { "rules": [
+            { "hostPort": 1, "destIP": "10.20.0.99", "destPort": 1 },
+            { "hostPort": 2, "destPort": 2 },
+            { "hostPort": 3, "destIP": "10.20.0.10", "destPort": 3 }
+        ] },
+        "runtimeConfig": { "portMappings": [{ "hostPort": 4, "containerPort": 4 }] }
+    }));
+    let p = plan(&c, &id(), &att(&c, &["10.20.0.10/24"]), None).unwrap();
+    assert_eq!(p.bound_rules, vec![1, 2]);
+    assert_eq!(p.forwards.len(), 3);
+}
+
+#[test]
+fn two_pods_matching_one_rule_conflict_naming_both() {
+    let c = rules_conf(json!([{ "hostPort": 30080, "pod": "default/web-*", "destPort": 80 }]));
+    let first = plan(&c, &id_of("A", "net1"), &att(&c, &["10.20.0.10/24"]), Some(&pod("default", "web-1"))).unwrap();
+    let second = plan(&c, &id_of("B", "net1"), &att(&c, &["10.20.0.11/24"]), Some(&pod("default", "web-2"))).unwrap();
+    let held = [(&first.id, first.host_ports.as_slice())];
+    let e = check_host_ports(&second.id, &second.host_ports, held.into_iter()).unwrap_err();
+    assert_eq!(e.code, code::PORT_CONFLICT);
+    assert!(e.msg.contains("container A") && e.msg.contains("container B"), "{}", e.msg);
 }

@@ -52,6 +52,10 @@ pub struct Record {
     /// (by the forward's mark and table). Absent: by the mark and table.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply_via: Option<String>,
+    /// Indexes of the network's static rules this attachment got a forward from; held in the index
+    /// as `rule:<network>:<index>`, so an ADD can say which rules no attachment binds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bound_rules: Vec<usize>,
 }
 impl Record {
     pub fn new(id: AttachmentId, cni_version: &str) -> Record {
@@ -72,6 +76,7 @@ impl Record {
             backend: Backend::Iptables,
             forwards: Vec::new(),
             reply_via: None,
+            bound_rules: Vec::new(),
         }
     }
 

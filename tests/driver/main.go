@@ -31,6 +31,7 @@ type options struct {
 	conflist, netns, containerID, ifname, cacheDir, plugin string
 	portMappings                                           []interface{}
 	valid                                                  []map[string]interface{}
+	args                                                   [][2]string
 }
 
 // rawList is a conflist kept as generic JSON so entries round-trip unchanged.
@@ -47,7 +48,7 @@ func main() {
 		os.Exit(2)
 	}
 	var o options
-	var pm, valid string
+	var pm, valid, cniArgs string
 	fs := flag.NewFlagSet(os.Args[1], flag.ExitOnError)
 	fs.StringVar(&o.conflist, "conflist", "", "network configuration list file")
 	fs.StringVar(&o.netns, "netns", "", "path of the container network namespace")
@@ -57,10 +58,16 @@ func main() {
 	fs.StringVar(&pm, "port-mappings", "", "JSON array for the portMappings capability")
 	fs.StringVar(&valid, "valid", "[]", "JSON array of {containerID,ifname} valid attachments (gc)")
 	fs.StringVar(&o.plugin, "plugin", pluginType, "plugin type (version)")
+	fs.StringVar(&cniArgs, "args", "", "CNI_ARGS for add/check/del, as K=V;K=V")
 	_ = fs.Parse(os.Args[2:])
 	if pm != "" {
 		if err := json.Unmarshal([]byte(pm), &o.portMappings); err != nil {
 			fail(fmt.Errorf("--port-mappings: %w", err))
+		}
+	}
+	for _, kv := range strings.Split(cniArgs, ";") {
+		if k, v, ok := strings.Cut(kv, "="); ok {
+			o.args = append(o.args, [2]string{k, v})
 		}
 	}
 	if err := json.Unmarshal([]byte(valid), &o.valid); err != nil {
@@ -110,7 +117,7 @@ func run(ctx context.Context, cmd string, o *options) error {
 	default:
 		return fmt.Errorf("unknown command %q", cmd)
 	}
-	rt := &libcni.RuntimeConf{ContainerID: o.containerID, NetNS: o.netns, IfName: o.ifname, CacheDir: o.cacheDir}
+	rt := &libcni.RuntimeConf{ContainerID: o.containerID, NetNS: o.netns, IfName: o.ifname, CacheDir: o.cacheDir, Args: o.args}
 	if o.portMappings != nil {
 		rt.CapabilityArgs = map[string]interface{}{"portMappings": o.portMappings}
 	}
@@ -347,6 +354,7 @@ func (e *emulator) invoke(ctx context.Context, command string, entry, prev map[s
 		ContainerID: e.rt.ContainerID,
 		NetNS:       e.rt.NetNS,
 		IfName:      e.rt.IfName,
+		PluginArgs:  e.rt.Args,
 		Path:        strings.Join(e.path, ":"),
 	}
 	return execPlugin(ctx, e.path, conf, args.AsEnv())

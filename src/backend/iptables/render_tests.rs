@@ -23,7 +23,7 @@ impl std::ops::Deref for Rendered {
 }
 
 fn plan(c: &NetConf, id: &AttachmentId, a: &crate::cni::prev_result::Attachment) -> crate::error::Result<Rendered> {
-    let plan = crate::plan::plan(c, id, a)?;
+    let plan = crate::plan::plan(c, id, a, None)?;
     let rules = render(&plan);
     Ok(Rendered { plan, rules })
 }

@@ -14,7 +14,7 @@ const JUMP: &str = "-m comment --comment bridge-nat -j BRIDGE-NAT-NFT-FWD";
 fn accepts(network: &str, addrs: &[&str]) -> Vec<Rule> {
     let c = conf(json!({}));
     let id = AttachmentId { network: network.into(), ..id() };
-    render(&crate::plan::plan(&c, &id, &att(&c, addrs)).expect("plan"))
+    render(&crate::plan::plan(&c, &id, &att(&c, addrs), None).expect("plan"))
 }
 
 fn from_bridge(f: Family, network: &str) -> Rule {

@@ -233,7 +233,7 @@ mod tests {
     fn contents(extra: serde_json::Value, addrs: &[&str]) -> (Contents, Vec<String>, Vec<String>) {
         use crate::plan::tests::{att, conf, id};
         let c = conf(extra);
-        let planned = crate::plan::plan(&c, &id(), &att(&c, addrs)).expect("plan");
+        let planned = crate::plan::plan(&c, &id(), &att(&c, addrs), None).expect("plan");
         let got = render(&planned);
         let own = got.own.iter().map(|e| e.to_string()).collect();
         let shared = got.shared.iter().map(|e| e.to_string()).collect();
