@@ -82,7 +82,16 @@ impl Node {
         let pid = std::process::id();
         let name = format!("bn-bench-{pid}");
         let root_ns = File::open("/proc/self/ns/net").expect("open /proc/self/ns/net");
-        let dir = std::env::temp_dir().join(format!("bridge-nat-bench-{pid}"));
+        // bridge-nat's stateDir defaults to /run/bridge-nat, tmpfs on real nodes; where this machine's
+        // /run is a disk, /dev/shm stands in for it (BENCH_SCRATCH picks another place).
+        let root = std::env::var_os("BENCH_SCRATCH").map(PathBuf::from).unwrap_or_else(|| {
+            if Path::new("/dev/shm").is_dir() {
+                PathBuf::from("/dev/shm")
+            } else {
+                std::env::temp_dir()
+            }
+        });
+        let dir = root.join(format!("bridge-nat-bench-{pid}"));
         let etc_netns = Path::new("/etc/netns").join(&name);
         // Construct the guard first: whatever of the following succeeds is undone on a panic.
         let node = Node { name, dir, etc_netns, root_ns, entered: false, logs_on_panic: Vec::new() };
