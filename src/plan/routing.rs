@@ -66,41 +66,41 @@ pub(super) fn mark_for(conf: &NetConf, host: &HostPort, pod_ip: IpAddr) -> Optio
     route_for(conf, host, pod_ip).map(|(mark, ..)| mark)
 }
 
+impl RoutingPlan {
+    /// A mark's ip rule, its table for each subnet, and its uplink.
+    #[allow(clippy::too_many_arguments)]
+    fn route_by_mark(
+        &mut self,
+        priority: u32,
+        fwmark: (u32, u32),
+        table: u32,
+        name: &Option<String>,
+        bridge: &str,
+        subnets: &[IpNetwork],
+        outbound: &Outbound,
+    ) {
+        self.ip_rules.insert(IpRule { priority, table, fwmark: Some(fwmark), from: None, suppress_default: false });
+        for subnet in subnets {
+            self.tables.insert(table_spec(table, name, bridge, *subnet, outbound));
+        }
+        self.uplinks.insert(outbound.interface.clone());
+    }
+}
+
 /// The routing objects one attachment needs, given its forwards and its IPv4 subnets.
 pub(super) fn plan_routing(conf: &NetConf, bridge: &str, subnets: &[IpNetwork], forwards: &[Forward]) -> RoutingPlan {
     let mut plan = RoutingPlan::default();
     let mask = conf.settings.mark_mask;
     let priority = conf.routing.as_ref().map_or(DEFAULT_RULE_PRIORITY, |g| g.rule_priority);
     for f in forwards {
-        let Some((mark, table, outbound, name)) = route_for(conf, &f.host, f.pod_ip) else {
-            continue;
-        };
-        plan.ip_rules.insert(IpRule {
-            priority,
-            table,
-            fwmark: Some((mark, mask)),
-            from: None,
-            suppress_default: false,
-        });
-        for subnet in subnets {
-            plan.tables.insert(table_spec(table, name, bridge, *subnet, outbound));
+        if let Some((mark, table, outbound, name)) = route_for(conf, &f.host, f.pod_ip) {
+            plan.route_by_mark(priority, (mark, mask), table, name, bridge, subnets, outbound);
         }
-        plan.uplinks.insert(outbound.interface.clone());
     }
     let inbound_v4 = forwards.iter().any(|f| f.pod_ip.is_ipv4());
     if conf.reply_via == ReplyVia::Arrival && inbound_v4 && !subnets.is_empty() {
         for (mark, table, outbound, name) in marked_uplinks(conf) {
-            plan.ip_rules.insert(IpRule {
-                priority,
-                table,
-                fwmark: Some((mark, mask)),
-                from: None,
-                suppress_default: false,
-            });
-            for subnet in subnets {
-                plan.tables.insert(table_spec(table, name, bridge, *subnet, outbound));
-            }
-            plan.uplinks.insert(outbound.interface.clone());
+            plan.route_by_mark(priority, (mark, mask), table, name, bridge, subnets, outbound);
             plan.arrival.push(Arrival { uplink: outbound.interface.clone(), mark });
         }
     }
