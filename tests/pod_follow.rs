@@ -242,6 +242,8 @@ fn rule_that_binds_nothing_is_warned_about(backend: Backend) {
     for bound in ["rules[1]", "rules[3]"] {
         assert!(!warnings.iter().any(|l| l.contains(bound)), "{bound} is bound, yet warned:\n{log}");
     }
+    // Rules nobody binds are no fault of this attachment's.
+    a.cni(&site.node, "check", &conf).assert_ok("CHECK pod a beside rules nobody binds");
 
     // Rules 1 and 3 stay bound by pod a while others come; once a is gone, the next ADD says so.
     let unbound_after = |pod: &mut Pod| {
