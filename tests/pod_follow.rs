@@ -5,6 +5,7 @@
 //!
 //! ```text
 //!   client 203.0.113.2 ──veth── 203.0.113.1 [up0] node [dind-br0] 10.20.0.1 ── pods 10.20.0.x
+//!          fd00:1::2                fd00:1::1                      fd00:20::1     fd00:20::x
 //! ```
 
 mod common;
@@ -18,6 +19,7 @@ use common::{
 use serde_json::{json, Value};
 
 const UPLINK: &str = "203.0.113.1";
+const UPLINK6: &str = "[fd00:1::1]";
 const CLIENT: &str = "203.0.113.2";
 const VERSION: &str = "1.0.0";
 const REPLY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -37,9 +39,30 @@ impl Site {
     }
 
     fn conflist(&self, rules: &[Value]) -> PathBuf {
+        self.node.write_conflist(&self.conflist_value(rules))
+    }
+
+    fn conflist_value(&self, rules: &[Value]) -> Value {
         let mut entry = self.node.bridge_nat_entry();
         entry["portForwarding"] = json!({ "rules": rules });
-        self.node.write_conflist(&self.node.conflist(VERSION, entry))
+        self.node.conflist(VERSION, entry)
+    }
+
+    /// Dual stack, with host-local taking the addresses the runtime asks for (the `ips`
+    /// capability), as for a pod that keeps its addresses when it is re-created.
+    fn dual_stack_conflist(&self, rules: &[Value]) -> PathBuf {
+        self.node.ns.sh_ok("ip addr add fd00:1::1/64 dev up0 nodad");
+        self.client.sh_ok("ip addr add fd00:1::2/64 dev eth0 nodad");
+        let mut list = self.conflist_value(rules);
+        let bridge = &mut list["plugins"][0];
+        bridge["capabilities"] = json!({ "ips": true });
+        let ipam = &mut bridge["ipam"];
+        ipam["ranges"]
+            .as_array_mut()
+            .expect("ranges")
+            .push(json!([{ "subnet": "fd00:20::/64", "gateway": "fd00:20::1" }]));
+        ipam["routes"].as_array_mut().expect("routes").push(json!({ "dst": "::/0" }));
+        self.node.write_conflist(&list)
     }
 
     fn diagnostics(&self) -> String {
@@ -54,34 +77,39 @@ impl Site {
         )
     }
 
-    /// One TCP request to the node's uplink address; the answer's first line.
-    fn request(&self, port: u16, timeout_s: u32) -> Option<String> {
-        let out = self
-            .client
-            .sh(&format!("socat -T{timeout_s} - TCP:{UPLINK}:{port},connect-timeout={timeout_s} </dev/null"));
+    /// One TCP request to the node's uplink address `host`; the answer's first line.
+    fn request(&self, host: &str, port: u16, timeout_s: u32) -> Option<String> {
+        let out =
+            self.client.sh(&format!("socat -T{timeout_s} - TCP:{host}:{port},connect-timeout={timeout_s} </dev/null"));
         let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
         (out.status.success() && !text.is_empty()).then_some(text)
     }
 
     #[track_caller]
     fn expect_reply(&self, port: u16, expected: &str) {
+        self.expect_reply_at(UPLINK, port, expected);
+    }
+
+    #[track_caller]
+    fn expect_reply_at(&self, host: &str, port: u16, expected: &str) {
         let mut last = None;
         let got = wait_for(
             || {
-                last = self.request(port, 3);
+                last = self.request(host, port, 3);
                 last.as_deref() == Some(expected)
             },
             REPLY_TIMEOUT,
         );
-        assert!(got, "{UPLINK}:{port}: expected {expected:?}, last reply {last:?}\n{}", self.diagnostics());
+        assert!(got, "{host}:{port}: expected {expected:?}, last reply {last:?}\n{}", self.diagnostics());
     }
 }
 
-/// A pod namespace with the CNI_ARGS its runtime passes (pod identity, requested address).
+/// A pod namespace with what its runtime passes: CNI_ARGS (pod identity), requested addresses.
 struct Pod {
     ns: Netns,
     id: String,
     args: String,
+    ips: Option<String>,
     result: Value,
 }
 
@@ -89,7 +117,12 @@ impl Pod {
     fn new(node: &Node, name: &str, args: &str) -> Pod {
         // Unknown keys make bridge and host-local refuse CNI_ARGS unless told to ignore them.
         let args = format!("IgnoreUnknown=1;{args}");
-        Pod { ns: node.add_pod(name), id: format!("ctr-{name}"), args, result: Value::Null }
+        Pod { ns: node.add_pod(name), id: format!("ctr-{name}"), args, ips: None, result: Value::Null }
+    }
+
+    /// A pod that asks host-local for `ips` (the `ips` capability).
+    fn with_ips(node: &Node, name: &str, ips: &[&str]) -> Pod {
+        Pod { ips: Some(json!(ips).to_string()), ..Pod::new(node, name, "") }
     }
 
     /// A pod of Kubernetes namespace "default" named `name`.
@@ -98,7 +131,11 @@ impl Pod {
     }
 
     fn cni(&self, node: &Node, cmd: &str, conf: &Path) -> DriverOutput {
-        node.cni(cmd, conf, &self.ns, &self.id, "eth0", &["--args", &self.args])
+        let mut extra = vec!["--args", &self.args];
+        if let Some(ips) = &self.ips {
+            extra.extend(["--ips", ips.as_str()]);
+        }
+        node.cni(cmd, conf, &self.ns, &self.id, "eth0", &extra)
     }
 
     #[track_caller]
@@ -113,6 +150,10 @@ impl Pod {
         common::result_ip(&self.result, false)
     }
 
+    fn ipv6(&self) -> String {
+        common::result_ip(&self.result, true)
+    }
+
     /// The MAC of the pod's own interface, as the bridge plugin reported it.
     fn mac(&self) -> String {
         let ifaces = self.result["interfaces"].as_array().cloned().unwrap_or_default();
@@ -121,7 +162,7 @@ impl Pod {
     }
 
     fn serve(&self, reply: &str) -> Background {
-        self.ns.spawn(&format!("exec socat TCP-LISTEN:8080,reuseaddr,fork SYSTEM:'echo {reply}'"))
+        self.ns.spawn(&format!("exec socat TCP6-LISTEN:8080,ipv6only=0,reuseaddr,fork SYSTEM:'echo {reply}'"))
     }
 }
 
@@ -201,6 +242,8 @@ fn rule_that_binds_nothing_is_warned_about(backend: Backend) {
     for bound in ["rules[1]", "rules[3]"] {
         assert!(!warnings.iter().any(|l| l.contains(bound)), "{bound} is bound, yet warned:\n{log}");
     }
+    // Rules nobody binds are no fault of this attachment's.
+    a.cni(&site.node, "check", &conf).assert_ok("CHECK pod a beside rules nobody binds");
 
     // Rules 1 and 3 stay bound by pod a while others come; once a is gone, the next ADD says so.
     let unbound_after = |pod: &mut Pod| {
@@ -224,46 +267,66 @@ fn rule_that_binds_nothing_is_warned_about(backend: Backend) {
 }
 both_backends!(rule_that_binds_nothing_is_warned_about);
 
-/// A pod re-created with the address it had and a new MAC answers through its forward on the
-/// first try after ADD, although the node's neighbour entry held the old MAC, as REACHABLE.
-fn recreated_pod_with_its_old_address_answers_at_once(backend: Backend) {
+/// A pod re-created with the addresses it had (IPv4 and IPv6) and a new MAC answers through its
+/// forwards on the first try after ADD, although the node's neighbour entries held the old MAC, as
+/// REACHABLE.
+fn recreated_pod_with_its_old_addresses_answers_at_once(backend: Backend) {
     if !require_root() {
         return;
     }
     let site = Site::new(backend);
     const ADDR: &str = "10.20.0.20";
-    let conf = site.conflist(&[rule("web", 30095, json!({ "destIP": ADDR }))]);
+    const ADDR6: &str = "fd00:20::20";
+    let conf = site.dual_stack_conflist(&[
+        rule("web", 30095, json!({ "destIP": ADDR })),
+        rule("web6", 30096, json!({ "destIP": ADDR6 })),
+    ]);
     // As on a node with other pods: the bridge keeps its carrier while one pod is re-created, and
     // its MAC is fixed; either change would make the kernel flush the bridge's neighbour entries.
     let mut neighbour = Pod::new(&site.node, "keeper", "");
     neighbour.add(&site, &conf);
     site.node.ns.sh_ok(&format!("ip link set {} address 02:00:00:00:be:01", common::BRIDGE));
-    let mut old = Pod::new(&site.node, "old", &format!("IP={ADDR}"));
+    let mut old = Pod::with_ips(&site.node, "old", &[ADDR, ADDR6]);
     old.add(&site, &conf);
-    assert_eq!(old.ipv4(), ADDR);
+    assert_eq!((old.ipv4(), old.ipv6()), (ADDR.to_string(), ADDR6.to_string()));
     let old_mac = old.mac();
     let srv = old.serve("old");
-    site.expect_reply(30095, "old");
+    site.expect_reply_at(UPLINK, 30095, "old");
+    site.expect_reply_at(UPLINK6, 30096, "old");
     old.cni(&site.node, "del", &conf).assert_ok("DEL the old pod");
     drop(srv);
 
-    site.node.ns.sh_ok(&format!("ip neigh replace {ADDR} lladdr {old_mac} dev {} nud reachable", common::BRIDGE));
-    let before = site.node.ns.sh_ok(&format!("ip neigh show {ADDR} dev {}", common::BRIDGE));
-    assert!(before.contains(&old_mac) && before.contains("REACHABLE"), "entry before ADD: {before}");
+    let dev = common::BRIDGE;
+    for addr in [ADDR, ADDR6] {
+        site.node.ns.sh_ok(&format!("ip neigh replace {addr} lladdr {old_mac} dev {dev} nud reachable"));
+        let before = site.node.ns.sh_ok(&format!("ip neigh show {addr} dev {dev}"));
+        assert!(before.contains(&old_mac) && before.contains("REACHABLE"), "entry before ADD: {before}");
+    }
+    // Entries for other addresses are not the ADD's business.
+    const OTHERS: [&str; 2] = ["10.20.0.49", "fd00:20::49"];
+    for addr in OTHERS {
+        site.node.ns.sh_ok(&format!("ip neigh replace {addr} lladdr 02:00:00:00:00:49 dev {dev} nud permanent"));
+    }
 
-    let mut new = Pod::new(&site.node, "new", &format!("IP={ADDR}"));
+    let mut new = Pod::with_ips(&site.node, "new", &[ADDR, ADDR6]);
     let _srv = new.serve("new");
     new.add(&site, &conf);
-    assert_eq!(new.ipv4(), ADDR);
+    assert_eq!((new.ipv4(), new.ipv6()), (ADDR.to_string(), ADDR6.to_string()));
     assert_ne!(new.mac(), old_mac, "the re-created pod has a new MAC");
-    let reply = site.request(30095, 1);
-    let after = site.node.ns.sh(&format!("ip neigh show {ADDR} dev {}", common::BRIDGE));
-    assert_eq!(
-        reply.as_deref(),
-        Some("new"),
-        "first request after ADD; neighbour entry now: {}\n{}",
-        String::from_utf8_lossy(&after.stdout),
-        site.diagnostics()
-    );
+    for (host, port, addr) in [(UPLINK, 30095, ADDR), (UPLINK6, 30096, ADDR6)] {
+        let reply = site.request(host, port, 1);
+        let after = site.node.ns.sh(&format!("ip neigh show {addr} dev {}", common::BRIDGE));
+        assert_eq!(
+            reply.as_deref(),
+            Some("new"),
+            "first request to {host}:{port} after ADD; neighbour entry now: {}\n{}",
+            String::from_utf8_lossy(&after.stdout),
+            site.diagnostics()
+        );
+    }
+    for addr in OTHERS {
+        let entry = site.node.ns.sh_ok(&format!("ip neigh show {addr} dev {dev}"));
+        assert!(entry.contains("02:00:00:00:00:49") && entry.contains("PERMANENT"), "{addr}: {entry}");
+    }
 }
-both_backends!(recreated_pod_with_its_old_address_answers_at_once);
+both_backends!(recreated_pod_with_its_old_addresses_answers_at_once);

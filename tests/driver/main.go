@@ -29,7 +29,7 @@ const (
 
 type options struct {
 	conflist, netns, containerID, ifname, cacheDir, plugin string
-	portMappings                                           []interface{}
+	portMappings, ips                                      []interface{}
 	valid                                                  []map[string]interface{}
 	args                                                   [][2]string
 }
@@ -48,7 +48,7 @@ func main() {
 		os.Exit(2)
 	}
 	var o options
-	var pm, valid, cniArgs string
+	var pm, valid, cniArgs, ips string
 	fs := flag.NewFlagSet(os.Args[1], flag.ExitOnError)
 	fs.StringVar(&o.conflist, "conflist", "", "network configuration list file")
 	fs.StringVar(&o.netns, "netns", "", "path of the container network namespace")
@@ -59,10 +59,16 @@ func main() {
 	fs.StringVar(&valid, "valid", "[]", "JSON array of {containerID,ifname} valid attachments (gc)")
 	fs.StringVar(&o.plugin, "plugin", pluginType, "plugin type (version)")
 	fs.StringVar(&cniArgs, "args", "", "CNI_ARGS for add/check/del, as K=V;K=V")
+	fs.StringVar(&ips, "ips", "", "JSON array for the ips capability (addresses host-local is asked for)")
 	_ = fs.Parse(os.Args[2:])
 	if pm != "" {
 		if err := json.Unmarshal([]byte(pm), &o.portMappings); err != nil {
 			fail(fmt.Errorf("--port-mappings: %w", err))
+		}
+	}
+	if ips != "" {
+		if err := json.Unmarshal([]byte(ips), &o.ips); err != nil {
+			fail(fmt.Errorf("--ips: %w", err))
 		}
 	}
 	for _, kv := range strings.Split(cniArgs, ";") {
@@ -118,8 +124,12 @@ func run(ctx context.Context, cmd string, o *options) error {
 		return fmt.Errorf("unknown command %q", cmd)
 	}
 	rt := &libcni.RuntimeConf{ContainerID: o.containerID, NetNS: o.netns, IfName: o.ifname, CacheDir: o.cacheDir, Args: o.args}
+	rt.CapabilityArgs = map[string]interface{}{}
 	if o.portMappings != nil {
-		rt.CapabilityArgs = map[string]interface{}{"portMappings": o.portMappings}
+		rt.CapabilityArgs["portMappings"] = o.portMappings
+	}
+	if o.ips != nil {
+		rt.CapabilityArgs["ips"] = o.ips
 	}
 	if list.version == v110 {
 		return (&emulator{cni: cni, path: cniPath, list: list, rt: rt}).run(ctx, cmd)
@@ -344,10 +354,16 @@ func (e *emulator) invoke(ctx context.Context, command string, entry, prev map[s
 		relabelled["cniVersion"] = v110
 		conf["prevResult"] = relabelled
 	}
-	if caps, _ := entry["capabilities"].(map[string]interface{}); caps["portMappings"] == true {
-		if pm, ok := e.rt.CapabilityArgs["portMappings"]; ok {
-			conf["runtimeConfig"] = map[string]interface{}{"portMappings": pm}
+	// As libcni: each capability the entry declares and the runtime has args for.
+	caps, _ := entry["capabilities"].(map[string]interface{})
+	runtimeConfig := map[string]interface{}{}
+	for name, on := range caps {
+		if v, ok := e.rt.CapabilityArgs[name]; ok && on == true {
+			runtimeConfig[name] = v
 		}
+	}
+	if len(runtimeConfig) > 0 {
+		conf["runtimeConfig"] = runtimeConfig
 	}
 	args := &invoke.Args{
 		Command:     command,
