@@ -166,6 +166,7 @@ impl Socket {
         if fd < 0 {
             return Err(Self::errno(what, "socket"));
         }
+        closer::announce();
         // SAFETY: fd is a fresh, valid descriptor we own.
         Ok(Socket { fd: Some(unsafe { OwnedFd::from_raw_fd(fd) }), what })
     }
