@@ -8,9 +8,9 @@
 //! stalls the next call, whoever closes it. So the first call's child becomes a closer bound to an
 //! abstract unix socket (per network namespace by nature). Later calls connect to it when they
 //! open their first netfilter socket, which tells it a call is under way, and pass their sockets
-//! (SCM_RIGHTS) over that connection when they exit. Once no call has been under way for
-//! [`QUIET_MS`], far longer than a grace period, nothing is pending any more: it closes
-//! everything at once and exits.
+//! (SCM_RIGHTS) over that connection when they exit. When no call is under way, the closer lets a
+//! grace period pass; if no call has started meanwhile, nothing is pending any more and it closes
+//! everything at once. It exits after [`QUIET_MS`] without calls.
 //!
 //! Both ends check the other's uid through SO_PEERCRED, so no other user can squat the name to
 //! collect the sockets, nor keep the closer awake.
@@ -24,12 +24,14 @@ use wire::close_all;
 
 /// The abstract address (leading NUL): one per network namespace.
 const NAME: &[u8] = b"\0bridge-nat/nfnetlink-closer";
-/// Calls further apart than this find their sockets closed in between.
+/// A pause between calls this long may be one: then wait a grace period and close.
+const SETTLE_MS: i32 = 5;
+/// With nothing held and no call for this long, the closer exits.
 const QUIET_MS: i32 = 200;
 /// A call under way that has said nothing for this long is stopped or stuck: stop waiting for it.
 const STALLED_CALL_MS: i32 = 60_000;
-/// Under endless churn, close what is held after a grace period of its own, rather than grow.
-const MAX_HELD: usize = 512;
+/// Calls that never pause: past this, close anyway (after a grace period) rather than grow.
+const MAX_HELD: usize = 4096;
 
 /// This process's connection to the closer, once announced (-1: none).
 static ANNOUNCED: AtomicI32 = AtomicI32::new(-1);
@@ -84,10 +86,10 @@ fn grace_period() {
     }
 }
 
-/// The forked child: keep `held` and whatever later calls send until no call has been under way
-/// for QUIET_MS, then close it all.
+/// The forked child: keep `held` and whatever later calls send; close it all once no call has
+/// been under way for a grace period; exit once none has come for QUIET_MS.
 fn serve(mut held: Vec<RawFd>) -> ! {
-    detach(&held);
+    let max_held = detach(&held);
     let Some(listener) = wire::listen(NAME) else {
         // Another closer won the name meanwhile: give it the lot, or close them ourselves once
         // a grace period has passed.
@@ -105,7 +107,11 @@ fn serve(mut held: Vec<RawFd>) -> ! {
             .chain(calls.iter().copied())
             .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
             .collect();
-        let timeout = if calls.is_empty() { QUIET_MS } else { STALLED_CALL_MS };
+        let timeout = match (calls.is_empty(), held.is_empty()) {
+            (false, _) => STALLED_CALL_MS,
+            (true, false) => SETTLE_MS,
+            (true, true) => QUIET_MS,
+        };
         // SAFETY: `polled` is a live array of that many pollfds.
         let ready = unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, timeout) };
         if ready < 0 {
@@ -115,11 +121,14 @@ fn serve(mut held: Vec<RawFd>) -> ! {
             break;
         }
         if ready == 0 {
-            if calls.is_empty() {
-                break;
+            match (calls.is_empty(), held.is_empty()) {
+                (false, _) => {
+                    close_all(&calls);
+                    calls.clear();
+                }
+                (true, false) => close_while_idle(listener, &mut held),
+                (true, true) => break,
             }
-            close_all(&calls);
-            calls.clear();
             continue;
         }
         for p in &polled[1..] {
@@ -131,7 +140,9 @@ fn serve(mut held: Vec<RawFd>) -> ! {
         if polled[0].revents != 0 {
             wire::accept_all(listener, &mut calls);
         }
-        if held.len() >= MAX_HELD {
+        // Calls without a pause long enough: close now rather than run out of descriptors, at
+        // the price of stalling a call or two.
+        if held.len() >= max_held {
             grace_period();
             close_all(&held);
             held.clear();
@@ -146,9 +157,28 @@ fn serve(mut held: Vec<RawFd>) -> ! {
     unsafe { libc::_exit(0) }
 }
 
+/// No call is under way: once a grace period has passed, what the last calls deleted is freed and
+/// closing waits for nothing, unless a call has started meanwhile (every call connects before it
+/// can delete anything). Then keep the rest for the next pause.
+fn close_while_idle(listener: RawFd, held: &mut Vec<RawFd>) {
+    grace_period();
+    // The destroy work's own grace period is over; let its worker finish freeing.
+    // SAFETY: a plain sleep.
+    unsafe { libc::usleep(2_000) };
+    while let Some(&fd) = held.last() {
+        let mut pfd = libc::pollfd { fd: listener, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd; a zero timeout only looks.
+        if unsafe { libc::poll(&mut pfd, 1, 0) } != 0 {
+            return;
+        }
+        close_all(&[fd]);
+        held.pop();
+    }
+}
+
 /// Drop every descriptor but `keep` (stdout, the lock, ...) so nobody waits for this process,
-/// and leave the caller's session and working directory.
-fn detach(keep: &[RawFd]) {
+/// and leave the caller's session and working directory. Returns how many sockets to hold at most.
+fn detach(keep: &[RawFd]) -> usize {
     let mut keep = keep.to_vec();
     keep.sort_unstable();
     let mut next = 0u32;
@@ -164,12 +194,17 @@ fn detach(keep: &[RawFd]) {
         libc::close_range(next, u32::MAX, 0);
         libc::setsid();
         libc::chdir(c"/".as_ptr());
-        // Room for MAX_HELD sockets plus a message in flight.
+        // Room for MAX_HELD sockets plus what a message brings, as far as the hard limit allows.
         let mut lim: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return MAX_HELD.min(256);
+        }
+        if lim.rlim_cur < lim.rlim_max {
             lim.rlim_cur = lim.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
         }
+        MAX_HELD.min((lim.rlim_cur as usize).saturating_sub(2 * wire::MAX_FDS_PER_MESSAGE))
     }
 }
 
