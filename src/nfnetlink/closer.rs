@@ -60,7 +60,8 @@ pub fn hand_over(fds: Vec<RawFd>) {
             return;
         }
     }
-    // SAFETY: fork in a single-threaded process; the child only makes raw syscalls and _exits.
+    // SAFETY: the process is single-threaded, so the child inherits no lock another thread held;
+    // the child never returns (serve ends in _exit).
     if unsafe { libc::fork() } == 0 {
         serve(fds);
     }
