@@ -674,3 +674,35 @@ fn an_add_with_another_backend_moves_the_attachment() {
     a.cni(node, "del", &conf, &[]).assert_ok("DEL");
     assert!(node.iptables_traces().is_empty() && !node.nft_table_exists(), "left after DEL\n{}", diagnostics(node));
 }
+
+/// The netfilter sockets of finished calls are kept by one process in the node's namespace while
+/// calls come back to back, and closed when they stop: after a burst of ADD, CHECK and DEL,
+/// nothing of the plugin stays behind in the namespace.
+#[test]
+fn nothing_of_the_plugin_outlives_a_burst_of_calls() {
+    if !require_root() {
+        return;
+    }
+    let site = Site::new();
+    let node = &site.node;
+    let conf = site.conflist(entry(node, json!({})));
+    let pods: Vec<Pod> = (0..3)
+        .map(|i| Pod::added(node, &conf, &format!("burst{i}"), &mappings(&[(30100 + i, 8080, "tcp", None)])))
+        .collect();
+    for p in &pods {
+        p.cni(node, "check", &conf, &[]).assert_ok("CHECK");
+        p.cni(node, "del", &conf, &[]).assert_ok("DEL");
+    }
+    let left = || {
+        let out =
+            std::process::Command::new("ip").args(["netns", "pids", node.ns.name()]).output().expect("ip netns pids");
+        String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_string).collect::<Vec<_>>()
+    };
+    let gone = wait_for(|| left().is_empty(), Duration::from_secs(10));
+    let described: Vec<String> = left()
+        .iter()
+        .map(|pid| format!("{pid}: {}", std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default()))
+        .collect();
+    assert!(gone, "processes left in the node namespace 10 s after the last call: {described:?}");
+    assert!(!node.nft_table_exists(), "table after the last DEL");
+}

@@ -1,11 +1,13 @@
 //! The netfilter netlink socket shared by ctnetlink (conntrack) and nf_tables, with the attribute
 //! encoding both use.
 //!
-//! Closing a netfilter netlink socket makes the kernel wait for every pending nf_tables object
-//! release, i.e. one RCU grace period (10–25 ms measured here) after any deletion on the machine.
-//! The deletion itself is already committed and in force by then; only the freeing of the old
+//! Closing a netfilter netlink socket makes the kernel wait, holding nf_tables' commit mutex, for
+//! the freeing of what the namespace's last commits deleted, i.e. up to one RCU grace period
+//! (10–25 ms measured here). The deletion itself is in force by then; only the freeing of the old
 //! objects remains. So sockets are not closed by the call: [`linger`] keeps them, and [`release`]
-//! at exit hands them to a short-lived child that alone waits for the kernel.
+//! at exit hands them to a closer process that closes them once calls have stopped coming.
+
+
 
 use crate::error::{code, Error, Result};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
@@ -29,45 +31,12 @@ pub fn linger(fd: OwnedFd) {
     LINGERING.lock().unwrap_or_else(|e| e.into_inner()).push(fd.into_raw_fd());
 }
 
-/// Close the lingering sockets in a child process, so that this process exits at once. The child
-/// first drops every other descriptor (stdout, the lock) so nobody waits for it.
+/// Hand the lingering sockets to this namespace's closer (see [`closer`]), so that this process
+/// exits at once and their release stalls no later call.
 pub fn release() {
     let fds = std::mem::take(&mut *LINGERING.lock().unwrap_or_else(|e| e.into_inner()));
-    if fds.is_empty() {
-        return;
-    }
-    // SAFETY: fork in a single-threaded process; the child only makes raw syscalls and _exits.
-    match unsafe { nix::libc::fork() } {
-        0 => unsafe {
-            let mut keep = fds.clone();
-            keep.sort_unstable();
-            let mut next = 0u32;
-            for &fd in &keep {
-                if fd as u32 > next {
-                    nix::libc::close_range(next, fd as u32 - 1, 0);
-                }
-                next = fd as u32 + 1;
-            }
-            nix::libc::close_range(next, u32::MAX, 0);
-            // Let a grace period pass before closing, so the close finds nothing left to wait
-            // for and does not hold nf_tables' commit mutex (which the next call needs) while
-            // it waits. MEMBARRIER_CMD_GLOBAL is one synchronize_rcu(); sleep where it is refused.
-            if nix::libc::syscall(nix::libc::SYS_membarrier, 1, 0, 0) != 0 {
-                nix::libc::usleep(50_000);
-            }
-            nix::libc::usleep(2_000);
-            for fd in keep {
-                nix::libc::close(fd);
-            }
-            nix::libc::_exit(0);
-        },
-        // Fork failed: close here and pay the wait ourselves.
-        _ => {
-            for fd in fds {
-                // SAFETY: these descriptors were handed over by `linger` and are closed once.
-                unsafe { nix::libc::close(fd) };
-            }
-        }
+    if !fds.is_empty() {
+        super::closer::hand_over(fds);
     }
 }
 
@@ -197,6 +166,7 @@ impl Socket {
         if fd < 0 {
             return Err(Self::errno(what, "socket"));
         }
+        super::closer::announce();
         // SAFETY: fd is a fresh, valid descriptor we own.
         Ok(Socket { fd: Some(unsafe { OwnedFd::from_raw_fd(fd) }), what })
     }
