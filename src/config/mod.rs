@@ -237,13 +237,15 @@ pub fn decode(stdin: &[u8]) -> Result<NetConfDraft> {
     if stdin.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(Error::new(code::DECODE, "network config: stdin must be a JSON object"));
     }
-    let de = &mut serde_json::Deserializer::from_slice(stdin);
-    let raw: RawConf = serde_path_to_error::deserialize(de).map_err(|e| {
+    // Parsed once: the unknown-field check reads the tree, then the typed decode consumes it.
+    let tree: serde_json::Value = serde_json::from_slice(stdin)
+        .map_err(|e| Error::new(code::DECODE, format!("network config: {e}")))?;
+    let warnings = unknown::unknown_fields(&tree);
+    let raw: RawConf = serde_path_to_error::deserialize(tree).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         Error::new(code::DECODE, format!("network config: field {path}: {inner}"))
     })?;
-    let warnings = serde_json::from_slice(stdin).map(|v| unknown::unknown_fields(&v)).unwrap_or_default();
     Ok(NetConfDraft { raw, warnings })
 }
 
