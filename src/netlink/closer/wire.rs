@@ -101,11 +101,7 @@ fn send_message(conn: RawFd, fds: &[RawFd]) -> bool {
     // SAFETY: msghdr is plain data; every pointer in it refers to a live buffer of the stated
     // length, and the control message is written inside `control`.
     unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = control.len() as _;
+        let msg = header(&mut iov, &mut control);
         let cmsg = libc::CMSG_FIRSTHDR(&msg);
         (*cmsg).cmsg_level = libc::SOL_SOCKET;
         (*cmsg).cmsg_type = libc::SCM_RIGHTS;
@@ -113,6 +109,19 @@ fn send_message(conn: RawFd, fds: &[RawFd]) -> bool {
         std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg).cast::<RawFd>(), fds.len());
         libc::sendmsg(conn, &msg, libc::MSG_NOSIGNAL) == 1
     }
+}
+
+/// A one-byte message with `control` as its control buffer.
+///
+/// # Safety
+/// The header points into `iov` and `control`: both must outlive every use of it.
+unsafe fn header(iov: &mut libc::iovec, control: &mut [u8]) -> libc::msghdr {
+    let mut msg: libc::msghdr = std::mem::zeroed();
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = control.len() as _;
+    msg
 }
 
 /// Keep the descriptors of every message waiting on `conn`; false once the peer has gone.
@@ -136,11 +145,7 @@ fn receive(conn: RawFd, held: &mut Vec<RawFd>) -> Option<bool> {
     // SAFETY: every pointer in msg refers to a live buffer of the stated length; control
     // messages are read within msg_controllen as the kernel filled it.
     unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = control.len() as _;
+        let mut msg = header(&mut iov, &mut control);
         let n = libc::recvmsg(conn, &mut msg, libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT);
         if n < 0 {
             let e = std::io::Error::last_os_error().raw_os_error();
