@@ -238,8 +238,8 @@ pub fn decode(stdin: &[u8]) -> Result<NetConfDraft> {
         return Err(Error::new(code::DECODE, "network config: stdin must be a JSON object"));
     }
     // Parsed once: the unknown-field check reads the tree, then the typed decode consumes it.
-    let tree: serde_json::Value = serde_json::from_slice(stdin)
-        .map_err(|e| Error::new(code::DECODE, format!("network config: {e}")))?;
+    let tree: serde_json::Value =
+        serde_json::from_slice(stdin).map_err(|e| Error::new(code::DECODE, format!("network config: {e}")))?;
     let warnings = unknown::unknown_fields(&tree);
     let raw: RawConf = serde_path_to_error::deserialize(tree).map_err(|e| {
         let path = e.path().to_string();

@@ -7,8 +7,6 @@
 //! objects remains. So sockets are not closed by the call: [`linger`] keeps them, and [`release`]
 //! at exit hands them to a closer process that closes them once calls have stopped coming.
 
-
-
 use crate::error::{code, Error, Result};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::Mutex;

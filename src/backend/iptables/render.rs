@@ -214,3 +214,11 @@ fn mark_plumbing(mask: u32) -> Vec<Rule> {
 #[cfg(test)]
 #[path = "render_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "render_props.rs"]
+mod props;
+
+#[cfg(test)]
+#[path = "render_marks_tests.rs"]
+mod marks_tests;

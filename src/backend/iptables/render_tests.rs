@@ -1,18 +1,18 @@
 //! The iptables rendering of a plan, rule by rule: exact rule texts for every kind of forward,
-//! network and family. Every rule traces to one function of render.rs.
+//! network and family. Every rule traces to one function of render.rs. Properties over any config
+//! are in render_props.rs.
 
 use super::*;
 use crate::config::{AttachmentId, NetConf, Protocol};
 use crate::plan::tests::{att, conf, id};
-use crate::plan::{family_of, Forward, HostPort, Plan, Sysctl};
-use proptest::prelude::*;
+use crate::plan::{Forward, HostPort, Plan, Sysctl};
 use serde_json::{json, Value};
 use std::net::IpAddr;
 
 /// A plan with its iptables rendering beside it, so tests read `p.rules` next to `p.sysctls`.
-struct Rendered {
+pub(super) struct Rendered {
     plan: Plan,
-    rules: BTreeSet<Rule>,
+    pub(super) rules: BTreeSet<Rule>,
 }
 
 impl std::ops::Deref for Rendered {
@@ -22,7 +22,11 @@ impl std::ops::Deref for Rendered {
     }
 }
 
-fn plan(c: &NetConf, id: &AttachmentId, a: &crate::cni::prev_result::Attachment) -> crate::error::Result<Rendered> {
+pub(super) fn plan(
+    c: &NetConf,
+    id: &AttachmentId,
+    a: &crate::cni::prev_result::Attachment,
+) -> crate::error::Result<Rendered> {
     let plan = crate::plan::plan(c, id, a, None)?;
     let rules = render(&plan);
     Ok(Rendered { plan, rules })
@@ -49,14 +53,14 @@ fn id_of(container: &str, ifname: &str) -> AttachmentId {
 
 const BR: &str = "dind-br0";
 /// The comment on an attachment's own rules.
-const TAG: &str = "-m comment --comment bridge-nat:dind:CID:net1";
+pub(super) const TAG: &str = "-m comment --comment bridge-nat:dind:CID:net1";
 /// The comment on rules shared by the network.
-const NET: &str = "-m comment --comment bridge-nat:dind";
+pub(super) const NET: &str = "-m comment --comment bridge-nat:dind";
 /// The comment on the global jumps.
 const GLOBAL: &str = "-m comment --comment bridge-nat";
 
 #[track_caller]
-fn plan_v4(c: &NetConf) -> Rendered {
+pub(super) fn plan_v4(c: &NetConf) -> Rendered {
     plan(c, &id(), &att(c, &["10.20.0.10/24"])).expect("plan")
 }
 
@@ -401,147 +405,4 @@ fn interface_names_are_made_comment_safe() {
     let c = rules_conf(json!([{ "hostPort": 1, "destPort": 2 }]));
     let p = plan(&c, &id_of("CID", "net@1"), &att(&c, &["10.20.0.10/24"])).unwrap();
     assert!(dnat_rules(&p)[0].spec.contains("--comment bridge-nat:dind:CID:net_1 "), "{}", dnat_rules(&p)[0].spec);
-}
-
-// ---------------------------------------------------------------- property
-
-#[derive(Debug, Clone)]
-enum Dest {
-    Own,
-    OwnIndex(usize),
-    Neighbour(usize),
-}
-
-#[derive(Debug, Clone)]
-enum HostIp {
-    None,
-    Wildcard,
-    V4,
-    V6,
-}
-
-fn arb_protocol() -> impl Strategy<Value = &'static str> {
-    prop::sample::select(vec!["tcp", "udp", "sctp"])
-}
-
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
-
-    #[test]
-    fn dnat_rules_only_target_the_attachments_addresses(
-        stack in prop::sample::select(vec![vec!["10.20.0.10/24"], vec!["fd00::10/64"], vec!["10.20.0.10/24", "fd00::10/64"]]),
-        host_ports in prop::collection::hash_set(1u16..=65535, 0..12),
-        rules in prop::collection::vec(
-            (1u16..=65535, arb_protocol(), prop_oneof![Just(Dest::Own), (0usize..2).prop_map(Dest::OwnIndex), (0usize..2).prop_map(Dest::Neighbour)]),
-            0..6),
-        mappings in prop::collection::vec(
-            (1u16..=65535, arb_protocol(), prop_oneof![Just(HostIp::None), Just(HostIp::Wildcard), Just(HostIp::V4), Just(HostIp::V6)]),
-            0..6),
-        masquerade in any::<bool>(),
-    ) {
-        let host_ports: Vec<u16> = host_ports.into_iter().collect();
-        let a = att(&conf(json!({})), &stack);
-        let neighbours: Vec<IpAddr> = a.addresses.iter().map(|p| match p.ip {
-            IpAddr::V4(_) => "10.20.0.99".parse().unwrap(),
-            IpAddr::V6(_) => "fd00::99".parse().unwrap(),
-        }).collect();
-        let n_rules = rules.len().min(host_ports.len());
-        let raw_rules: Vec<Value> = rules.iter().zip(&host_ports).map(|((dest, proto, d), host)| {
-            let mut r = json!({ "hostPort": host, "destPort": dest, "protocol": proto });
-            match d {
-                Dest::Own => {}
-                Dest::OwnIndex(i) => r["destIP"] = json!(a.addresses[i % a.addresses.len()].ip.to_string()),
-                Dest::Neighbour(i) => r["destIP"] = json!(neighbours[i % neighbours.len()].to_string()),
-            }
-            r
-        }).collect();
-        let raw_mappings: Vec<Value> = mappings.iter().zip(&host_ports[n_rules..]).map(|((cport, proto, h), host)| {
-            let mut m = json!({ "hostPort": host, "containerPort": cport, "protocol": proto });
-            match h {
-                HostIp::None => {}
-                HostIp::Wildcard => m["hostIP"] = json!("0.0.0.0"),
-                HostIp::V4 => m["hostIP"] = json!("192.168.1.5"),
-                HostIp::V6 => m["hostIP"] = json!("fd00:1::5"),
-            }
-            m
-        }).collect();
-        let c = conf(json!({
-            "masquerade": masquerade,
-            "portForwarding": { "rules": raw_rules },
-            "runtimeConfig": { "portMappings": raw_mappings },
-        }));
-        let p = plan(&c, &id(), &a).expect("destIPs are all inside the subnet");
-
-        for f in &p.forwards {
-            prop_assert!(a.owns(f.pod_ip), "forward to {} which the attachment does not own", f.pod_ip);
-            prop_assert!(p.host_ports.contains(&f.host));
-            prop_assert!(f.host.host_ip.is_none_or(|h| h.is_ipv4() == f.pod_ip.is_ipv4()));
-        }
-        let mut dnat_count = 0;
-        for r in p.rules.iter().filter(|r| r.spec.contains("-j DNAT")) {
-            dnat_count += 1;
-            prop_assert_eq!(&r.chain, CHAIN_DNAT);
-            prop_assert_eq!(&r.table, "nat");
-            let (_, to) = r.spec.rsplit_once("--to-destination ").expect("DNAT has a destination");
-            let (ip, _port) = to.rsplit_once(':').unwrap();
-            let ip: IpAddr = ip.trim_start_matches('[').trim_end_matches(']').parse().unwrap();
-            prop_assert!(a.owns(ip), "DNAT to {ip} in {r}");
-            prop_assert_eq!(r.family, family_of(ip));
-            prop_assert!(r.spec.contains(TAG));
-        }
-        prop_assert_eq!(dnat_count, p.forwards.len());
-        // host_ports: sorted, distinct, and exactly the forwards' ports.
-        prop_assert!(p.host_ports.windows(2).all(|w| w[0] < w[1]));
-        let from_forwards: BTreeSet<HostPort> = p.forwards.iter().map(|f| f.host).collect();
-        prop_assert_eq!(p.host_ports.iter().copied().collect::<BTreeSet<_>>(), from_forwards);
-        // Every rule's family is one the attachment has.
-        for r in &p.rules {
-            prop_assert!(a.addresses.iter().any(|x| family_of(x.ip) == r.family));
-        }
-    }
-}
-
-#[test]
-fn arrival_uplinks_mark_new_connections_in_a_chain_of_the_network() {
-    let c = conf(json!({
-        "routing": { "tableId": 100, "fwmark": "0x64", "outbound": { "interface": "eth5" } },
-        "portForwarding": { "rules": [
-            { "name": "plain", "hostPort": 2376, "destPort": 2376 },
-            { "name": "web", "hostPort": 30080, "destPort": 8080,
-              "routing": { "fwmark": "0x65", "tableId": 101, "outbound": { "interface": "eth0" } } }
-        ] }
-    }));
-    let p = plan_v4(&c);
-    let mangle: Vec<String> = p.rules.iter().filter(|r| r.table == "mangle").map(|r| r.to_string()).collect();
-    let chain = "BRIDGE-NAT-IN-3618c5ec";
-    let new = "-m addrtype --dst-type LOCAL -m conntrack --ctstate NEW";
-    for want in [
-        format!("ipv4 mangle -A BRIDGE-NAT-MARK -p tcp -m tcp --dport 2376 {new} {TAG} -j {chain}"),
-        format!("ipv4 mangle -A BRIDGE-NAT-MARK -p tcp -m tcp --dport 30080 {new} {TAG} -j {chain}"),
-        format!("ipv4 mangle -A BRIDGE-NAT-MARK -p tcp -m tcp --dport 30080 {new} -m mark --mark 0x0/0x1fff {TAG} -j MARK --set-xmark 0x65/0x1fff"),
-        format!("ipv4 mangle -A BRIDGE-NAT-MARK -p tcp -m tcp --dport 2376 {new} -m mark --mark 0x0/0x1fff {TAG} -j MARK --set-xmark 0x64/0x1fff"),
-        format!("ipv4 mangle -A {chain} -i eth0 {NET} -j MARK --set-xmark 0x65/0x1fff"),
-        format!("ipv4 mangle -A {chain} -i eth5 {NET} -j MARK --set-xmark 0x64/0x1fff"),
-    ] {
-        assert!(mangle.contains(&want), "missing {want}\nin:\n{}", mangle.join("\n"));
-    }
-    // The jumps, restore and save of every marked network.
-    assert_eq!(mangle.len(), 6 + 4, "{}", mangle.join("\n"));
-    assert!(chain.len() <= 28);
-}
-
-#[test]
-fn reply_via_rule_keeps_the_seeds_mark_rules() {
-    let c = conf(json!({
-        "routing": { "tableId": 100, "fwmark": "0x64", "outbound": { "interface": "eth5" }, "replyVia": "rule" },
-        "portForwarding": { "rules": [ { "name": "plain", "hostPort": 2376, "destPort": 2376 } ] }
-    }));
-    let p = plan_v4(&c);
-    let mark: Vec<&Rule> = p.rules.iter().filter(|r| r.chain == CHAIN_MARK && r.spec.contains("--set-xmark")).collect();
-    assert_eq!(mark.len(), 1);
-    assert_eq!(
-        mark[0].spec,
-        format!("-p tcp -m tcp --dport 2376 -m addrtype --dst-type LOCAL -m conntrack --ctstate NEW {TAG} -j MARK --set-xmark 0x64/0x1fff")
-    );
-    assert!(!p.rules.iter().any(|r| r.chain.starts_with("BRIDGE-NAT-IN-") || r.spec.contains("BRIDGE-NAT-IN-")));
 }

@@ -205,3 +205,11 @@ fn unquote_comment(spec: &str) -> String {
 #[cfg(test)]
 #[path = "rules_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "save_tests.rs"]
+mod save_tests;
+
+#[cfg(test)]
+#[path = "sim_tests.rs"]
+mod sim_tests;
