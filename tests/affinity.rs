@@ -43,7 +43,7 @@ struct Site {
     t: Topology,
     pod: Pod,
     conf: PathBuf,
-    _server: common::Background,
+    _servers: [common::Background; 2],
 }
 
 fn site(backend: Backend, reply_via: Option<&str>) -> Site {
@@ -51,10 +51,9 @@ fn site(backend: Backend, reply_via: Option<&str>) -> Site {
     t.strict_rp_filter();
     let conf = t.conflist(seed_entry(&t.node, reply_via));
     let pod = Pod::add(&t.node, &conf, "a");
-    let server = pod.ns.spawn(&format!("exec socat TCP-LISTEN:{PLAIN},reuseaddr,fork SYSTEM:'echo pod'"));
-    let server8080 = pod.serve();
-    std::mem::forget(server8080);
-    Site { t, pod, conf, _server: server }
+    let plain = pod.ns.spawn(&format!("exec socat TCP-LISTEN:{PLAIN},reuseaddr,fork SYSTEM:'echo pod'"));
+    let servers = [plain, pod.serve()];
+    Site { t, pod, conf, _servers: servers }
 }
 
 fn replies_leave_by_the_uplink_the_connection_arrived_on(backend: Backend) {

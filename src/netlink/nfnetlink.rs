@@ -29,7 +29,7 @@ pub fn linger(fd: OwnedFd) {
     LINGERING.lock().unwrap_or_else(|e| e.into_inner()).push(fd.into_raw_fd());
 }
 
-/// Hand the lingering sockets to this namespace's closer (see [`closer`]), so that this process
+/// Hand the lingering sockets to this namespace's closer (see [`super::closer`]), so that this process
 /// exits at once and their release stalls no later call.
 pub fn release() {
     let fds = std::mem::take(&mut *LINGERING.lock().unwrap_or_else(|e| e.into_inner()));
