@@ -85,18 +85,56 @@ pub fn apply_routing(planned: &Plan, applied: &mut Applied) -> Result<BTreeSet<R
     Ok(resolved)
 }
 
-/// Point the node's neighbour entries for the pod's addresses at the pod's MAC (see
-/// routing/neighbour.rs). A failure is logged, not fatal: the kernel still resolves the address
-/// again once the old entry ages out, so the pod is only late, not unreachable.
-pub fn refresh_neighbours(att: &Attachment) {
+/// Correct the node's neighbour entries for the pod's addresses on the bridge where they point at a
+/// MAC the pod no longer has (see routing/neighbour.rs); never create one. The pod's namespace is
+/// read only when there is an entry to judge, which on a new address there is not. A failure is
+/// logged, not fatal: the kernel still re-verifies an entry once it ages, so the pod is only late.
+pub fn refresh_neighbours(att: &Attachment, netns: &str, ifname: &str) {
+    use crate::routing::neighbour::{choose_action, read_pod_mac, Action};
     let Some(ifindex) = crate::routing::netlink::link_index(&att.bridge) else {
         return;
     };
-    let result = Netlink::open()
-        .and_then(|mut nl| att.addresses.iter().try_for_each(|a| nl.refresh_neighbour(ifindex, a.ip, att.mac)));
+    // Read once, and only for the first address that has an entry.
+    let mut real: Option<Option<[u8; 6]>> = None;
+    let mut read_real = || match read_pod_mac(netns, ifname) {
+        Ok(Some(mac)) => {
+            if let Some(reported) = att.mac.filter(|p| *p != mac) {
+                log::info!(
+                    "prevResult names MAC {} for the pod; its {ifname} has {}",
+                    show_mac(reported),
+                    show_mac(mac)
+                );
+            }
+            Some(mac)
+        }
+        Ok(None) => {
+            log::debug!("no interface {ifname} with a MAC in {netns}");
+            None
+        }
+        Err(e) => {
+            log::debug!("cannot read the MAC of {ifname} in {netns}: {e}");
+            None
+        }
+    };
+    let result = Netlink::open().and_then(|mut nl| {
+        for a in &att.addresses {
+            let Some(existing) = nl.lookup_neighbour(ifindex, a.ip)? else { continue };
+            let pod_mac = *real.get_or_insert_with(&mut read_real);
+            match choose_action(Some(existing), pod_mac, att.mac) {
+                Action::Keep => {}
+                Action::Replace(mac) => nl.replace_neighbour(ifindex, a.ip, mac)?,
+                Action::Forget => nl.delete_neighbour(ifindex, a.ip)?,
+            }
+        }
+        Ok(())
+    });
     if let Err(e) = result {
         log::warn!("neighbour entries of the pod on {}: {e}", att.bridge);
     }
+}
+
+fn show_mac(mac: [u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
 /// Remove ip rules and empty tables nobody needs any more.

@@ -1,14 +1,64 @@
 //! The node's neighbour entries for a pod's addresses on the bridge. A pod re-created with the same
 //! address gets a new veth and a new MAC, but the node's entry still holds the old MAC and may stay
 //! REACHABLE for many seconds; the bridge plugin sends no gratuitous ARP, so DNAT'd traffic would go
-//! to a MAC that no longer exists. ADD therefore sets the entry to the MAC prevResult reports.
+//! to a MAC that no longer exists. ADD therefore corrects such an entry, and only such an entry:
+//!
+//! - an address the node has no entry for is left alone. Creating one costs a neighbour entry per
+//!   pod node-wide (hundreds above `gc_thresh2` on a busy bridge), and it buys nothing: the node's
+//!   own ARP/NDP request for a new address also teaches the pod the gateway's MAC, whereas a
+//!   pre-seeded entry makes the pod broadcast for the gateway itself, which on a bridge with
+//!   ~1,000 ports drowned in the flood for seconds;
+//! - the MAC written is the one the pod's interface really has, read from `CNI_NETNS`. prevResult's
+//!   MAC is only a claim: a chain whose plugin reports a wrong or stale one would otherwise have
+//!   its pod black-holed (a STALE entry is used for ~5 s, then probed by unicast to the wrong MAC
+//!   before the kernel gives up on it).
 
 use super::netlink::{is_absent, Netlink};
-use crate::error::Result;
-use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST};
+use crate::error::{code, Error, Result};
+use netlink_packet_core::{NLM_F_ACK, NLM_F_REPLACE, NLM_F_REQUEST};
+use netlink_packet_route::link::{LinkAttribute, LinkMessage};
 use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use std::net::IpAddr;
+use std::os::fd::AsRawFd;
+
+pub type Mac = [u8; 6];
+
+/// The node's entry for one address, as far as the decision needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    /// None for an entry still resolving or that failed to (INCOMPLETE, FAILED).
+    pub mac: Option<Mac>,
+}
+
+/// What ADD does to the node's entry for one of the pod's addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Keep,
+    /// Point it at this (verified) MAC, in state STALE.
+    Replace(Mac),
+    /// Delete it, so the kernel resolves the address afresh on the next packet.
+    Forget,
+}
+
+/// `existing`: the node's entry for the address (None: there is none); `real`: the MAC the pod's
+/// interface has, when it could be read; `reported`: prevResult's MAC for the pod.
+///
+/// Without an entry nothing is done, whatever the MACs (no entry is ever created). With the real
+/// MAC known, an entry that differs is pointed at it, so a re-created pod answers the first packet.
+/// Without it (the namespace cannot be read, or the interface is not there), an entry that agrees
+/// with prevResult is kept and any other is deleted rather than pointed at prevResult's MAC: if
+/// that MAC is right, deleting costs one ARP/NDP round trip; if it is wrong, pointing the entry at
+/// it would black-hole the pod for seconds.
+pub fn choose_action(existing: Option<Entry>, real: Option<Mac>, reported: Option<Mac>) -> Action {
+    let Some(entry) = existing else { return Action::Keep };
+    match real {
+        Some(real) if entry.mac == Some(real) => Action::Keep,
+        Some(real) => Action::Replace(real),
+        None if entry.mac.is_some() && entry.mac == reported => Action::Keep,
+        None => Action::Forget,
+    }
+}
 
 fn message(ifindex: u32, ip: IpAddr) -> NeighbourMessage {
     let mut msg = NeighbourMessage::default();
@@ -27,31 +77,152 @@ fn message(ifindex: u32, ip: IpAddr) -> NeighbourMessage {
     msg
 }
 
+fn to_mac(bytes: &[u8]) -> Option<Mac> {
+    bytes.try_into().ok()
+}
+
 impl Netlink {
-    /// Point the node's entry for `ip` on the bridge at `mac`, or forget it when the MAC is unknown
-    /// (the kernel then resolves afresh on the next packet). Only this one entry is touched.
-    pub fn refresh_neighbour(&mut self, ifindex: u32, ip: IpAddr, mac: Option<[u8; 6]>) -> Result<()> {
-        let mut msg = message(ifindex, ip);
-        let Some(mac) = mac else {
-            return match self.request(
-                RouteNetlinkMessage::DelNeighbour(msg),
-                NLM_F_REQUEST | NLM_F_ACK,
-                &format!("delete neighbour {ip}"),
-            ) {
-                Err(e) if !is_absent(&e) => Err(e),
-                _ => Ok(()),
-            };
+    /// The node's entry for `ip` on the interface `ifindex`, by one RTM_GETNEIGH (not a dump: a
+    /// busy bridge has an entry per talking pod).
+    pub fn lookup_neighbour(&mut self, ifindex: u32, ip: IpAddr) -> Result<Option<Entry>> {
+        let replies = match self.request(
+            RouteNetlinkMessage::GetNeighbour(message(ifindex, ip)),
+            NLM_F_REQUEST | NLM_F_ACK,
+            &format!("look up neighbour {ip}"),
+        ) {
+            Err(e) if is_absent(&e) => return Ok(None),
+            other => other?,
         };
+        Ok(replies.into_iter().find_map(|m| match m {
+            RouteNetlinkMessage::NewNeighbour(n) => Some(Entry {
+                mac: n.attributes.iter().find_map(|a| match a {
+                    NeighbourAttribute::LinkLayerAddress(b) => to_mac(b),
+                    _ => None,
+                }),
+            }),
+            _ => None,
+        }))
+    }
+
+    /// Point the existing entry for `ip` at `mac`. Never creates one: an entry that vanished since
+    /// it was looked up needs no correction.
+    pub fn replace_neighbour(&mut self, ifindex: u32, ip: IpAddr, mac: Mac) -> Result<()> {
+        let mut msg = message(ifindex, ip);
         // STALE, not REACHABLE or PERMANENT: a STALE entry is used at once, so the first packet goes
         // to the new MAC without waiting for ARP/NDP, and the kernel re-verifies it (DELAY, PROBE)
-        // as for any learnt entry, so a wrong MAC heals itself and the entry ages out as usual.
+        // as for any learnt entry, and ages it out as usual.
         msg.header.state = NeighbourState::Stale;
         msg.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
-        self.request(
+        match self.request(
             RouteNetlinkMessage::NewNeighbour(msg),
-            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_REPLACE,
             &format!("replace neighbour {ip}"),
-        )
-        .map(|_| ())
+        ) {
+            Err(e) if !is_absent(&e) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn delete_neighbour(&mut self, ifindex: u32, ip: IpAddr) -> Result<()> {
+        match self.request(
+            RouteNetlinkMessage::DelNeighbour(message(ifindex, ip)),
+            NLM_F_REQUEST | NLM_F_ACK,
+            &format!("delete neighbour {ip}"),
+        ) {
+            Err(e) if !is_absent(&e) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// The MAC of the interface `ifname` in this socket's namespace; None when there is no such
+    /// interface or it has no 6-byte address.
+    pub fn read_link_mac(&mut self, ifname: &str) -> Result<Option<Mac>> {
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(ifname.to_string()));
+        let replies = match self.request(
+            RouteNetlinkMessage::GetLink(msg),
+            NLM_F_REQUEST | NLM_F_ACK,
+            &format!("look up link {ifname}"),
+        ) {
+            Err(e) if is_absent(&e) || e.details == "ENODEV" => return Ok(None),
+            other => other?,
+        };
+        Ok(replies.into_iter().find_map(|m| match m {
+            RouteNetlinkMessage::NewLink(l) => l.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Address(b) => to_mac(b),
+                _ => None,
+            }),
+            _ => None,
+        }))
+    }
+}
+
+/// The MAC of `ifname` inside the network namespace at `netns` (CNI_NETNS): one RTM_GETLINK on a
+/// socket opened in that namespace. The socket is made by a short-lived thread that enters the
+/// namespace (setns changes only the calling thread's namespace), so the process itself never
+/// leaves the node's and no way back has to be found if something fails halfway.
+pub fn read_pod_mac(netns: &str, ifname: &str) -> Result<Option<Mac>> {
+    let (netns, ifname) = (netns.to_string(), ifname.to_string());
+    let worker = std::thread::Builder::new().name("pod-netns".into()).spawn(move || -> Result<Option<Mac>> {
+        let file = std::fs::File::open(&netns).map_err(|e| Error::io(format!("open {netns}"), e))?;
+        // SAFETY: setns reads a descriptor we own; it affects only this thread.
+        if unsafe { nix::libc::setns(file.as_raw_fd(), nix::libc::CLONE_NEWNET) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(Error::io(format!("enter network namespace {netns}"), e));
+        }
+        Netlink::open()?.read_link_mac(&ifname)
+    });
+    let worker = worker.map_err(|e| Error::io("start a thread to read the pod's interface", e))?;
+    worker.join().unwrap_or_else(|_| Err(Error::new(code::INTERNAL, "the thread reading the pod's interface panicked")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OLD: Mac = [2, 0, 0, 0, 0, 1];
+    const REAL: Mac = [2, 0, 0, 0, 0, 2];
+    const WRONG: Mac = [2, 0, 0, 0, 0, 3];
+
+    fn entry(mac: Option<Mac>) -> Option<Entry> {
+        Some(Entry { mac })
+    }
+
+    #[test]
+    fn no_entry_is_never_created() {
+        for real in [None, Some(REAL)] {
+            for reported in [None, Some(REAL), Some(WRONG)] {
+                assert_eq!(choose_action(None, real, reported), Action::Keep, "real {real:?}, reported {reported:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn entry_of_a_recreated_pod_points_at_the_real_mac() {
+        assert_eq!(choose_action(entry(Some(OLD)), Some(REAL), Some(REAL)), Action::Replace(REAL));
+        // An entry still resolving, or that failed to, gets the MAC at once too.
+        assert_eq!(choose_action(entry(None), Some(REAL), Some(REAL)), Action::Replace(REAL));
+    }
+
+    #[test]
+    fn wrong_reported_mac_is_never_written() {
+        assert_eq!(choose_action(entry(Some(OLD)), Some(REAL), Some(WRONG)), Action::Replace(REAL));
+        assert_eq!(choose_action(entry(Some(REAL)), Some(REAL), Some(WRONG)), Action::Keep);
+        // Unverified: forgotten, not pointed at the claim.
+        assert_eq!(choose_action(entry(Some(OLD)), None, Some(WRONG)), Action::Forget);
+    }
+
+    #[test]
+    fn right_entry_is_kept() {
+        assert_eq!(choose_action(entry(Some(REAL)), Some(REAL), None), Action::Keep);
+        assert_eq!(choose_action(entry(Some(REAL)), None, Some(REAL)), Action::Keep);
+    }
+
+    #[test]
+    fn unverifiable_entry_is_forgotten() {
+        assert_eq!(choose_action(entry(Some(OLD)), None, Some(REAL)), Action::Forget);
+        assert_eq!(choose_action(entry(Some(OLD)), None, None), Action::Forget);
+        assert_eq!(choose_action(entry(None), None, Some(REAL)), Action::Forget);
+        assert_eq!(choose_action(entry(None), None, None), Action::Forget);
     }
 }
