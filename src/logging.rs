@@ -22,6 +22,11 @@ pub fn echo_to_stderr(on: bool) {
     ECHO.store(on, Ordering::Relaxed);
 }
 
+/// Whether `init` has run in this process.
+pub fn is_initialised() -> bool {
+    LOGGER.get().is_some()
+}
+
 /// Install the logger once; later calls only change the file, level and line prefix.
 pub fn init(path: &Path, level: log::LevelFilter, prefix: &str) {
     let logger = LOGGER.get_or_init(|| FileLogger { file: Mutex::new(None), prefix: Mutex::new(String::new()) });

@@ -1,5 +1,6 @@
 //! The CNI protocol: commands, environment, versions, and what goes to stdout.
 
+pub mod go_json;
 pub mod prev_result;
 
 use crate::error::{code, Error, Result};

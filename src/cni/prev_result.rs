@@ -1,16 +1,14 @@
 //! What the plugins before us set up, read from prevResult (0.3.x, 0.4.0 and 1.x shapes alike).
 //! The raw JSON is kept by the caller and printed back unchanged; this only extracts facts.
 
+use super::go_json;
 use crate::error::{code, Error, Result};
 use ipnetwork::IpNetwork;
 use serde::Deserialize;
 use std::net::IpAddr;
 
-#[derive(Debug, Deserialize)]
 struct RawResult {
-    #[serde(default)]
     interfaces: Vec<RawInterface>,
-    #[serde(default)]
     ips: Vec<RawIp>,
 }
 
@@ -65,7 +63,7 @@ fn bad(msg: String) -> Error {
 
 /// Extract the attachment from prevResult. `bridge_override` is the config's `bridge` field.
 pub fn parse(prev: &serde_json::Value, bridge_override: Option<&str>) -> Result<Attachment> {
-    let raw: RawResult = serde_json::from_value(prev.clone()).map_err(|e| bad(format!("cannot decode: {e}")))?;
+    let raw = decode(prev)?;
     // The bridge plugin lists the bridge first, then the host veth, then the container side.
     let bridge = match bridge_override {
         Some(b) => b.to_string(),
@@ -109,6 +107,25 @@ pub fn parse(prev: &serde_json::Value, bridge_override: Option<&str>) -> Result<
     }
     let mac = pod_mac(&raw);
     Ok(Attachment { bridge, addresses, mac })
+}
+
+/// The runtime hands prevResult on as the previous plugin wrote it; read it as that plugin's
+/// runtime (Go) would: keys in any case, unknown keys ignored, `null` as nothing.
+fn decode(prev: &serde_json::Value) -> Result<RawResult> {
+    if !prev.is_object() {
+        return Err(bad(format!("cannot decode: expected an object, got {}", go_json::kind_of(prev))));
+    }
+    fn list<T: serde::de::DeserializeOwned>(prev: &serde_json::Value, key: &str, fields: &[&str]) -> Result<Vec<T>> {
+        let items = go_json::elements(prev, key).map_err(|e| bad(format!("cannot decode: {e}")))?;
+        let item = |(i, v): (usize, &serde_json::Value)| {
+            go_json::decode(v, fields).map_err(|e| bad(format!("{key}[{i}]: {e}")))
+        };
+        items.iter().enumerate().map(item).collect()
+    }
+    Ok(RawResult {
+        interfaces: list(prev, "interfaces", &["name", "sandbox", "mac"])?,
+        ips: list(prev, "ips", &["address", "gateway", "interface"])?,
+    })
 }
 
 /// The container-side interface is the one with a sandbox; the one the pod's addresses name wins
@@ -195,6 +212,19 @@ mod tests {
         let e = parse(&json!({"cniVersion": "1.0.0", "interfaces": [{"name": "br"}], "ips": []}), None).unwrap_err();
         assert_eq!(e.code, 7);
         assert!(e.msg.contains("no pod address"), "{}", e.msg);
+    }
+
+    #[test]
+    fn keys_in_another_case_read_as_go_reads_them() {
+        let r = json!({"CNIVersion": "1.0.0", "Interfaces": [{"Name": "dind-br0", "MAC": "aa:bb:cc:dd:ee:ff"},
+            {"name": "eth0", "Sandbox": "/var/run/netns/x", "Mac": "02:00:00:00:00:01"}],
+            "IPs": [{"Address": "10.20.0.5/24", "Gateway": "10.20.0.1", "Interface": 1}], "DNS": {}});
+        let att = parse(&r, None).unwrap();
+        assert_eq!(att.bridge, "dind-br0");
+        assert_eq!(att.addresses[0].ip.to_string(), "10.20.0.5");
+        assert_eq!(att.mac, Some([2, 0, 0, 0, 0, 1]));
+        let e = parse(&json!({"ips": [{"address": 5}]}), None).unwrap_err();
+        assert!(e.msg.starts_with("prevResult: ips[0]: address: invalid type"), "{}", e.msg);
     }
 
     use proptest::prelude::*;

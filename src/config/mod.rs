@@ -18,7 +18,11 @@ pub const DEFAULT_RULE_PRIORITY: u32 = 100;
 pub const DEFAULT_MARK_MASK: u32 = 0x1fff;
 
 mod raw;
+mod runtime;
+mod salvage;
 mod unknown;
+
+pub use salvage::salvage;
 mod validate;
 
 use validate::{validate, validate_network_name, validate_settings};
@@ -276,6 +280,20 @@ impl NetConfDraft {
 
     pub fn validate(self) -> Result<NetConf> {
         validate(self.raw)
+    }
+
+    /// DEL works from the record, so runtime input it cannot use (a `runtimeConfig` or a
+    /// `cni.dev/valid-attachments` that does not decode) is dropped with a warning, not refused:
+    /// a failing DEL would stop the runtime before `bridge` and `host-local` release the pod.
+    pub fn drop_unusable_runtime_input(&mut self) {
+        if let Err(e) = runtime::port_mappings(self.raw.runtime_config.as_ref()) {
+            log::warn!("ignoring runtimeConfig, which DEL does not need: {e}");
+            self.raw.runtime_config = None;
+        }
+        if let Err(e) = runtime::valid_attachments(self.raw.valid_attachments.as_ref()) {
+            log::warn!("ignoring cni.dev/valid-attachments, which DEL does not need: {e}");
+            self.raw.valid_attachments = None;
+        }
     }
 }
 

@@ -12,8 +12,8 @@ pub(super) struct RawConf {
     #[serde(rename = "type", default)]
     pub(super) plugin_type: String,
     pub(super) prev_result: Option<serde_json::Value>,
-    #[serde(default)]
-    pub(super) runtime_config: RawRuntimeConfig,
+    /// The runtime's, decoded as Go would (`runtime.rs`); kept raw so that DEL can ignore it.
+    pub(super) runtime_config: Option<serde_json::Value>,
     pub(super) bridge: Option<String>,
     pub(super) masquerade: Option<bool>,
     pub(super) routing: Option<RawRouting>,
@@ -26,21 +26,19 @@ pub(super) struct RawConf {
     pub(super) iptables: Option<String>,
     pub(super) backend: Option<String>,
     pub(super) mark_mask: Option<RawMark>,
+    /// The runtime's too (GC), decoded as Go would.
     #[serde(rename = "cni.dev/valid-attachments")]
-    pub(super) valid_attachments: Option<Vec<RawAttachment>>,
+    pub(super) valid_attachments: Option<serde_json::Value>,
 }
 
-#[derive(Debug, Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-pub(super) struct RawRuntimeConfig {
-    #[serde(default)]
-    pub(super) port_mappings: Vec<RawPortMapping>,
-}
-
+/// One of `runtimeConfig.portMappings`, under the spec's names (`runtime.rs` folds other cases).
+/// Go's zero values for what is missing: a port of 0 is then refused by validation, by name.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(super) struct RawPortMapping {
+    #[serde(default)]
     pub(super) host_port: i64,
+    #[serde(default)]
     pub(super) container_port: i64,
     #[serde(default)]
     pub(super) protocol: String,
@@ -112,7 +110,7 @@ pub(super) enum RawMark {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(super) struct RawAttachment {
-    #[serde(rename = "containerID")]
+    #[serde(rename = "containerID", default)]
     pub(super) container_id: String,
     #[serde(default)]
     pub(super) ifname: String,

@@ -874,8 +874,9 @@ fn missing_required_numbers_are_decode_errors() {
     let mut v = example();
     remove(&mut v, "/portForwarding/rules/1/hostPort");
     rejected(&v, 6, &["portForwarding.rules[1]", "hostPort"]);
+    // Go's zero value, refused by name as portmap refuses it.
     let v = with_mappings(minimal(), json!([{ "hostPort": 80 }]));
-    rejected(&v, 6, &["runtimeConfig.portMappings[0]", "containerPort"]);
+    rejected(&v, 7, &["runtimeConfig.portMappings[0]", "containerPort: 0 is outside 1-65535"]);
     let mut v = minimal();
     v.as_object_mut().unwrap().insert("cni.dev/valid-attachments".into(), json!([{ "ifname": "eth0" }]));
     rejected(&v, 6, &["containerID"]);

@@ -35,9 +35,7 @@ pub(super) fn validate(raw: RawConf) -> Result<NetConf> {
         .enumerate()
         .map(|(i, r)| validate_rule(r, settings.mark_mask).map_err(|e| e.context(format!("portForwarding.rules[{i}]"))))
         .collect::<Result<Vec<_>>>()?;
-    let port_mappings = raw
-        .runtime_config
-        .port_mappings
+    let port_mappings = runtime::port_mappings(raw.runtime_config.as_ref())?
         .iter()
         .enumerate()
         .map(|(i, m)| validate_mapping(m).map_err(|e| e.context(format!("runtimeConfig.portMappings[{i}]"))))
@@ -45,7 +43,7 @@ pub(super) fn validate(raw: RawConf) -> Result<NetConf> {
     check_unique_host_ports(&rules, &port_mappings)?;
     check_unique_marks_and_tables(routing.as_ref(), &rules)?;
     let reply_via = validate_reply_via(raw.routing.as_ref().and_then(|r| r.reply_via.as_deref()))?;
-    let valid_attachments = raw.valid_attachments.map(|list| {
+    let valid_attachments = runtime::valid_attachments(raw.valid_attachments.as_ref())?.map(|list| {
         list.into_iter()
             .map(|a| AttachmentId { network: raw.name.clone(), container_id: a.container_id, ifname: a.ifname })
             .collect()
