@@ -55,7 +55,7 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<serde_json::Value> {
 
     let mut applied = Applied::default();
     let result = kernel::apply_sysctls(&planned.sysctls)
-        // Before the forwards exist, so that their first packet already finds the new MAC.
+        // Before the forwards exist, so that their first packet finds no entry with an old MAC.
         .inspect(|()| kernel::refresh_neighbours(&att, &env.netns, &env.ifname))
         .and_then(|()| node.install(&mut *fw, &rec, &first))
         .inspect(|()| crashpoint::reached("add:after-firewall"))

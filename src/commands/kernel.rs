@@ -85,8 +85,8 @@ pub fn apply_routing(planned: &Plan, applied: &mut Applied) -> Result<BTreeSet<R
     Ok(resolved)
 }
 
-/// Correct the node's neighbour entries for the pod's addresses on the bridge where they point at a
-/// MAC the pod no longer has (see routing/neighbour.rs); never create one. The pod's namespace is
+/// Delete the node's neighbour entries for the pod's addresses on the bridge that point at a MAC
+/// the pod does not have (see routing/neighbour.rs); never create one. The pod's namespace is
 /// read only when there is an entry to judge, which on a new address there is not. A failure is
 /// logged, not fatal: the kernel still re-verifies an entry once it ages, so the pod is only late.
 pub fn refresh_neighbours(att: &Attachment, netns: &str, ifname: &str) {
@@ -122,7 +122,6 @@ pub fn refresh_neighbours(att: &Attachment, netns: &str, ifname: &str) {
             let pod_mac = *real.get_or_insert_with(&mut read_real);
             match choose_action(Some(existing), pod_mac, att.mac) {
                 Action::Keep => {}
-                Action::Replace(mac) => nl.replace_neighbour(ifindex, a.ip, mac)?,
                 Action::Forget => nl.delete_neighbour(ifindex, a.ip)?,
             }
         }

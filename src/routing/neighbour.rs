@@ -1,23 +1,24 @@
 //! The node's neighbour entries for a pod's addresses on the bridge. A pod re-created with the same
 //! address gets a new veth and a new MAC, but the node's entry still holds the old MAC and may stay
 //! REACHABLE for many seconds; the bridge plugin sends no gratuitous ARP, so DNAT'd traffic would go
-//! to a MAC that no longer exists. ADD therefore corrects such an entry, and only such an entry:
+//! to a MAC that no longer exists. ADD therefore deletes such an entry, and touches no other:
 //!
-//! - an address the node has no entry for is left alone. Creating one costs a neighbour entry per
-//!   pod node-wide (hundreds above `gc_thresh2` on a busy bridge), and it buys nothing: the node's
-//!   own ARP/NDP request for a new address also teaches the pod the gateway's MAC, whereas a
-//!   pre-seeded entry makes the pod broadcast for the gateway itself, which on a bridge with
-//!   ~1,000 ports drowned in the flood for seconds;
-//! - the MAC written is the one the pod's interface really has, read from `CNI_NETNS`. prevResult's
-//!   MAC is only a claim: a chain whose plugin reports a wrong or stale one would otherwise have
-//!   its pod black-holed (a STALE entry is used for ~5 s, then probed by unicast to the wrong MAC
-//!   before the kernel gives up on it).
+//! - the entry is judged against the MAC the pod's interface really has, read in `CNI_NETNS`.
+//!   prevResult's MAC is only a claim: one entry pointed at a wrong MAC black-holes the pod (a STALE
+//!   entry is used for ~5 s, then probed by unicast to that MAC before the kernel gives up on it);
+//! - a wrong entry is deleted, not pointed at the right MAC: the node then resolves the pod on the
+//!   first packet, and the pod learns the gateway's MAC from that request. A pre-seeded entry
+//!   instead makes the pod broadcast for its gateway; on a bridge with ~1,000 ports the node's
+//!   answer is queued behind the flood's copies and dropped, and the first connection took seconds
+//!   (tests/first_packet.rs). Deleting costs one ARP/NDP round trip;
+//! - an address the node has no entry for is left alone: creating entries grew the node's table by
+//!   one per pod (hundreds, above `gc_thresh2`) and had the same flooding cost.
 
 use super::netlink::{is_absent, Netlink};
 use crate::error::{code, Error, Result};
-use netlink_packet_core::{NLM_F_ACK, NLM_F_REPLACE, NLM_F_REQUEST};
+use netlink_packet_core::{NLM_F_ACK, NLM_F_REQUEST};
 use netlink_packet_route::link::{LinkAttribute, LinkMessage};
-use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState};
+use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
@@ -35,8 +36,6 @@ pub struct Entry {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     Keep,
-    /// Point it at this (verified) MAC, in state STALE.
-    Replace(Mac),
     /// Delete it, so the kernel resolves the address afresh on the next packet.
     Forget,
 }
@@ -45,18 +44,16 @@ pub enum Action {
 /// interface has, when it could be read; `reported`: prevResult's MAC for the pod.
 ///
 /// Without an entry nothing is done, whatever the MACs (no entry is ever created). With the real
-/// MAC known, an entry that differs is pointed at it, so a re-created pod answers the first packet.
-/// Without it (the namespace cannot be read, or the interface is not there), an entry that agrees
-/// with prevResult is kept and any other is deleted rather than pointed at prevResult's MAC: if
-/// that MAC is right, deleting costs one ARP/NDP round trip; if it is wrong, pointing the entry at
-/// it would black-hole the pod for seconds.
+/// MAC known, an entry that differs from it goes, one that agrees stays. Without it (the namespace
+/// cannot be read, or the interface is not there), an entry that agrees with prevResult stays, as
+/// nothing says it is wrong, and any other goes: if it was right, that costs one round trip.
 pub fn choose_action(existing: Option<Entry>, real: Option<Mac>, reported: Option<Mac>) -> Action {
     let Some(entry) = existing else { return Action::Keep };
-    match real {
-        Some(real) if entry.mac == Some(real) => Action::Keep,
-        Some(real) => Action::Replace(real),
-        None if entry.mac.is_some() && entry.mac == reported => Action::Keep,
-        None => Action::Forget,
+    let trusted = real.or(reported);
+    if entry.mac.is_some() && entry.mac == trusted {
+        Action::Keep
+    } else {
+        Action::Forget
     }
 }
 
@@ -102,25 +99,6 @@ impl Netlink {
             }),
             _ => None,
         }))
-    }
-
-    /// Point the existing entry for `ip` at `mac`. Never creates one: an entry that vanished since
-    /// it was looked up needs no correction.
-    pub fn replace_neighbour(&mut self, ifindex: u32, ip: IpAddr, mac: Mac) -> Result<()> {
-        let mut msg = message(ifindex, ip);
-        // STALE, not REACHABLE or PERMANENT: a STALE entry is used at once, so the first packet goes
-        // to the new MAC without waiting for ARP/NDP, and the kernel re-verifies it (DELAY, PROBE)
-        // as for any learnt entry, and ages it out as usual.
-        msg.header.state = NeighbourState::Stale;
-        msg.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
-        match self.request(
-            RouteNetlinkMessage::NewNeighbour(msg),
-            NLM_F_REQUEST | NLM_F_ACK | NLM_F_REPLACE,
-            &format!("replace neighbour {ip}"),
-        ) {
-            Err(e) if !is_absent(&e) => Err(e),
-            _ => Ok(()),
-        }
     }
 
     pub fn delete_neighbour(&mut self, ifindex: u32, ip: IpAddr) -> Result<()> {
@@ -198,17 +176,17 @@ mod tests {
     }
 
     #[test]
-    fn entry_of_a_recreated_pod_points_at_the_real_mac() {
-        assert_eq!(choose_action(entry(Some(OLD)), Some(REAL), Some(REAL)), Action::Replace(REAL));
-        // An entry still resolving, or that failed to, gets the MAC at once too.
-        assert_eq!(choose_action(entry(None), Some(REAL), Some(REAL)), Action::Replace(REAL));
+    fn entry_of_a_recreated_pod_is_forgotten() {
+        assert_eq!(choose_action(entry(Some(OLD)), Some(REAL), Some(REAL)), Action::Forget);
+        // An entry still resolving, or that failed to (no MAC shown), goes too.
+        assert_eq!(choose_action(entry(None), Some(REAL), Some(REAL)), Action::Forget);
     }
 
     #[test]
-    fn wrong_reported_mac_is_never_written() {
-        assert_eq!(choose_action(entry(Some(OLD)), Some(REAL), Some(WRONG)), Action::Replace(REAL));
+    fn wrong_reported_mac_never_keeps_a_wrong_entry() {
+        assert_eq!(choose_action(entry(Some(OLD)), Some(REAL), Some(WRONG)), Action::Forget);
+        assert_eq!(choose_action(entry(Some(WRONG)), Some(REAL), Some(WRONG)), Action::Forget);
         assert_eq!(choose_action(entry(Some(REAL)), Some(REAL), Some(WRONG)), Action::Keep);
-        // Unverified: forgotten, not pointed at the claim.
         assert_eq!(choose_action(entry(Some(OLD)), None, Some(WRONG)), Action::Forget);
     }
 
