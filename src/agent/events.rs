@@ -3,6 +3,7 @@
 //! rtnetlink groups: links, IPv4/IPv6 addresses, routes and rules. nfnetlink: the nf_tables group,
 //! which every nf_tables change raises (iptables-nft's too; iptables-legacy raises none).
 
+use super::notice::{parse_netfilter, parse_route, Notice};
 use crate::error::{code, Error, Result};
 use netlink_sys::protocols::{NETLINK_NETFILTER, NETLINK_ROUTE};
 use netlink_sys::{Socket, SocketAddr};
@@ -24,8 +25,8 @@ const RTMGRP_IPV6_RULE: u32 = 1 << 18;
 const NFNLGRP_NFTABLES: u32 = 1 << 6;
 
 pub enum Wake {
-    /// Something in the kernel changed (or notifications were lost, which means the same).
-    Change,
+    /// Something in the kernel changed: what, as far as the agent decides on it (maybe nothing).
+    Change(Vec<Notice>),
     /// Nothing happened before the timeout.
     Timeout,
     /// SIGTERM or SIGINT: stop.
@@ -98,30 +99,25 @@ impl Events {
             }
         }
         if changed {
-            self.drain();
-            return Ok(Wake::Change);
+            return Ok(Wake::Change(self.drain()));
         }
         Ok(Wake::Timeout)
     }
 
-    /// Throw away queued notifications: the next pass reads the kernel itself.
-    pub fn drain(&mut self) {
-        for s in [&self.route, &self.netfilter] {
+    /// Read every queued notification.
+    fn drain(&mut self) -> Vec<Notice> {
+        let mut out = Vec::new();
+        for (s, parse) in [(&self.route, parse_route as fn(&[u8], &mut Vec<Notice>)), (&self.netfilter, parse_netfilter)] {
             loop {
                 match s.recv(&mut &mut self.buf[..], 0) {
                     Ok(0) => break,
-                    Ok(n) => {
-                        if n >= 6 {
-                            let t = u16::from_ne_bytes([self.buf[4], self.buf[5]]);
-                            log::debug!("notification: netlink message type {t:#x} ({n} bytes)");
-                        }
-                        continue;
-                    }
+                    Ok(n) => parse(&self.buf[..n], &mut out),
                     // ENOBUFS: notifications were lost; the pass that follows looks at everything.
-                    Err(e) if e.raw_os_error() == Some(nix::libc::ENOBUFS) => continue,
+                    Err(e) if e.raw_os_error() == Some(nix::libc::ENOBUFS) => out.push(Notice::Lost),
                     Err(_) => break,
                 }
             }
         }
+        out
     }
 }

@@ -6,12 +6,17 @@
 //! to repair, and never removes anything when it stops.
 
 mod events;
+mod interest;
+mod notice;
+mod records;
 
 use crate::cli::Options;
 use crate::commands;
 use crate::config::Settings;
 use crate::error::Result;
 use events::{Events, Wake};
+use interest::Concern;
+use records::Records;
 use std::time::{Duration, Instant};
 
 /// Changes come in bursts (a link going down drops several routes): wait for the burst to end.
@@ -22,6 +27,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 pub fn watch(opts: &Options) -> Result<bool> {
     let settings = &opts.settings;
     let mut events = Events::open()?;
+    let mut node = Records::open(settings)?;
     let interval = Duration::from_secs(opts.interval_secs);
     log::info!(
         "node agent started (pid {}): state {}, safety reconcile every {} s",
@@ -31,6 +37,7 @@ pub fn watch(opts: &Options) -> Result<bool> {
     );
     let mut full_due = Some(Instant::now());
     let mut check_due: Option<Instant> = None;
+    let mut pending: Option<Concern> = None;
     let mut backoff = Duration::ZERO;
     let mut fight = Fight::default();
     let mut next_safety = Instant::now() + interval;
@@ -42,8 +49,11 @@ pub fn watch(opts: &Options) -> Result<bool> {
                 log::info!("{signal}: node agent stopping; nothing is removed");
                 return Ok(true);
             }
-            Wake::Change => {
-                check_due.get_or_insert(Instant::now() + DEBOUNCE);
+            Wake::Change(notices) => {
+                if let Some(concern) = node.concern(&notices)? {
+                    pending = pending.max(Some(concern));
+                    check_due.get_or_insert(Instant::now() + DEBOUNCE);
+                }
             }
             Wake::Timeout => {}
         }
@@ -56,7 +66,7 @@ pub fn watch(opts: &Options) -> Result<bool> {
         if !full && !check {
             continue;
         }
-        let outcome = if full { reconcile(settings) } else { check_then_reconcile(settings) };
+        let outcome = if full { reconcile(settings) } else { node.check_then_reconcile(pending.take()) };
         // A long-lived process must not keep every pass's netfilter sockets.
         crate::netlink::nfnetlink::release();
         match outcome {
@@ -68,6 +78,7 @@ pub fn watch(opts: &Options) -> Result<bool> {
                 }
                 if let Some(pause) = fight.after(repairs) {
                     check_due = Some(Instant::now() + pause);
+                    pending = Some(Concern::Firewall);
                 }
             }
             Err(e) => {
@@ -78,6 +89,7 @@ pub fn watch(opts: &Options) -> Result<bool> {
                     full_due = retry;
                 } else {
                     check_due = retry;
+                    pending = Some(Concern::Firewall);
                 }
             }
         }
@@ -117,21 +129,6 @@ impl Fight {
         );
         Some(pause)
     }
-}
-
-/// The cheap path after a notification: read-only, no lock, unless something differs.
-fn check_then_reconcile(settings: &Settings) -> Result<Vec<String>> {
-    let found = commands::problems_per_attachment(settings)?;
-    let wrong: Vec<String> = found
-        .iter()
-        .filter(|(_, p)| !p.is_empty())
-        .map(|(id, p)| format!("{}: {}", id.describe(), p.join("; ")))
-        .collect();
-    if wrong.is_empty() {
-        return Ok(Vec::new());
-    }
-    log::info!("the node differs from the records: {}", wrong.join(" | "));
-    reconcile(settings)
 }
 
 #[cfg(test)]

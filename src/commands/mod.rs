@@ -26,7 +26,7 @@ pub use check::check;
 pub use del::del;
 pub use gc::gc;
 pub use list::{list, Listed, ListedForward, ListedMark, ListedTable};
-pub use reconcile::{problems_per_attachment, reconcile};
+pub use reconcile::{problems_of, problems_per_attachment, reconcile, routing_problems};
 pub use status::status;
 pub use uninstall::{uninstall, Survey};
 

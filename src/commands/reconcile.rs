@@ -25,11 +25,16 @@ pub struct Report {
 
 /// Problems per attachment, as CHECK would report them, without the lock.
 pub fn problems_per_attachment(settings: &Settings) -> Result<Vec<(AttachmentId, Vec<String>)>> {
-    let node = Node::open(settings)?;
+    let records = Node::open(settings)?.store.load_all()?;
+    problems_of(settings, &records.iter().filter(|r| r.is_live()).collect::<Vec<_>>())
+}
+
+/// [`problems_per_attachment`] for records already read (the agent keeps them in memory).
+pub fn problems_of(settings: &Settings, records: &[&Record]) -> Result<Vec<(AttachmentId, Vec<String>)>> {
     let mut out = Vec::new();
     // One backend of each kind for the whole pass: what they read of the node, they read once.
     let mut backends = backend::every(settings);
-    for rec in node.store.load_all()?.into_iter().filter(|r| r.is_live()) {
+    for rec in records {
         let mut problems = Vec::new();
         if rec.status != Status::Applied {
             problems.push("the last ADD did not complete".to_string());
@@ -37,10 +42,31 @@ pub fn problems_per_attachment(settings: &Settings) -> Result<Vec<(AttachmentId,
         let fw = backends.iter_mut().find(|f| f.kind() == rec.backend).expect("every backend kind is open");
         problems.extend(fw.verify(&rec.id, &rec.firewall)?);
         problems.extend(kernel::check_sysctls(&rec.sysctls));
-        problems.extend(check_routing(&rec)?);
-        out.push((rec.id, problems));
+        problems.extend(check_routing(rec)?);
+        out.push((rec.id.clone(), problems));
     }
     Ok(out)
+}
+
+/// What differs in the node's policy routing and uplink settings, for all records at once: each
+/// rule, table and sysctl once, however many attachments hold it, so the cost follows the
+/// number of uplinks, not of pods.
+pub fn routing_problems(records: &[&Record]) -> Result<Vec<String>> {
+    let ip_rules: BTreeSet<IpRule> = records.iter().flat_map(|r| r.ip_rules.iter().cloned()).collect();
+    let tables: BTreeSet<TableSpec> = records.iter().flat_map(|r| r.tables.iter().cloned()).collect();
+    let sysctls: BTreeSet<_> = records.iter().flat_map(|r| r.sysctls.iter().cloned()).collect();
+    let mut problems = kernel::check_sysctls(&sysctls.into_iter().collect::<Vec<_>>());
+    if ip_rules.is_empty() && tables.is_empty() {
+        return Ok(problems);
+    }
+    problems.extend(routes::check(&mut Netlink::open()?, &ip_rules, &tables)?);
+    let registered = crate::routing::rt_tables::RtTables::system().registered();
+    for t in &tables {
+        if let Some(name) = t.name.as_ref().filter(|n| !registered.contains(&(t.id, n.to_string()))) {
+            problems.push(format!("table name {name} is not registered for table {}", t.id));
+        }
+    }
+    Ok(problems)
 }
 
 /// Converge the kernel to exactly what the live records say, under the node lock.

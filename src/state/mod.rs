@@ -4,12 +4,15 @@
 //!   lock                                   one lock for every call that reads or changes the node
 //!   records/<network>/<container>.<ifname>.json   one record per attachment, written atomically
 //!   index/<boot id>/...                    who holds what (see index.rs)
+//! The agent keeps the records in memory and re-reads only what changed (cache.rs).
 
+mod cache;
 pub mod index;
 mod lock;
 mod record;
 mod store;
 
+pub use cache::RecordCache;
 pub use index::Index;
 pub use lock::Lock;
 pub use record::{current_boot_id, Record, Status};

@@ -115,7 +115,7 @@ impl Store {
     }
 }
 
-fn read_record(path: &Path) -> Result<Option<Record>> {
+pub(super) fn read_record(path: &Path) -> Result<Option<Record>> {
     let mut file = match OpenOptions::new().read(true).custom_flags(nix::libc::O_NOFOLLOW).open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),

@@ -1,0 +1,80 @@
+//! The records as the agent sees them: kept in memory, re-read where the state directory changed,
+//! with the interest they give to kernel notifications. A check pass looks only at what the
+//! notifications concerned: routing for the union of the records (cost by uplinks, not pods), or
+//! the firewall attachment by attachment (as CHECK does).
+
+use super::interest::{Concern, Interest};
+use super::notice::Notice;
+use crate::commands;
+use crate::config::Settings;
+use crate::error::Result;
+use crate::state::{RecordCache, Store};
+
+pub struct Records {
+    settings: Settings,
+    store: Store,
+    cache: RecordCache,
+    interest: Interest,
+    /// Notifications read and passes run, for the debug log (and the tests that read it).
+    ignored: u64,
+}
+
+impl Records {
+    pub fn open(settings: &Settings) -> Result<Records> {
+        let store = Store::open(&settings.state_dir)?;
+        let mut records = Records {
+            settings: settings.clone(),
+            store,
+            cache: RecordCache::default(),
+            interest: Interest::default(),
+            ignored: 0,
+        };
+        records.refresh()?;
+        Ok(records)
+    }
+
+    fn refresh(&mut self) -> Result<()> {
+        if self.cache.refresh(&self.store)? {
+            self.interest.rebuild(&self.cache.live());
+        }
+        Ok(())
+    }
+
+    /// What a burst of notifications concerns, if anything. Records are re-read first when a
+    /// notice names a link or table the interest does not know (an uplink a new pod's config
+    /// names may have just appeared).
+    pub fn concern(&mut self, notices: &[Notice]) -> Result<Option<Concern>> {
+        if notices.iter().any(|n| self.interest.may_be_stale_for(n)) {
+            self.refresh()?;
+        }
+        let concern = notices.iter().filter_map(|n| self.interest.concern(n)).max();
+        if concern.is_none() {
+            self.ignored += notices.len() as u64;
+            log::trace!("{} notification(s) concern no record ({} so far)", notices.len(), self.ignored);
+        }
+        Ok(concern)
+    }
+
+    /// The read-only check of what changed; the lock and a reconcile only when something differs.
+    pub fn check_then_reconcile(&mut self, concern: Option<Concern>) -> Result<Vec<String>> {
+        self.refresh()?;
+        let live = self.cache.live();
+        let concern = concern.unwrap_or(Concern::Firewall);
+        log::debug!("check pass ({concern:?}) over {} record(s)", live.len());
+        let wrong: Vec<String> = match concern {
+            Concern::Routing => commands::routing_problems(&live)?,
+            Concern::Firewall => commands::problems_of(&self.settings, &live)?
+                .into_iter()
+                .filter(|(_, p)| !p.is_empty())
+                .map(|(id, p)| format!("{}: {}", id.describe(), p.join("; ")))
+                .collect(),
+        };
+        if wrong.is_empty() {
+            return Ok(Vec::new());
+        }
+        log::info!("the node differs from the records: {}", wrong.join(" | "));
+        let repairs = commands::reconcile(&self.settings).map(|r| r.repairs)?;
+        self.refresh()?;
+        Ok(repairs)
+    }
+}
