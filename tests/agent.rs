@@ -14,10 +14,11 @@
 
 mod common;
 
+use common::agent::{bin, text, tool, Agent};
 use common::uplinks::*;
 use common::{both_backends, require_root, veth, wait_for, Backend, Background, Netns, Node};
 use serde_json::{json, Value};
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const PORT_UP4: u16 = 30082;
@@ -55,80 +56,6 @@ fn site(backend: Backend) -> Site {
     expect_reply(&t.node, &t.client2, UP2, PORT_UP2, "pod");
     expect_reply(&t.node, &t.client1, UP1, PORT_UP1, "pod");
     Site { t, pod, _server: server, _peer_server: peer_server }
-}
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_bridge-nat")
-}
-
-/// `bridge-nat SUBCOMMAND` in the node namespace with the node's state and log.
-fn tool(node: &Node, sub: &str) -> Output {
-    let state = node.state_dir();
-    let log = node.log_file();
-    Command::new("ip")
-        .args(["netns", "exec", node.ns.name(), bin(), sub, "--state-dir"])
-        .arg(&state)
-        .arg("--log-file")
-        .arg(&log)
-        .output()
-        .expect("run bridge-nat")
-}
-
-fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
-
-/// The agent as a unit file or the DaemonSet runs it: `bridge-nat watch` in the node namespace.
-struct Agent {
-    child: std::process::Child,
-}
-
-impl Agent {
-    fn start(node: &Node) -> Agent {
-        let child = Command::new("ip")
-            .args(["netns", "exec", node.ns.name(), bin(), "watch", "--state-dir"])
-            .arg(node.state_dir())
-            .arg("--log-file")
-            .arg(node.log_file())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the agent");
-        let agent = Agent { child };
-        let started = wait_for(|| node.log().contains("node agent started"), Duration::from_secs(10));
-        assert!(started, "the agent did not start:\n{}", node.log());
-        agent
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// CPU time (user + system) of the agent process in clock ticks. `ip netns exec` execs the
-    /// command, so the child's pid is the agent's.
-    fn cpu_ticks(&self) -> u64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).expect("agent stat");
-        let after_comm = &stat[stat.rfind(')').expect("comm") + 2..];
-        let fields: Vec<&str> = after_comm.split_whitespace().collect();
-        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").args([sig, &self.pid().to_string()]).status().expect("kill").success();
-        assert!(ok, "kill {sig} {}", self.pid());
-    }
-
-    fn wait(&mut self) -> std::process::ExitStatus {
-        self.child.wait().expect("wait for the agent")
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A client connection that should work, tried with short timeouts until `deadline` passes after

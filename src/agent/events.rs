@@ -107,7 +107,9 @@ impl Events {
     /// Read every queued notification.
     fn drain(&mut self) -> Vec<Notice> {
         let mut out = Vec::new();
-        for (s, parse) in [(&self.route, parse_route as fn(&[u8], &mut Vec<Notice>)), (&self.netfilter, parse_netfilter)] {
+        for (s, parse) in
+            [(&self.route, parse_route as fn(&[u8], &mut Vec<Notice>)), (&self.netfilter, parse_netfilter)]
+        {
             loop {
                 match s.recv(&mut &mut self.buf[..], 0) {
                     Ok(0) => break,

@@ -109,7 +109,8 @@ pub fn parse_netfilter(buf: &[u8], out: &mut Vec<Notice>) {
         }
         let kind = u16::from_ne_bytes([buf[offset + 4], buf[offset + 5]]);
         let (subsys, msg) = (kind >> 8, kind & 0xff);
-        let skip = subsys != NFNL_SUBSYS_NFTABLES || matches!(msg, NFT_MSG_NEWSETELEM | NFT_MSG_DELSETELEM | NFT_MSG_NEWGEN);
+        let skip =
+            subsys != NFNL_SUBSYS_NFTABLES || matches!(msg, NFT_MSG_NEWSETELEM | NFT_MSG_DELSETELEM | NFT_MSG_NEWGEN);
         if !skip {
             // After the 16-byte header and the 4-byte nfgenmsg come the attributes.
             let table = table_name(&buf[offset + 20..offset + len]);

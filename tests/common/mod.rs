@@ -6,6 +6,7 @@
 //! namespace's firewall, routes or rules.
 #![allow(dead_code)]
 
+pub mod agent;
 pub mod containerd;
 pub mod uplinks;
 

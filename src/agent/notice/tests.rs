@@ -54,7 +54,8 @@ fn ipv6_link_local_addresses_and_routes_are_not_notices() {
     let route = |dst: RouteAddress, table: u8| {
         let mut r = RouteMessage::default();
         r.header = RouteHeader { table, kind: RouteType::Unicast, ..RouteHeader::default() };
-        r.header.address_family = if matches!(dst, RouteAddress::Inet6(_)) { AddressFamily::Inet6 } else { AddressFamily::Inet };
+        r.header.address_family =
+            if matches!(dst, RouteAddress::Inet6(_)) { AddressFamily::Inet6 } else { AddressFamily::Inet };
         r.attributes.push(RouteAttribute::Destination(dst));
         r.attributes.push(RouteAttribute::Oif(4));
         wire(RouteNetlinkMessage::NewRoute(r))
