@@ -42,6 +42,11 @@ struct Sandbox {
 impl Site {
     /// A node (backend None = auto) whose conflist has `rules` as static rules, and containerd on it.
     fn new(backend: Option<Backend>, rules: &[Value]) -> Site {
+        Site::build(backend, rules, true)
+    }
+
+    /// [`Site::new`]; `port_mappings` false leaves the capability out of the conflist.
+    fn build(backend: Option<Backend>, rules: &[Value], port_mappings: bool) -> Site {
         let node = match backend {
             Some(b) => Node::with_backend(b),
             None => Node::with_auto_backend(),
@@ -49,13 +54,7 @@ impl Site {
         node.prime_firewall();
         let client = Netns::new("bn-client");
         node.veth_to(&client, "up0", "eth0", &format!("{UPLINK}/24"), &format!("{CLIENT}/24"));
-        let mut entry = node.bridge_nat_entry();
-        // What makes containerd pass the sandbox's port mappings as runtimeConfig.portMappings.
-        entry["capabilities"] = json!({ "portMappings": true });
-        if !rules.is_empty() {
-            entry["portForwarding"] = json!({ "rules": rules });
-        }
-        let ctrd = Containerd::start(&node, &node.conflist("1.0.0", entry));
+        let ctrd = Containerd::start(&node, &conflist(&node, rules, port_mappings));
         Site { ctrd, client, node }
     }
 
@@ -150,6 +149,19 @@ impl Site {
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         )
     }
+}
+
+/// bridge → host-local → bridge-nat with static `rules`, at cniVersion 1.0.0.
+fn conflist(node: &Node, rules: &[Value], port_mappings: bool) -> Value {
+    let mut entry = node.bridge_nat_entry();
+    if port_mappings {
+        // What makes containerd pass the sandbox's port mappings as runtimeConfig.portMappings.
+        entry["capabilities"] = json!({ "portMappings": true });
+    }
+    if !rules.is_empty() {
+        entry["portForwarding"] = json!({ "rules": rules });
+    }
+    node.conflist("1.0.0", entry)
 }
 
 /// `socat ADDRESSES` in the network namespace of process `pid` (a sandbox's pause), until dropped.
@@ -356,7 +368,31 @@ fn del_with_a_runtime_config_the_plugin_cannot_use_still_succeeds() {
     assert!(left.is_empty(), "the failed sandbox is left (its DEL failed?): {left:?}\n{}", site.diagnostics());
     assert_eq!(site.leases(), Vec::<String>::new(), "host-local's lease is left: DEL stopped before it");
     assert_eq!(site.bridge_ports(), "", "a veth is left on the bridge: DEL stopped before bridge");
+    assert!(site.node.log().contains("70000"), "bridge-nat's log does not name what it refused:\n{}", site.node.log());
     // The node still works for the next pod.
     let _web = site.run(&web("web-1"));
     site.expect_reply("tcp", 30080, "web-1 tcp");
+}
+
+/// The same for a pod that runs: it was started while the conflist did not declare portMappings,
+/// so its hostPort of 70000 never reached bridge-nat (a static rule forwards to it). The operator
+/// then declares the capability and containerd restarts: the pod's DEL now carries the mapping.
+/// bridge-nat cannot use it, and still removes what the record says, and the chain goes on.
+#[test]
+fn del_of_a_running_pod_ignores_a_runtime_config_it_cannot_use() {
+    if !require_root() {
+        return;
+    }
+    let rule = json!({ "name": "web", "hostPort": 30090, "destPort": 8080, "protocol": "tcp", "pod": "default/web-*" });
+    let mut site = Site::build(None, &[rule.clone()], false);
+    let web = site.run(&pod("web-1", &[("TCP", 8080, 70000)]));
+    site.expect_reply("tcp", 30090, "web-1 tcp");
+    site.ctrd.set_conflist(&conflist(&site.node, &[rule], true));
+    site.ctrd.stop_daemon();
+    site.ctrd.start_daemon();
+    let (id, ip) = (web.id.clone(), web.ip.clone());
+    site.remove(web);
+    site.assert_gone(&id, &ip);
+    assert_eq!(site.bridge_ports(), "", "a veth is left on the bridge: DEL stopped before bridge");
+    assert!(site.node.log().contains("70000"), "the DEL did not get the mapping:\n{}", site.node.log());
 }

@@ -14,13 +14,13 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::{wait_for, Node, SYSTEM_CNI_DIR};
+use super::{describe, run, wait_for, Node, SYSTEM_CNI_DIR};
 
 /// The sandbox ("pause") image, built by tests/cri/image.sh and imported with `ctr`.
 pub const SANDBOX_IMAGE: &str = "localhost/bridge-nat-test/pause:1";
@@ -29,9 +29,12 @@ const K8S_NS: &str = "k8s.io";
 /// Paths containerd 1.6 uses whatever its config says; private copies are mounted over them.
 const HOST_PATHS: [&str; 2] = ["/var/lib/cni", "/run/containerd"];
 
-/// One containerd at a time in this process: the mounts over [`HOST_PATHS`] need the host
-/// directories to exist, and a test removes those it created when it ends.
-static SERIAL: Mutex<()> = Mutex::new(());
+/// One test containerd at a time on the machine, in this process or another (two `cargo test`
+/// runs): the mounts over [`HOST_PATHS`] need the host directories to exist, and a test removes
+/// those it created when it ends, which would detach another test's mounts on them. The lock is
+/// an flock on containerd's binary: it serialises every test of every work tree and leaves no
+/// lock file behind.
+const SERIAL: &str = "/usr/bin/containerd";
 
 fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
@@ -55,19 +58,6 @@ fn image_archive() -> PathBuf {
             out
         })
         .clone()
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
-}
-
-fn describe(what: &str, out: &Output) -> String {
-    format!(
-        "{what}: {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// Signals one process (never a group: 0 and negative pids are refused).
@@ -99,15 +89,18 @@ pub struct Containerd {
     daemon: Option<Child>,
     /// Host directories of [`HOST_PATHS`] that did not exist before this test.
     created: Vec<PathBuf>,
-    _serial: MutexGuard<'static, ()>,
+    _serial: nix::fcntl::Flock<fs::File>,
 }
 
 impl Containerd {
     /// Starts containerd for `node` with `conflist` as its only CNI network, and imports the
     /// sandbox image. The snapshotter is overlayfs, as on k3s; `BN_SNAPSHOTTER=native` picks
-    /// another where overlay cannot be mounted (e.g. a work tree on overlayfs itself).
+    /// another where overlay cannot be mounted (a /tmp that is itself on overlayfs).
     pub fn start(node: &Node, conflist: &Value) -> Containerd {
-        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let binary =
+            fs::File::open(SERIAL).unwrap_or_else(|e| panic!("{SERIAL}: {e} (tests/install-deps.sh installs it)"));
+        let serial = nix::fcntl::Flock::lock(binary, nix::fcntl::FlockArg::LockExclusive)
+            .unwrap_or_else(|(_, e)| panic!("cannot lock {SERIAL}: {e}"));
         let dir = node.dir().join("ctrd");
         for sub in ["bin", "conf", "cni-cache", "run-containerd", "cgroup-keep"] {
             fs::create_dir_all(dir.join(sub)).expect("create containerd dirs");
