@@ -52,6 +52,7 @@ impl Bench {
             ip: Attachment::pod_ip(i as u32),
             mappings: vec![((BACKGROUND_PORTS + i) as u16, 8080)],
             static_rules: None,
+            sandbox: None,
         }
     }
 
@@ -115,6 +116,7 @@ impl Bench {
             ip: Attachment::pod_ip(pod),
             mappings: (0..mappings).map(|m| (base + m as u16, 8080 + m as u16)).collect(),
             static_rules: None,
+            sandbox: None,
         }
     }
 

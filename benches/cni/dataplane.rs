@@ -1,18 +1,25 @@
 //! The data-plane measurement: how many new TCP connections per second reach a pod through a
-//! forwarded host port while N forwards are present on the node, per contender. Every forward is
-//! installed by the contender's own ADDs; the client comes from outside the node (traffic.rs),
-//! so each connection goes through the node's DNAT and FORWARD path.
+//! forwarded host port while N forwards are present on the node, per contender, and how long after
+//! ADD a new pod's forward answers its first connection. Every forward is installed by the
+//! contender's own ADDs, each for a pod that exists on the bridge (pods.rs), so N forwards are N
+//! pods on one bridge; the client comes from outside the node (traffic.rs), so each connection
+//! goes through the node's DNAT and FORWARD path.
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::plugin::{Attachment, Kind, Op, Plugin};
-use crate::traffic::{Endpoints, Rate, SERVER_PORT, WARM_UP, WINDOW};
+use crate::pods::{PodSpec, Pods};
+use crate::traffic::{Endpoints, Rate, Server, SERVER_PORT};
 use crate::Result;
 
 /// hostPort of the measured forward.
 const MEASURED_PORT: u16 = 29000;
+/// hostPort of the new pods whose first connection is timed.
+const FIRST_PORT: u16 = 29001;
+/// A first connection later than this stops the bench: the 5 s of a neighbour entry gone wrong
+/// must not pass as a slow figure.
+pub const FIRST_LIMIT: Duration = Duration::from_secs(3);
 /// Host ports of the other forwards: `BACKGROUND_PORT + k` (kept below the control plane's
 /// fresh ports, though both are never on the node at once).
 const BACKGROUND_PORT: usize = 30000;
@@ -25,17 +32,29 @@ pub struct DpSettings {
     pub forwards: Vec<usize>,
     /// Port mappings per background attachment.
     pub per_attachment: usize,
+    /// New pods whose first connection is timed, per contender and number of forwards.
+    pub first_reps: usize,
+}
+
+/// The ADDs of new pods and their first connections, in order.
+#[derive(Default)]
+pub struct FirstConnections {
+    pub add: Vec<Duration>,
+    pub first: Vec<Duration>,
 }
 
 #[derive(Default)]
 pub struct DataPlane {
     pub rates: BTreeMap<(usize, Kind), Rate>,
+    pub first: BTreeMap<(usize, Kind), FirstConnections>,
     /// Most background attachments one contender had on the node.
     pub max_attachments: usize,
+    /// New pods made for first connections so far (each has its own address, MAC and namespace).
+    new_pods: u32,
 }
 
 /// Measures each contender alone on the node, from the fewest forwards to the most, and deletes
-/// every attachment it added before the next contender starts.
+/// every attachment it added before the next contender starts. The pods stay for the next one.
 pub fn run(
     plugins: &BTreeMap<Kind, Plugin>,
     kinds: &[Kind],
@@ -45,7 +64,13 @@ pub fn run(
     out: &mut DataPlane,
 ) -> Result<()> {
     let server_ip = Attachment::pod_ip(first_pod);
-    let ends = Endpoints::create(node_name, server_ip);
+    let server_pod = PodSpec::of(&bare(server_ip), format!("{node_name}-server"), "dp-server".into());
+    let ends = Endpoints::create(node_name, server_pod.clone());
+    let mut pods = Pods::default();
+    let background_pod = |k: usize| {
+        let ip = Attachment::pod_ip(first_pod + 1 + k as u32);
+        PodSpec::of(&bare(ip), format!("{node_name}-bg{k}"), format!("dpb{k}"))
+    };
     for kind in [Kind::Nftables, Kind::Iptables, Kind::Portmap].into_iter().filter(|k| kinds.contains(k)) {
         eprintln!("=== data plane: {} ===", kind.label());
         let plugin = &plugins[&kind];
@@ -53,21 +78,27 @@ pub fn run(
         // that grows by appending (the newest pod on a busy node).
         let measured = Attachment {
             container_id: format!("dp-{}-server", kind.key()),
-            ip: server_ip,
             mappings: vec![(MEASURED_PORT, SERVER_PORT)],
-            static_rules: None,
+            sandbox: Some(server_pod.netns_path()),
+            ..bare(server_ip)
         };
         let mut background: Vec<Attachment> = Vec::new();
         let mut background_forwards = 0;
         for &n in &settings.forwards {
             let started = Instant::now();
+            let attachments = (n - 1).div_ceil(settings.per_attachment);
+            if pods.len() < attachments {
+                eprintln!("  making pods {} → {attachments} on the bridge ...", pods.len());
+                pods.extend_to(&(0..attachments).map(background_pod).collect::<Vec<_>>())?;
+            }
             while background_forwards < n - 1 {
                 let m = settings.per_attachment.min(n - 1 - background_forwards);
+                let pod = background_pod(background.len());
                 let att = Attachment {
                     container_id: format!("dp-{}-bg-{:05}", kind.key(), background.len()),
-                    ip: Attachment::pod_ip(first_pod + 1 + background.len() as u32),
                     mappings: (0..m).map(|j| ((BACKGROUND_PORT + background_forwards + j) as u16, 80)).collect(),
-                    static_rules: None,
+                    sandbox: Some(pod.netns_path()),
+                    ..bare(pod.ip)
                 };
                 plugin.run_ok(Op::Add, &att)?;
                 background_forwards += m;
@@ -83,34 +114,8 @@ pub fn run(
                 started.elapsed().as_secs_f64(),
                 settings.seconds
             );
-            let refused = |when: &str| match ends.probe(MEASURED_PORT) {
-                Ok(()) => Err(format!("data plane, contender {}: port {MEASURED_PORT} answers {when}", kind.label())),
-                Err(_) => Ok(()),
-            };
-            refused("before the ADD of its forward (something else forwards it)")?;
-            plugin.run_ok(Op::Add, &measured)?;
-            ends.probe(MEASURED_PORT).map_err(|e| {
-                format!(
-                    "data plane, contender {}: after ADD, no connection from the client through port {MEASURED_PORT} to the pod: {e}",
-                    kind.label()
-                )
-            })?;
-            let rate = ends.measure(MEASURED_PORT, settings.seconds);
-            plugin.run_ok(Op::Del, &measured)?;
-            refused("after the DEL of its forward (the DEL left it)")?;
-            let failed = (rate.failures > 0).then(|| {
-                format!(
-                    "data plane, contender {}: {} of {} connections through port {MEASURED_PORT} failed at {n} forwards (first: {})",
-                    kind.label(),
-                    rate.failures,
-                    rate.failures + rate.connections,
-                    rate.first_error.as_deref().unwrap_or("?")
-                )
-            });
-            out.rates.insert((n, kind), rate);
-            if let Some(e) = failed {
-                return Err(e);
-            }
+            measure_rate(plugin, &ends, &measured, n, settings.seconds, out)?;
+            time_first_connections(plugin, &ends, node_name, first_pod, n, settings.first_reps, out)?;
             crate::node::check_interrupted();
         }
         let started = Instant::now();
@@ -122,136 +127,86 @@ pub fn run(
     Ok(())
 }
 
-/// Median of the windows' rates, with the slowest and fastest window.
-fn summary(rate: &Rate) -> Option<(f64, f64, f64)> {
-    let mut w = rate.windows.clone();
-    if w.is_empty() {
-        return None;
-    }
-    w.sort_by(f64::total_cmp);
-    let n = w.len();
-    let median = if n % 2 == 1 { w[n / 2] } else { (w[n / 2 - 1] + w[n / 2]) / 2.0 };
-    Some((median, w[0], w[n - 1]))
+/// An attachment at `ip` with no mappings and no pod, to fill in.
+fn bare(ip: std::net::Ipv4Addr) -> Attachment {
+    Attachment { container_id: String::new(), ip, mappings: Vec::new(), static_rules: None, sandbox: None }
 }
 
-/// 12345.6 → "12 346" (a thin grouping that survives Markdown).
-fn grouped(x: f64) -> String {
-    let digits = format!("{:.0}", x);
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push('\u{202f}');
-        }
-        out.push(c);
-    }
-    out
+/// ADD of the measured forward, the rate through it, its DEL; the port must refuse before and after.
+fn measure_rate(
+    plugin: &Plugin,
+    ends: &Endpoints,
+    measured: &Attachment,
+    n: usize,
+    seconds: f64,
+    out: &mut DataPlane,
+) -> Result<()> {
+    let kind = plugin.kind;
+    let refused = |when: &str| match ends.probe(MEASURED_PORT) {
+        Ok(()) => Err(format!("data plane, contender {}: port {MEASURED_PORT} answers {when}", kind.label())),
+        Err(_) => Ok(()),
+    };
+    refused("before the ADD of its forward (something else forwards it)")?;
+    plugin.run_ok(Op::Add, measured)?;
+    ends.probe(MEASURED_PORT).map_err(|e| {
+        format!(
+            "data plane, contender {}: after ADD, no connection from the client through port {MEASURED_PORT} to the pod: {e}",
+            kind.label()
+        )
+    })?;
+    let rate = ends.measure(MEASURED_PORT, seconds);
+    plugin.run_ok(Op::Del, measured)?;
+    refused("after the DEL of its forward (the DEL left it)")?;
+    let failed = (rate.failures > 0).then(|| {
+        format!(
+            "data plane, contender {}: {} of {} connections through port {MEASURED_PORT} failed at {n} forwards (first: {})",
+            kind.label(),
+            rate.failures,
+            rate.failures + rate.connections,
+            rate.first_error.as_deref().unwrap_or("?")
+        )
+    });
+    out.rates.insert((n, kind), rate);
+    failed.map_or(Ok(()), Err)
 }
 
-impl DataPlane {
-    pub fn markdown(&self, kinds: &[Kind], settings: &DpSettings) -> String {
-        let mut out = String::new();
-        let _ = writeln!(out, "### Data plane: new TCP connections per second through a forwarded port\n");
-        let with_ratio = |k: Kind| k.is_bridge_nat() && kinds.contains(&Kind::Portmap);
-        let mut header = String::from("| forwards on the node |");
-        let mut rule = String::from("|---:|");
-        for &k in kinds {
-            let _ = write!(header, " {} |", k.label());
-            rule.push_str("---:|");
-            if with_ratio(k) {
-                header.push_str(" ÷ portmap |");
-                rule.push_str("---:|");
-            }
-        }
-        let _ = writeln!(out, "{header}\n{rule}");
-        let mut problems = Vec::new();
-        for &n in &settings.forwards {
-            if !kinds.iter().any(|&k| self.rates.contains_key(&(n, k))) {
-                continue;
-            }
-            let pm = self.rates.get(&(n, Kind::Portmap)).and_then(summary).map(|s| s.0);
-            let _ = write!(out, "| {n} |");
-            for &k in kinds {
-                let rate = self.rates.get(&(n, k));
-                let s = rate.and_then(summary);
-                match s {
-                    Some((median, lo, hi)) => {
-                        let _ = write!(out, " {} ({}–{}) |", grouped(median), grouped(lo), grouped(hi));
-                    }
-                    None => out.push_str(" — |"),
-                }
-                if with_ratio(k) {
-                    match (s, pm) {
-                        (Some((m, _, _)), Some(p)) if p > 0.0 => {
-                            let _ = write!(out, " {:.2}× |", m / p);
-                        }
-                        _ => out.push_str(" — |"),
-                    }
-                }
-                if let Some(r) = rate {
-                    if r.failures > 0 {
-                        problems.push(format!(
-                            "- {} at {n} forwards: {} connection(s) failed (first: {})",
-                            k.label(),
-                            r.failures,
-                            r.first_error.as_deref().unwrap_or("?")
-                        ));
-                    }
-                    if r.slow > 0 {
-                        problems.push(format!(
-                            "- {} at {n} forwards: {} connect(s) took over 100 ms (a dropped SYN)",
-                            k.label(),
-                            r.slow
-                        ));
-                    }
-                    if r.accepted != r.attempted_ok {
-                        problems.push(format!(
-                            "- {} at {n} forwards: the client made {} connection(s), the server accepted {}",
-                            k.label(),
-                            r.attempted_ok,
-                            r.accepted
-                        ));
-                    }
-                }
-            }
-            let _ = writeln!(out);
-        }
-        let windows = ((settings.seconds / WINDOW.as_secs_f64()).round() as usize).max(1);
-        let total: u64 = self.rates.values().map(|r| r.connections).sum();
-        let share = |f: fn(&Rate) -> f64| {
-            let wall: f64 = self.rates.values().map(|r| r.wall_secs).sum();
-            100.0 * self.rates.values().map(f).sum::<f64>() / wall.max(1e-9)
+/// `reps` times: a new pod (namespace, veth on the bridge, a new address and MAC, a listening
+/// server), its ADD with one forward, the time from ADD's return to the first connection the pod
+/// accepted through it, its DEL, the pod deleted.
+fn time_first_connections(
+    plugin: &Plugin,
+    ends: &Endpoints,
+    node_name: &str,
+    first_pod: u32,
+    n: usize,
+    reps: usize,
+    out: &mut DataPlane,
+) -> Result<()> {
+    let kind = plugin.kind;
+    for _ in 0..reps {
+        let k = out.new_pods;
+        out.new_pods += 1;
+        let ip = Attachment::pod_ip(first_pod + 1 + MAX_FORWARDS as u32 + k);
+        let spec = PodSpec::of(&bare(ip), format!("{node_name}-new{k}"), format!("dpn{k}"));
+        let att = Attachment {
+            container_id: format!("dp-{}-new-{k:04}", kind.key()),
+            mappings: vec![(FIRST_PORT, SERVER_PORT)],
+            sandbox: Some(spec.netns_path()),
+            ..bare(ip)
         };
-        let _ = writeln!(
-            out,
-            "\nConnections per second: median (slowest–fastest) of {windows} windows of {} ms per cell, after {} ms of \
-             warm-up; {total} measured connections in all. A client in its own namespace, linked to the node by a \
-             veth as an outside host would be, connects to the node's address on the forwarded host port and closes \
-             at once (with RST, so no side keeps TIME_WAIT), one connection at a time from one thread; the node DNATs \
-             each connection to a server in a pod on the bridge (a Rust accept loop in the pod's namespace). N forwards \
-             = the measured one, added last (the end of any chain that grows by appending), plus N − 1 on other host \
-             ports of other attachments ({} mapping(s) each, {} attachments at most), all installed by the \
-             contender's own ADDs; each contender is alone on the node. Before each ADD and after each DEL the port \
-             must refuse connections. Over the windows the client thread spent {:.0}% of the wall time in user space \
-             and {:.0}% in the kernel (its syscalls, and the node's whole packet path, which veth runs in the \
-             sender's softirq). {}",
-            WINDOW.as_millis(),
-            WARM_UP.as_millis(),
-            settings.per_attachment,
-            self.max_attachments,
-            share(|r| r.user_secs),
-            share(|r| r.sys_secs),
-            if kinds.iter().any(|&k| with_ratio(k)) {
-                "`÷ portmap` = that backend's median ÷ portmap's (above 1: more connections per second than portmap)."
-            } else {
-                ""
-            }
-        );
-        if !problems.is_empty() {
-            let _ = writeln!(out);
-            for p in problems {
-                let _ = writeln!(out, "{p}");
-            }
-        }
-        out
+        let mut pod = Pods::default();
+        pod.extend_to(std::slice::from_ref(&spec))?;
+        let server = Server::start(&spec.netns);
+        let add = plugin.run_ok(Op::Add, &att)?;
+        let first = ends.first_connection(FIRST_PORT, &server, add.ended, FIRST_LIMIT);
+        plugin.run_ok(Op::Del, &att)?;
+        drop(server);
+        drop(pod);
+        let first =
+            first.map_err(|e| format!("data plane, contender {}, a new pod at {n} forwards: {e}", kind.label()))?;
+        let entry = out.first.entry((n, kind)).or_default();
+        entry.add.push(add.elapsed);
+        entry.first.push(first);
     }
+    Ok(())
 }

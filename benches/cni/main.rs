@@ -4,11 +4,15 @@
 //!
 //! ```sh
 //! cargo bench --bench cni                 # the full run (N = 0, 100, 500, 1000; all three)
+//! BENCH_SHORT=1 cargo bench --bench cni    # the CI run (tests/run): every phase, small
 //! BENCH_REPS=3 BENCH_NS=0,100 BENCH_CONTENDERS=iptables,nftables cargo bench --bench cni  # a quick try
 //! ```
 //!
 //! The bench builds nothing itself: cargo builds `bridge-nat` with the bench profile (= release)
 //! for this target and hands over its path. Environment:
+//! - `BENCH_SHORT=1`: every phase with smaller defaults, for CI: N = 0 and 100, 3 cycles per case,
+//!   the data plane at 1 and 100 forwards for 1 s each, 2 new pods per first-connection cell. The
+//!   variables below still override them;
 //! - `BENCH_CONTENDERS`: comma-separated subset of `portmap,iptables,nftables` (default all three;
 //!   `iptables`/`nftables` are bridge-nat with that backend); the ratios need `portmap`;
 //! - `BENCH_LAYOUT`: `separate` (default) measures one contender at a time, alone on the node with
@@ -22,11 +26,13 @@
 //! - `BENCH_DATAPLANE=0` skips the data plane (below); `BENCH_DP_SECONDS`: its measured time per
 //!   contender and number of forwards (default 3); `BENCH_DP_FORWARDS`: ascending numbers of
 //!   forwards on the node (default `1,100,1000`); `BENCH_DP_MAPPINGS`: port mappings per
-//!   attachment that holds the other forwards (default 1: one pod per forward).
+//!   attachment that holds the other forwards (default 1: one pod per forward);
+//!   `BENCH_DP_FIRST_REPS`: new pods per first-connection cell (default 5).
 //!
 //! After the control plane, the data plane (dataplane.rs): new TCP connections per second from a
-//! client namespace through a forwarded host port to a server in a pod, with N forwards on the
-//! node, each contender alone on it.
+//! client namespace (two threads) through a forwarded host port to a server in a pod, with N
+//! forwards on the node, each for a pod on the bridge (pods.rs), each contender alone on it; and
+//! the time from a new pod's ADD to the first connection it accepts through its forward.
 //!
 //! Each contender has its own host-port range, pod addresses, routing tables and marks, and each
 //! bridge-nat backend its own `stateDir` and log. Before measuring, every contender does one
@@ -43,8 +49,10 @@
 
 mod controlplane;
 mod dataplane;
+mod dp_report;
 mod node;
 mod plugin;
+mod pods;
 mod report;
 mod settings;
 mod traffic;

@@ -95,6 +95,9 @@ pub struct Attachment {
     pub mappings: Vec<(u16, u16)>,
     /// bridge-nat only: static `portForwarding.rules`.
     pub static_rules: Option<Value>,
+    /// The pod's own network namespace (CNI_NETNS, prevResult's sandbox), for attachments whose pod
+    /// exists (pods.rs); None: the plugin's `netns`, where there is no `net1`.
+    pub sandbox: Option<String>,
 }
 
 impl Attachment {
@@ -102,6 +105,13 @@ impl Attachment {
     pub fn pod_ip(k: u32) -> Ipv4Addr {
         assert!(k < 250 * 250, "pod index {k} out of range");
         Ipv4Addr::new(10, 20, (1 + k / 250) as u8, (2 + k % 250) as u8)
+    }
+
+    /// The MAC prevResult names for the pod's `net1`; pods.rs gives a pod's interface this one, so
+    /// that prevResult tells the truth, as the bridge plugin's does.
+    pub fn mac(&self) -> String {
+        let o = self.ip.octets();
+        format!("02:01:0a:{:02x}:{:02x}:{:02x}", o[1], o[2], o[3])
     }
 
     /// prevResult as Debian's bridge plugin (cniVersion 1.0.0) would report it.
@@ -112,7 +122,7 @@ impl Attachment {
             "interfaces": [
                 { "name": BRIDGE, "mac": "02:42:0a:14:00:01" },
                 { "name": format!("veth{:02x}{:02x}{:02x}", o[1], o[2], o[3]), "mac": format!("02:00:0a:{:02x}:{:02x}:{:02x}", o[1], o[2], o[3]) },
-                { "name": IFNAME, "mac": format!("02:01:0a:{:02x}:{:02x}:{:02x}", o[1], o[2], o[3]), "sandbox": sandbox }
+                { "name": IFNAME, "mac": self.mac(), "sandbox": sandbox }
             ],
             "ips": [{ "address": format!("{}/16", self.ip), "gateway": GATEWAY, "interface": 2 }],
             "routes": [{ "dst": "0.0.0.0/0", "gw": GATEWAY }],
@@ -131,6 +141,8 @@ pub struct Outcome {
     pub ok: bool,
     pub status: String,
     pub elapsed: Duration,
+    /// When the plugin process had exited.
+    pub ended: Instant,
     /// ru_maxrss of the child (KiB): the largest resident set of the plugin process or any
     /// child it waited for (iptables, iptables-restore, ...).
     pub maxrss_kib: i64,
@@ -142,7 +154,9 @@ pub struct Plugin {
     pub kind: Kind,
     pub bin: PathBuf,
     pub cni_path: String,
-    /// CNI_NETNS and the sandbox in prevResult: an existing netns path (neither plugin enters it).
+    /// CNI_NETNS and the sandbox in prevResult of attachments without a pod of their own: an existing
+    /// netns path without `net1` (bridge-nat looks there only for a pod whose address the node has a
+    /// neighbour entry for, and then finds no MAC to trust).
     pub netns: String,
     /// bridge-nat: its own per contender, so the backends never see each other's records.
     pub state_dir: PathBuf,
@@ -181,7 +195,7 @@ impl Plugin {
             assert!(self.kind.is_bridge_nat(), "static rules are a bridge-nat feature");
             conf["portForwarding"] = json!({ "rules": rules });
         }
-        conf["prevResult"] = att.prev_result(&self.netns);
+        conf["prevResult"] = att.prev_result(att.sandbox.as_deref().unwrap_or(&self.netns));
         conf
     }
 
@@ -195,7 +209,7 @@ impl Plugin {
             .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
             .env("CNI_COMMAND", op.env())
             .env("CNI_CONTAINERID", &att.container_id)
-            .env("CNI_NETNS", &self.netns)
+            .env("CNI_NETNS", att.sandbox.as_deref().unwrap_or(&self.netns))
             .env("CNI_IFNAME", IFNAME)
             .env("CNI_PATH", &self.cni_path)
             .stdin(Stdio::piped())
@@ -213,7 +227,8 @@ impl Plugin {
         let mut stdout = String::new();
         let _ = child.stdout.take().expect("stdout piped").read_to_string(&mut stdout);
         let (status, rusage) = wait4(child.id() as libc::pid_t);
-        let elapsed = start.elapsed();
+        let ended = Instant::now();
+        let elapsed = ended - start;
 
         let stderr = std::fs::read_to_string(&self.stderr_file).unwrap_or_default();
         let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
@@ -224,7 +239,7 @@ impl Plugin {
         } else {
             format!("wait status {status:#x}")
         };
-        Outcome { ok, status, elapsed, maxrss_kib: rusage.ru_maxrss, stdout, stderr }
+        Outcome { ok, status, elapsed, ended, maxrss_kib: rusage.ru_maxrss, stdout, stderr }
     }
 
     /// Like `run`, but a failure is an error naming the contender, the command, the attachment and

@@ -13,6 +13,8 @@ pub enum Layout {
 }
 
 pub struct Settings {
+    /// `BENCH_SHORT=1`: the CI run (smaller defaults; see main.rs).
+    pub short: bool,
     pub contenders: Vec<Kind>,
     pub layout: Layout,
     pub ns: Vec<usize>,
@@ -26,8 +28,13 @@ pub struct Settings {
 impl Settings {
     pub fn from_env() -> Result<Settings> {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        let short = match var("BENCH_SHORT").as_deref().map(str::trim) {
+            None | Some("0") => false,
+            Some("1") => true,
+            Some(other) => return Err(format!("BENCH_SHORT: {other:?} is neither 0 nor 1")),
+        };
         let ns = var("BENCH_NS")
-            .unwrap_or_else(|| "0,100,500,1000".into())
+            .unwrap_or_else(|| if short { "0,100" } else { "0,100,500,1000" }.into())
             .split(',')
             .map(|s| s.trim().parse().map_err(|_| format!("BENCH_NS: {s:?} is not a number")))
             .collect::<Result<Vec<usize>>>()?;
@@ -58,6 +65,7 @@ impl Settings {
             Some(other) => return Err(format!("BENCH_LAYOUT: {other:?} is neither separate nor shared")),
         };
         Ok(Settings {
+            short,
             contenders,
             layout,
             ns,
@@ -66,12 +74,18 @@ impl Settings {
             bridge_nat: std::env::var_os("BENCH_BRIDGE_NAT")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_bridge-nat"))),
-            dataplane: dataplane_from_env(&var)?,
+            dataplane: dataplane_from_env(&var, short)?,
         })
     }
 
     pub fn reps(&self, n: usize) -> usize {
-        self.reps.unwrap_or(if n <= 100 { 30 } else { 15 })
+        self.reps.unwrap_or(if self.short {
+            3
+        } else if n <= 100 {
+            30
+        } else {
+            15
+        })
     }
 
     /// Groups of contenders measured together. Separate: bridge-nat nftables first (the newest
@@ -88,13 +102,27 @@ impl Settings {
     }
 }
 
-fn dataplane_from_env(var: &dyn Fn(&str) -> Option<String>) -> Result<Option<DpSettings>> {
+/// A positive number from `name`, or `default`.
+fn count_from_env(var: &dyn Fn(&str) -> Option<String>, name: &str, default: usize, max: usize) -> Result<usize> {
+    match var(name) {
+        None => Ok(default),
+        Some(v) => v
+            .trim()
+            .parse()
+            .ok()
+            .filter(|m| (1..=max).contains(m))
+            .ok_or_else(|| format!("{name}: {v:?} is not a number from 1 to {max}")),
+    }
+}
+
+fn dataplane_from_env(var: &dyn Fn(&str) -> Option<String>, short: bool) -> Result<Option<DpSettings>> {
     match var("BENCH_DATAPLANE").as_deref().map(str::trim) {
         None | Some("1") => {}
         Some("0") => return Ok(None),
         Some(other) => return Err(format!("BENCH_DATAPLANE: {other:?} is neither 0 nor 1")),
     }
     let seconds = match var("BENCH_DP_SECONDS") {
+        None if short => 1.0,
         None => 3.0,
         Some(s) => s
             .trim()
@@ -105,7 +133,7 @@ fn dataplane_from_env(var: &dyn Fn(&str) -> Option<String>) -> Result<Option<DpS
     };
     let forwards =
         var("BENCH_DP_FORWARDS")
-            .unwrap_or_else(|| "1,100,1000".into())
+            .unwrap_or_else(|| if short { "1,100" } else { "1,100,1000" }.into())
             .split(',')
             .map(|s| {
                 s.trim().parse().ok().filter(|n| (1..=MAX_FORWARDS).contains(n)).ok_or_else(|| {
@@ -116,14 +144,7 @@ fn dataplane_from_env(var: &dyn Fn(&str) -> Option<String>) -> Result<Option<DpS
     if !forwards.windows(2).all(|w| w[0] < w[1]) {
         return Err(format!("BENCH_DP_FORWARDS must be ascending: {forwards:?}"));
     }
-    let per_attachment = match var("BENCH_DP_MAPPINGS") {
-        None => 1,
-        Some(m) => m
-            .trim()
-            .parse()
-            .ok()
-            .filter(|m| (1..=1000).contains(m))
-            .ok_or_else(|| format!("BENCH_DP_MAPPINGS: {m:?} is not a number of mappings from 1 to 1000"))?,
-    };
-    Ok(Some(DpSettings { seconds, forwards, per_attachment }))
+    let per_attachment = count_from_env(var, "BENCH_DP_MAPPINGS", 1, 1000)?;
+    let first_reps = count_from_env(var, "BENCH_DP_FIRST_REPS", if short { 2 } else { 5 }, 100)?;
+    Ok(Some(DpSettings { seconds, forwards, per_attachment, first_reps }))
 }

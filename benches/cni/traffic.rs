@@ -1,5 +1,5 @@
 //! The data plane's two ends: a client namespace linked to the node the way an outside host is,
-//! and a pod namespace on the node's bridge with a TCP server in it. Threads enter those
+//! and pods on the node's bridge (pods.rs) with a TCP server in them. Threads enter those
 //! namespaces with setns (the main thread, which spawns the plugins, stays in the node), so
 //! neither end spawns a process per connection and the node's NAT is what the rate measures.
 
@@ -10,13 +10,14 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Barrier};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::libc;
 
-use crate::node::{run_ok, setns_net, BRIDGE, GATEWAY};
+use crate::node::{run_ok, setns_net};
+use crate::pods::{self, PodSpec};
 
 /// The node's address on the client's link: the client connects to it, so the node DNATs.
 pub const NODE_ADDR: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
@@ -27,15 +28,18 @@ pub const SERVER_PORT: u16 = 8080;
 /// Rates are counted per window; the report gives the median and the spread of the windows.
 pub const WINDOW: Duration = Duration::from_millis(500);
 pub const WARM_UP: Duration = Duration::from_millis(250);
+/// Client threads, one per core of the machines the figures come from (2): with one thread the
+/// rate is bound by that thread's own syscalls, and the kernel's cost per connection hides.
+pub const CLIENTS: usize = 2;
 /// Bounds a window's count whatever the time (far above what a veth path reaches).
 const MAX_PER_WINDOW: u64 = 1_000_000;
 /// A connect slower than this waited for a retransmitted SYN (a drop somewhere), not for NAT.
 const SLOW: Duration = Duration::from_millis(100);
 
-/// What the client saw over one measurement.
+/// What the clients saw over one measurement.
 #[derive(Clone, Debug, Default)]
 pub struct Rate {
-    /// Connections per second of each window.
+    /// Connections per second of each window, all client threads together.
     pub windows: Vec<f64>,
     pub connections: u64,
     pub failures: u64,
@@ -43,91 +47,131 @@ pub struct Rate {
     pub slow: u64,
     /// Connections the server accepted over the same measurement (warm-up included).
     pub accepted: u64,
-    /// Connections the client made, warm-up included (to compare with `accepted`).
+    /// Connections the clients made, warm-up included (to compare with `accepted`).
     pub attempted_ok: u64,
-    /// The client thread's CPU time in user space and in the kernel over the windows, and their
-    /// wall time: the kernel share includes the node's whole packet path, which veth runs in the
-    /// sender's softirq, so a small user share says the client itself costs little.
+    /// The client threads' CPU time in user space and in the kernel over the windows, and their
+    /// wall time (summed over threads): the kernel share includes the node's whole packet path,
+    /// which veth runs in the sender's softirq, so a small user share says the client costs little.
     pub user_secs: f64,
     pub sys_secs: f64,
     pub wall_secs: f64,
 }
 
-/// Owns both namespaces and the server thread; Drop stops the server and deletes them.
-pub struct Endpoints {
-    client_ns: String,
-    pod_ns: String,
-    stop: Arc<AtomicBool>,
-    accepted: Arc<AtomicU64>,
-    server: Option<JoinHandle<()>>,
+impl Rate {
+    /// The threads' rates as one: windows added up index by index.
+    fn combine(rates: Vec<Rate>) -> Rate {
+        let mut all = Rate::default();
+        let windows = rates.iter().map(|r| r.windows.len()).min().unwrap_or(0);
+        all.windows = (0..windows).map(|i| rates.iter().map(|r| r.windows[i]).sum()).collect();
+        for r in rates {
+            all.connections += r.connections;
+            all.failures += r.failures;
+            all.first_error = all.first_error.or(r.first_error);
+            all.slow += r.slow;
+            all.attempted_ok += r.attempted_ok;
+            all.user_secs += r.user_secs;
+            all.sys_secs += r.sys_secs;
+            all.wall_secs += r.wall_secs;
+        }
+        all
+    }
 }
 
 fn netns_file(name: &str) -> File {
     File::open(Path::new("/var/run/netns").join(name)).unwrap_or_else(|e| panic!("open netns {name}: {e}"))
 }
 
-impl Endpoints {
-    /// Called from the node namespace: builds both namespaces, their links to the node, and
-    /// starts the server at `pod_ip`:SERVER_PORT.
-    pub fn create(node_name: &str, pod_ip: Ipv4Addr) -> Endpoints {
-        let mut ends = Endpoints {
-            client_ns: format!("{node_name}-client"),
-            pod_ns: format!("{node_name}-server"),
-            stop: Arc::new(AtomicBool::new(false)),
-            accepted: Arc::new(AtomicU64::new(0)),
-            server: None,
-        };
-        let (c, p) = (ends.client_ns.clone(), ends.pod_ns.clone());
-        for ns in [&c, &p] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-            run_ok("ip", &["netns", "add", ns]);
-            run_ok("ip", &["-n", ns, "link", "set", "lo", "up"]);
-        }
-        run_ok("ip", &["link", "add", "dp-client", "type", "veth", "peer", "name", "eth0", "netns", &c]);
-        run_ok("ip", &["addr", "add", NODE_LINK, "dev", "dp-client"]);
-        run_ok("ip", &["link", "set", "dp-client", "up"]);
-        run_ok("ip", &["-n", &c, "addr", "add", CLIENT_LINK, "dev", "eth0"]);
-        run_ok("ip", &["-n", &c, "link", "set", "eth0", "up"]);
-        run_ok("ip", &["-n", &c, "route", "add", "default", "via", &NODE_ADDR.to_string()]);
+/// A TCP server on SERVER_PORT in a pod's namespace, counting what it accepts; stopped on drop.
+pub struct Server {
+    stop: Arc<AtomicBool>,
+    accepted: Arc<AtomicU64>,
+    thread: Option<JoinHandle<()>>,
+}
 
-        run_ok("ip", &["link", "add", "dp-server", "type", "veth", "peer", "name", "eth0", "netns", &p]);
-        run_ok("ip", &["link", "set", "dp-server", "master", BRIDGE, "up"]);
-        run_ok("ip", &["-n", &p, "addr", "add", &format!("{pod_ip}/16"), "dev", "eth0"]);
-        run_ok("ip", &["-n", &p, "link", "set", "eth0", "up"]);
-        run_ok("ip", &["-n", &p, "route", "add", "default", "via", GATEWAY]);
-        // The bridge plugin would have turned forwarding on; portmap does not, and nothing
-        // measured before needed it. This is the node namespace's own setting.
-        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("enable forwarding in the node namespace");
-
+impl Server {
+    /// Returns once the server listens.
+    pub fn start(netns: &str) -> Server {
+        let mut server = Server { stop: Arc::default(), accepted: Arc::default(), thread: None };
         let (ready_tx, ready_rx) = mpsc::channel();
-        let (ns, stop, accepted) = (netns_file(&p), ends.stop.clone(), ends.accepted.clone());
-        ends.server = Some(std::thread::spawn(move || serve(ns, stop, accepted, ready_tx)));
+        let (ns, stop, accepted) = (netns_file(netns), server.stop.clone(), server.accepted.clone());
+        server.thread = Some(std::thread::spawn(move || serve(ns, stop, accepted, ready_tx)));
         match ready_rx.recv() {
-            Ok(Ok(())) => ends,
-            Ok(Err(e)) => panic!("data-plane server: {e}"),
-            Err(_) => panic!("data-plane server thread died before listening"),
+            Ok(Ok(())) => server,
+            Ok(Err(e)) => panic!("data-plane server in {netns}: {e}"),
+            Err(_) => panic!("data-plane server thread in {netns} died before listening"),
         }
     }
 
     pub fn accepted(&self) -> u64 {
         self.accepted.load(Ordering::SeqCst)
     }
+}
 
-    /// Runs `f` on a thread inside the client namespace.
-    fn in_client<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let ns = netns_file(&self.client_ns);
-        std::thread::spawn(move || {
-            setns_net(&ns).expect("setns into the client namespace");
-            f()
-        })
-        .join()
-        .expect("client thread panicked")
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Owns the client namespace and the measured pod with its server; Drop deletes them.
+pub struct Endpoints {
+    client_ns: String,
+    pod: PodSpec,
+    server: Option<Server>,
+}
+
+impl Endpoints {
+    /// Called from the node namespace: builds the client namespace and its link to the node, and
+    /// the pod `pod` with its server at SERVER_PORT.
+    pub fn create(node_name: &str, pod: PodSpec) -> Endpoints {
+        let mut ends = Endpoints { client_ns: format!("{node_name}-client"), pod, server: None };
+        let c = ends.client_ns.clone();
+        let _ = Command::new("ip").args(["netns", "del", &c]).output();
+        run_ok("ip", &["netns", "add", &c]);
+        run_ok("ip", &["-n", &c, "link", "set", "lo", "up"]);
+        run_ok("ip", &["link", "add", "dp-client", "type", "veth", "peer", "name", "eth0", "netns", &c]);
+        run_ok("ip", &["addr", "add", NODE_LINK, "dev", "dp-client"]);
+        run_ok("ip", &["link", "set", "dp-client", "up"]);
+        run_ok("ip", &["-n", &c, "addr", "add", CLIENT_LINK, "dev", "eth0"]);
+        run_ok("ip", &["-n", &c, "link", "set", "eth0", "up"]);
+        run_ok("ip", &["-n", &c, "route", "add", "default", "via", &NODE_ADDR.to_string()]);
+        pods::create(std::slice::from_ref(&ends.pod)).unwrap_or_else(|e| panic!("the data plane's pod: {e}"));
+        // The bridge plugin would have turned forwarding on; portmap does not, and nothing
+        // measured before needed it. This is the node namespace's own setting.
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("enable forwarding in the node namespace");
+        ends.server = Some(Server::start(&ends.pod.netns));
+        ends
+    }
+
+    pub fn accepted(&self) -> u64 {
+        self.server.as_ref().map_or(0, Server::accepted)
+    }
+
+    /// Runs `f` on `threads` threads inside the client namespace, released together.
+    fn in_client<T: Send + 'static>(&self, threads: usize, f: impl Fn() -> T + Send + Sync + 'static) -> Vec<T> {
+        let f = Arc::new(f);
+        let start = Arc::new(Barrier::new(threads));
+        let handles: Vec<JoinHandle<T>> = (0..threads)
+            .map(|_| {
+                let (ns, f, start) = (netns_file(&self.client_ns), f.clone(), start.clone());
+                std::thread::spawn(move || {
+                    setns_net(&ns).expect("setns into the client namespace");
+                    start.wait();
+                    f()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("client thread panicked")).collect()
     }
 
     /// One connection from the client to the node's `port`, and whether the server accepted it.
     pub fn probe(&self, port: u16) -> std::result::Result<(), String> {
         let before = self.accepted();
-        self.in_client(move || connect_once(&sockaddr(NODE_ADDR, port))).map_err(|e| e.to_string())?;
+        let mut done = self.in_client(1, move || connect_once(&sockaddr(NODE_ADDR, port)));
+        done.pop().expect("one client").map_err(|e| e.to_string())?;
         let deadline = Instant::now() + Duration::from_secs(2);
         while self.accepted() == before {
             if Instant::now() > deadline {
@@ -138,11 +182,46 @@ impl Endpoints {
         Ok(())
     }
 
-    /// Connects and closes in a loop for `seconds` (after a warm-up), one connection at a time.
+    /// Connects to the node's `port` until a connection succeeds or `limit` has passed since
+    /// `since` (a plugin's return); the time from `since` to the first connection `server`
+    /// accepted. A refused connect (no forward yet) is retried at once, an unanswered SYN after
+    /// its 1 s timeout, as a client would.
+    pub fn first_connection(
+        &self,
+        port: u16,
+        server: &Server,
+        since: Instant,
+        limit: Duration,
+    ) -> Result<Duration, String> {
+        let before = server.accepted();
+        let mut done = self.in_client(1, move || {
+            let mut last = String::from("no attempt");
+            while since.elapsed() < limit {
+                match connect_once(&sockaddr(NODE_ADDR, port)) {
+                    Ok(()) => return Ok(since.elapsed()),
+                    Err(e) => last = e.to_string(),
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(format!("no connection through port {port} within {limit:?} of ADD (last: {last})"))
+        });
+        let took = done.pop().expect("one client")?;
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while server.accepted() == before {
+            if Instant::now() > deadline {
+                return Err(format!("connected through port {port}, but the new pod's server accepted nothing"));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(took)
+    }
+
+    /// Connects and closes in a loop for `seconds` (after a warm-up) from CLIENTS threads, one
+    /// connection at a time each.
     pub fn measure(&self, port: u16, seconds: f64) -> Rate {
         let before = self.accepted();
         let windows = ((seconds / WINDOW.as_secs_f64()).round() as usize).max(1);
-        let mut rate = self.in_client(move || client_loop(&sockaddr(NODE_ADDR, port), windows));
+        let mut rate = Rate::combine(self.in_client(CLIENTS, move || client_loop(&sockaddr(NODE_ADDR, port), windows)));
         // The last connections may still sit in the listener's queue.
         let deadline = Instant::now() + Duration::from_secs(2);
         while self.accepted() - before < rate.attempted_ok && Instant::now() < deadline {
@@ -155,14 +234,10 @@ impl Endpoints {
 
 impl Drop for Endpoints {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(server) = self.server.take() {
-            let _ = server.join();
-        }
+        drop(self.server.take());
         // Deleting a namespace deletes its veth ends, and with them the node's peers.
-        for ns in [&self.client_ns, &self.pod_ns] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
+        let _ = Command::new("ip").args(["netns", "del", &self.client_ns]).output();
+        pods::delete(std::slice::from_ref(&self.pod));
     }
 }
 
