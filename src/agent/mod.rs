@@ -8,14 +8,15 @@
 mod events;
 mod interest;
 mod notice;
+mod options;
 mod records;
 
-use crate::cli::Options;
 use crate::commands;
 use crate::config::Settings;
 use crate::error::Result;
 use events::{Events, Wake};
 use interest::Concern;
+pub use options::WatchOptions;
 use records::Records;
 use std::time::{Duration, Instant};
 
@@ -24,7 +25,7 @@ const DEBOUNCE: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Run until SIGTERM or SIGINT; Ok(true) on a clean stop.
-pub fn watch(opts: &Options) -> Result<bool> {
+pub fn watch(opts: &WatchOptions) -> Result<bool> {
     let settings = &opts.settings;
     let mut events = Events::open()?;
     let mut node = Records::open(settings)?;

@@ -69,7 +69,7 @@ pub fn run(args: &[String]) -> ExitCode {
     let outcome = match name.as_str() {
         "check" => node::check(&opts),
         "reconcile" => node::reconcile(&opts),
-        "watch" => crate::agent::watch(&opts),
+        "watch" => crate::agent::watch(&opts.watch_options()),
         "list" => list::list(&opts),
         "uninstall" => uninstall::uninstall(&opts),
         _ => unreachable!("every known subcommand is dispatched"),

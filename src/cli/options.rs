@@ -1,6 +1,7 @@
 //! Command-line options shared by every subcommand. The defaults are the plugin's own, so a
 //! subcommand sees the records a CNI call with a default config wrote.
 
+use crate::agent::WatchOptions;
 use crate::config::{Settings, DEFAULT_LOG_FILE, DEFAULT_STATE_DIR};
 use std::path::PathBuf;
 
@@ -64,6 +65,11 @@ impl Options {
         }
         opts.settings = settings;
         Ok(opts)
+    }
+
+    /// What `watch` needs of them.
+    pub fn watch_options(&self) -> WatchOptions {
+        WatchOptions { settings: self.settings.clone(), interval_secs: self.interval_secs }
     }
 }
 

@@ -13,7 +13,7 @@ pub use render::attachment_tag;
 pub use restore::{is_legacy, nft_variant, Iptables};
 #[cfg(test)]
 pub use rules::parse_save;
-pub use rules::{diff, Current, Family, Rule, Transaction};
+pub use rules::{diff, Current, Family, Rule, Transaction, NFT_ACCEPT_CHAIN};
 
 use super::{Converge, Firewall, Objects};
 use crate::config::{AttachmentId, Backend};
@@ -142,7 +142,7 @@ impl Firewall for IptablesBackend {
         let families = [Family::Ipv4, Family::Ipv6];
         let mut actual = self.ipt.read(&families).context("read firewall")?;
         // The nftables backend's accepts beside a dropping FORWARD are its own to converge.
-        actual.take_chain(super::nftables::ACCEPT_CHAIN);
+        actual.take_chain(NFT_ACCEPT_CHAIN);
         let tx = diff(&actual, &desired);
         let repairs: Vec<String> = tx
             .tables

@@ -9,6 +9,11 @@ use std::fmt::Write;
 /// Every chain the plugin owns starts with this; nothing else is ever flushed or deleted.
 pub const CHAIN_PREFIX: &str = "BRIDGE-NAT-";
 
+/// The nftables backend's accepts beside a dropping FORWARD (backend/nftables/accepts.rs) live in
+/// this own chain of iptables' filter table. It is named here, below both backends, because the
+/// iptables backend must leave it alone when it converges its own chains.
+pub const NFT_ACCEPT_CHAIN: &str = "BRIDGE-NAT-NFT-FWD";
+
 /// One rule in `iptables-save` canonical form, so that it compares equal to what the kernel reports.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Rule {

@@ -13,7 +13,7 @@ use crate::plan::Plan;
 use std::collections::BTreeSet;
 
 /// The chain in iptables' filter table (ip and ip6) that holds the accepts.
-pub const CHAIN: &str = "BRIDGE-NAT-NFT-FWD";
+pub use crate::backend::iptables::NFT_ACCEPT_CHAIN as CHAIN;
 
 /// The accepts `plan`'s network needs in each family it has, with the jump to them.
 pub fn render(plan: &Plan) -> Vec<Rule> {
