@@ -9,6 +9,7 @@ mod commands;
 mod config;
 mod crashpoint;
 mod error;
+mod health;
 mod logging;
 mod netlink;
 mod plan;

@@ -10,7 +10,7 @@ use netlink_sys::{Socket, SocketAddr};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd, RawFd};
 use std::time::Duration;
 
 // rtnetlink multicast groups as bind() bits: 1 << (RTNLGRP_x - 1).
@@ -29,6 +29,8 @@ pub enum Wake {
     Change(Vec<Notice>),
     /// Nothing happened before the timeout.
     Timeout,
+    /// One of the extra descriptors (probe replies) is readable.
+    Probe,
     /// SIGTERM or SIGINT: stop.
     Stop(Signal),
 }
@@ -77,13 +79,16 @@ impl Events {
     }
 
     /// Wait until something changes, a signal arrives or `timeout` passes.
-    pub fn wait(&mut self, timeout: Duration) -> Result<Wake> {
+    pub fn wait(&mut self, timeout: Duration, extra: &[RawFd]) -> Result<Wake> {
         let ms = u16::try_from(timeout.as_millis().min(60_000)).unwrap_or(u16::MAX);
-        let mut fds = [
+        // SAFETY: the extra descriptors are the prober's sockets, open for this call.
+        let extra: Vec<BorrowedFd> = extra.iter().map(|fd| unsafe { BorrowedFd::borrow_raw(*fd) }).collect();
+        let mut fds = vec![
             PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
             PollFd::new(self.route.as_fd(), PollFlags::POLLIN),
             PollFd::new(self.netfilter.as_fd(), PollFlags::POLLIN),
         ];
+        fds.extend(extra.iter().map(|fd| PollFd::new(*fd, PollFlags::POLLIN)));
         match poll(&mut fds, PollTimeout::from(ms)) {
             Ok(0) => return Ok(Wake::Timeout),
             Ok(_) => {}
@@ -98,10 +103,11 @@ impl Events {
                 return Ok(Wake::Stop(signal));
             }
         }
+        let probe = fds[3..].iter().any(ready);
         if changed {
             return Ok(Wake::Change(self.drain()));
         }
-        Ok(Wake::Timeout)
+        Ok(if probe { Wake::Probe } else { Wake::Timeout })
     }
 
     /// Read every queued notification.

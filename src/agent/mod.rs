@@ -6,6 +6,7 @@
 //! to repair, and never removes anything when it stops.
 
 mod events;
+mod failover;
 mod interest;
 mod notice;
 mod options;
@@ -15,6 +16,7 @@ use crate::commands;
 use crate::config::Settings;
 use crate::error::Result;
 use events::{Events, Wake};
+use failover::Failover;
 use interest::Concern;
 pub use options::WatchOptions;
 use records::Records;
@@ -42,10 +44,17 @@ pub fn watch(opts: &WatchOptions) -> Result<bool> {
     let mut backoff = Duration::ZERO;
     let mut fight = Fight::default();
     let mut next_safety = Instant::now() + interval;
+    let mut failover = Failover::new(&settings.state_dir);
+    let mut followed = 0;
     loop {
+        if node.generation != followed {
+            failover.follow(&node.live());
+            followed = node.generation;
+        }
         let now = Instant::now();
-        let next = [full_due, check_due, Some(next_safety)].into_iter().flatten().min().expect("safety is set");
-        match events.wait(next.saturating_duration_since(now))? {
+        let next = [full_due, check_due, Some(next_safety), failover.deadline()].into_iter().flatten().min();
+        let next = next.expect("safety is set");
+        match events.wait(next.saturating_duration_since(now), &failover.fds())? {
             Wake::Stop(signal) => {
                 log::info!("{signal}: node agent stopping; nothing is removed");
                 return Ok(true);
@@ -56,7 +65,12 @@ pub fn watch(opts: &WatchOptions) -> Result<bool> {
                     check_due.get_or_insert(Instant::now() + DEBOUNCE);
                 }
             }
+            Wake::Probe => failover.read_replies(),
             Wake::Timeout => {}
+        }
+        if let Some(switch) = failover.tick(Instant::now()) {
+            switch_egress(settings, &switch);
+            crate::netlink::nfnetlink::release();
         }
         let now = Instant::now();
         if now >= next_safety {
@@ -99,6 +113,22 @@ pub fn watch(opts: &WatchOptions) -> Result<bool> {
 
 fn reconcile(settings: &Settings) -> Result<Vec<String>> {
     commands::reconcile(settings).map(|r| r.repairs)
+}
+
+/// Move the pods' source rules where health now says (the reconcile reads the health just
+/// written), then forget their flows masqueraded to the uplinks they left: a UDP session's next
+/// datagram is then translated to the new uplink's address instead of leaving with the old one.
+fn switch_egress(settings: &Settings, switch: &failover::Switch) {
+    for (network, from, to) in &switch.moves {
+        log::warn!("network {network}: the pods' own traffic now leaves by {to} instead of {from}");
+    }
+    if let Err(e) = reconcile(settings) {
+        log::error!("move the pods' egress: {e}");
+    }
+    match crate::netlink::conntrack::clear_masqueraded(&switch.subnets, &switch.left) {
+        Ok(n) => log::info!("forgot {n} connection(s) masqueraded to {:?}", switch.left),
+        Err(e) => log::warn!("forget connections masqueraded to {:?}: {e}", switch.left),
+    }
 }
 
 /// Another program undoing our repairs as fast as we make them (a firewall manager that owns the

@@ -17,6 +17,8 @@ pub struct Records {
     interest: Interest,
     /// Notifications read and passes run, for the debug log (and the tests that read it).
     ignored: u64,
+    /// Bumped whenever the records changed, so others can follow them cheaply.
+    pub generation: u64,
 }
 
 impl Records {
@@ -28,16 +30,23 @@ impl Records {
             cache: RecordCache::default(),
             interest: Interest::default(),
             ignored: 0,
+            generation: 1,
         };
         records.refresh()?;
         Ok(records)
     }
 
-    fn refresh(&mut self) -> Result<()> {
+    pub fn refresh(&mut self) -> Result<()> {
         if self.cache.refresh(&self.store)? {
             self.interest.rebuild(&self.cache.live());
+            self.generation += 1;
         }
         Ok(())
+    }
+
+    /// The records of this boot, as last read.
+    pub fn live(&self) -> Vec<&crate::state::Record> {
+        self.cache.live()
     }
 
     /// What a burst of notifications concerns, if anything. Records are re-read first when a
@@ -62,7 +71,7 @@ impl Records {
         let concern = concern.unwrap_or(Concern::Firewall);
         log::debug!("check pass ({concern:?}) over {} record(s)", live.len());
         let wrong: Vec<String> = match concern {
-            Concern::Routing => commands::routing_problems(&live)?,
+            Concern::Routing => commands::routing_problems(&self.settings, &live)?,
             Concern::Firewall => commands::problems_of(&self.settings, &live)?
                 .into_iter()
                 .filter(|(_, p)| !p.is_empty())

@@ -8,6 +8,7 @@ use crate::cni::{prev_result, Env};
 use crate::config::{AttachmentId, NetConf};
 use crate::crashpoint;
 use crate::error::{Context, Error, Result};
+use crate::health::view::healthy_in;
 use crate::plan::{self, Plan};
 use crate::routing::apply::Applied;
 use crate::state::{Record, Status};
@@ -59,7 +60,7 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<serde_json::Value> {
         .inspect(|()| kernel::refresh_neighbours(&att, &env.netns, &env.ifname))
         .and_then(|()| node.install(&mut *fw, &rec, &first))
         .inspect(|()| crashpoint::reached("add:after-firewall"))
-        .and_then(|()| kernel::apply_routing(&planned, &mut applied))
+        .and_then(|()| kernel::apply_routing(&planned, healthy_in(&conf.settings.state_dir), &mut applied))
         .inspect(|_| crashpoint::reached("add:after-routing"));
     let my_routes = match result {
         Ok(routes) => routes,
@@ -127,5 +128,6 @@ fn record_for(conf: &NetConf, planned: &Plan, fw: &dyn Firewall) -> Record {
     rec.sysctls = planned.sysctls.clone();
     rec.ip_rules = planned.routing.ip_rules.iter().cloned().collect();
     rec.tables = planned.routing.tables.iter().cloned().collect();
+    rec.egress = planned.routing.egress.clone();
     rec
 }

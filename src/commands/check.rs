@@ -7,8 +7,10 @@ use crate::backend;
 use crate::cni::{prev_result, Env};
 use crate::config::NetConf;
 use crate::error::{code, Error, Result};
+use crate::health::view::healthy_in;
 use crate::plan;
 use crate::routing::apply as routes;
+use crate::routing::egress;
 use crate::routing::netlink::Netlink;
 use crate::routing::rt_tables::RtTables;
 use crate::routing::{IpRule, TableSpec};
@@ -37,7 +39,7 @@ pub fn check(conf: &NetConf, env: &Env) -> Result<()> {
     }
     problems.extend(fw.verify(&id, &rec.firewall)?);
     problems.extend(kernel::check_sysctls(&rec.sysctls));
-    problems.extend(check_routing(&rec)?);
+    problems.extend(check_routing(&rec, healthy_in(&conf.settings.state_dir))?);
     // What defeats the objects from outside them, and how it gets repaired, for the log.
     for w in fw.node_warnings(&rec.firewall) {
         log::warn!("{w}");
@@ -52,9 +54,11 @@ pub fn check(conf: &NetConf, env: &Env) -> Result<()> {
 }
 
 /// ip rules, table routes as they should be resolved now, and registered table names.
-pub(super) fn check_routing(rec: &Record) -> Result<Vec<String>> {
+/// A failed-over source rule is no problem: `healthy` says where the pods leave by now.
+pub(super) fn check_routing(rec: &Record, healthy: impl Fn(&str) -> bool) -> Result<Vec<String>> {
     let mut nl = Netlink::open()?;
-    let ip_rules: BTreeSet<IpRule> = rec.ip_rules.iter().cloned().collect();
+    let recorded: BTreeSet<IpRule> = rec.ip_rules.iter().cloned().collect();
+    let ip_rules = egress::resolve_rules(&recorded, rec.egress.iter(), healthy);
     let tables: BTreeSet<TableSpec> = rec.tables.iter().cloned().collect();
     let mut problems = routes::check(&mut nl, &ip_rules, &tables)?;
     let registered = RtTables::system().registered();

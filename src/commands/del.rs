@@ -56,6 +56,7 @@ pub(super) fn remove_unowned_routing(conf: &NetConf, kept: &[&Record]) -> Result
     let mut tables: BTreeSet<u32> =
         conf.rules.iter().filter_map(|r| r.routing.as_ref().map(|rs| rs.table_id)).collect();
     tables.extend(conf.routing.as_ref().map(|g| g.table_id));
+    tables.extend(conf.routing.iter().flat_map(|g| g.fallback.iter().map(|f| f.table_id)));
     if tables.is_empty() {
         return Ok(());
     }

@@ -23,6 +23,7 @@ pub fn gc(conf: &NetConf) -> Result<()> {
     node.rebuild_index(|kind| backend::open(kind, &conf.settings), &kept).context("gc")?;
     for r in records.iter().filter(|r| r.is_live() && is_stale(r)) {
         let (ip_rules, tables) = node.unheld_routing(r)?;
+        let ip_rules = crate::routing::egress::with_variants(&ip_rules, r.egress.iter());
         kernel::remove_routing(&ip_rules, &tables).context("gc policy routing")?;
     }
     remove_unowned_routing(conf, &kept).context("gc")?;

@@ -9,7 +9,7 @@ use crate::plan::{HostPort, Plan, Sysctl};
 use crate::routing::apply::{self as routes, Applied};
 use crate::routing::netlink::Netlink;
 use crate::routing::rt_tables::RtTables;
-use crate::routing::{IpRule, Route};
+use crate::routing::{egress, IpRule, Route};
 use std::collections::BTreeSet;
 
 pub fn apply_sysctls(sysctls: &[Sysctl]) -> Result<()> {
@@ -68,7 +68,8 @@ pub fn check_sysctls(sysctls: &[Sysctl]) -> Vec<String> {
 
 /// Gateway on the bridge, then this attachment's ip rules and tables. Returns the routes of its
 /// tables as installed.
-pub fn apply_routing(planned: &Plan, applied: &mut Applied) -> Result<BTreeSet<Route>> {
+/// The pods' source rule (with a fallback) points at the uplink `healthy` leaves them by.
+pub fn apply_routing(planned: &Plan, healthy: impl Fn(&str) -> bool, applied: &mut Applied) -> Result<BTreeSet<Route>> {
     let mut nl = Netlink::open()?;
     if let Some(gw) = planned.gateway {
         routes::ensure_gateway(&mut nl, &planned.bridge, gw).context("bridge gateway")?;
@@ -81,7 +82,8 @@ pub fn apply_routing(planned: &Plan, applied: &mut Applied) -> Result<BTreeSet<R
     for w in warnings {
         log::warn!("{w}; CHECK will report it until it is fixed");
     }
-    routes::apply(&mut nl, &r.ip_rules, &resolved, applied).context("policy routing")?;
+    let rules = egress::resolve_rules(&r.ip_rules, r.egress.iter(), healthy);
+    routes::apply(&mut nl, &rules, &resolved, applied).context("policy routing")?;
     Ok(resolved)
 }
 

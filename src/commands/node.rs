@@ -197,7 +197,11 @@ impl Node {
     /// objects (rebuilding without it when the kernel differs from the records).
     pub fn remove(&self, fw: &mut dyn Firewall, rec: &Record) -> Result<()> {
         let last = self.release(fw, rec)?;
-        kernel::remove_routing(&last.ip_rules, &last.tables)?;
+        // Whichever uplink the pods were leaving by, their source rule goes with its last holder.
+        kernel::remove_routing(
+            &crate::routing::egress::with_variants(&last.ip_rules, rec.egress.iter()),
+            &last.tables,
+        )?;
         crate::crashpoint::reached("del:after-routing");
         if let Err(e) = fw.remove(&rec.id, &rec.firewall, &last.firewall) {
             log::warn!(

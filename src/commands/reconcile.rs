@@ -8,6 +8,7 @@ use super::node::Node;
 use crate::backend::{self, Converge, Objects};
 use crate::config::{AttachmentId, Settings};
 use crate::error::{Context, Result};
+use crate::health::view::healthy_in;
 use crate::routing::apply as routes;
 use crate::routing::netlink::Netlink;
 use crate::routing::{IpRule, TableSpec};
@@ -42,7 +43,7 @@ pub fn problems_of(settings: &Settings, records: &[&Record]) -> Result<Vec<(Atta
         let fw = backends.iter_mut().find(|f| f.kind() == rec.backend).expect("every backend kind is open");
         problems.extend(fw.verify(&rec.id, &rec.firewall)?);
         problems.extend(kernel::check_sysctls(&rec.sysctls));
-        problems.extend(check_routing(rec)?);
+        problems.extend(check_routing(rec, healthy_in(&settings.state_dir))?);
         out.push((rec.id.clone(), problems));
     }
     Ok(out)
@@ -51,8 +52,8 @@ pub fn problems_of(settings: &Settings, records: &[&Record]) -> Result<Vec<(Atta
 /// What differs in the node's policy routing and uplink settings, for all records at once: each
 /// rule, table and sysctl once, however many attachments hold it, so the cost follows the
 /// number of uplinks, not of pods.
-pub fn routing_problems(records: &[&Record]) -> Result<Vec<String>> {
-    let ip_rules: BTreeSet<IpRule> = records.iter().flat_map(|r| r.ip_rules.iter().cloned()).collect();
+pub fn routing_problems(settings: &Settings, records: &[&Record]) -> Result<Vec<String>> {
+    let ip_rules = node_rules(settings, records);
     let tables: BTreeSet<TableSpec> = records.iter().flat_map(|r| r.tables.iter().cloned()).collect();
     let sysctls: BTreeSet<_> = records.iter().flat_map(|r| r.sysctls.iter().cloned()).collect();
     let mut problems = kernel::check_sysctls(&sysctls.into_iter().collect::<Vec<_>>());
@@ -67,6 +68,13 @@ pub fn routing_problems(records: &[&Record]) -> Result<Vec<String>> {
         }
     }
     Ok(problems)
+}
+
+/// Every record's ip rules, the pods' source rules pointed where uplink health says.
+fn node_rules(settings: &Settings, records: &[&Record]) -> BTreeSet<IpRule> {
+    let recorded: BTreeSet<IpRule> = records.iter().flat_map(|r| r.ip_rules.iter().cloned()).collect();
+    let egress: BTreeSet<&crate::routing::egress::Egress> = records.iter().filter_map(|r| r.egress.as_ref()).collect();
+    crate::routing::egress::resolve_rules(&recorded, egress, healthy_in(&settings.state_dir))
 }
 
 /// Converge the kernel to exactly what the live records say, under the node lock.
@@ -96,7 +104,7 @@ pub fn reconcile(settings: &Settings) -> Result<Report> {
             Err(e) => report.unresolved.push(e.to_string()),
         }
     }
-    let ip_rules: BTreeSet<IpRule> = records.iter().flat_map(|r| r.ip_rules.iter().cloned()).collect();
+    let ip_rules = node_rules(settings, &records.iter().collect::<Vec<_>>());
     let tables: BTreeSet<TableSpec> = records.iter().flat_map(|r| r.tables.iter().cloned()).collect();
     if !ip_rules.is_empty() || !tables.is_empty() {
         let mut nl = Netlink::open()?;

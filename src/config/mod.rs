@@ -17,6 +17,7 @@ pub const DEFAULT_RULE_PRIORITY: u32 = 100;
 /// Calico 0xffff0000.
 pub const DEFAULT_MARK_MASK: u32 = 0x1fff;
 
+mod failover;
 mod raw;
 mod runtime;
 mod salvage;
@@ -80,6 +81,37 @@ pub struct GlobalRouting {
     pub fwmark: Option<u32>,
     pub rule_priority: u32,
     pub outbound: Outbound,
+    /// `outbound.fallback`: where the pods' own traffic goes when the uplinks before are unhealthy.
+    pub fallback: Vec<FallbackUplink>,
+    /// `routing.health`: how the agent judges the uplinks of `[outbound, ...fallback]`.
+    pub health: HealthConfig,
+}
+
+/// A fallback uplink with the table that routes the pods' traffic by it: the table a rule's
+/// routing block gives that uplink in this network, else `tableId + position` (1-based).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FallbackUplink {
+    pub table_id: u32,
+    pub table_name: Option<String>,
+    pub outbound: Outbound,
+}
+
+/// `routing.health`, with its defaults.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthConfig {
+    /// ICMP echo targets, asked through each uplink every interval; none: link state alone.
+    pub targets: Vec<IpAddr>,
+    pub interval_ms: u32,
+    pub timeout_ms: u32,
+    pub fail_after: u32,
+    pub recover_after: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig { targets: Vec::new(), interval_ms: 1000, timeout_ms: 800, fail_after: 3, recover_after: 5 }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -78,6 +78,7 @@ pub(super) struct RawRouting {
     pub(super) rule_priority: Option<i64>,
     pub(super) outbound: Option<RawOutbound>,
     pub(super) reply_via: Option<String>,
+    pub(super) health: Option<RawHealth>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -98,6 +99,20 @@ pub(super) struct RawOutbound {
     pub(super) gateway: String,
     #[serde(default)]
     pub(super) use_default_route: bool,
+    /// Only in the global block: uplinks the pods' own traffic fails over to, in order.
+    pub(super) fallback: Option<Vec<String>>,
+}
+
+/// `routing.health`: how the agent probes an outbound list with a fallback.
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct RawHealth {
+    #[serde(default)]
+    pub(super) targets: Vec<String>,
+    pub(super) interval_ms: Option<i64>,
+    pub(super) timeout_ms: Option<i64>,
+    pub(super) fail_after: Option<i64>,
+    pub(super) recover_after: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -117,6 +117,8 @@ fn example_from_config_md_parses_to_expected_values() {
     assert_eq!(
         c.routing,
         Some(GlobalRouting {
+            fallback: Vec::new(),
+            health: crate::config::HealthConfig::default(),
             table_id: 100,
             table_name: Some("dind_net1".into()),
             fwmark: Some(0x64),

@@ -1,5 +1,6 @@
 //! Validation field by field: every rejection names the field and the value. Never touches the node.
 
+use super::failover;
 use super::raw::*;
 use super::*;
 use crate::cni;
@@ -24,7 +25,7 @@ pub(super) fn validate(raw: RawConf) -> Result<NetConf> {
     }
     let routing = match &raw.routing {
         Some(r) if r.enabled.unwrap_or_else(|| names_global_routing(r)) => {
-            Some(validate_global_routing(r, settings.mark_mask)?)
+            Some(validate_global_routing(r, settings.mark_mask, &raw.port_forwarding.rules)?)
         }
         _ => None,
     };
@@ -237,22 +238,28 @@ fn validate_reply_via(v: Option<&str>) -> Result<ReplyVia> {
     }
 }
 
-fn validate_global_routing(r: &RawRouting, mask: u32) -> Result<GlobalRouting> {
+fn validate_global_routing(r: &RawRouting, mask: u32, rules: &[RawRule]) -> Result<GlobalRouting> {
     let rule_priority = match r.rule_priority {
         None => DEFAULT_RULE_PRIORITY,
         Some(p @ 1..=32755) => p as u32,
         Some(p) => return Err(invalid(format!("routing.rulePriority: {p} is outside 1-32755"))),
     };
+    let table_id = validate_table_id("routing.tableId", r.table_id)?;
+    let outbound = validate_outbound("routing.outbound", &r.outbound)?;
+    let fallback = failover::validate_fallback(r, &outbound, table_id, rules)?;
     Ok(GlobalRouting {
-        table_id: validate_table_id("routing.tableId", r.table_id)?,
+        table_id,
         table_name: validate_table_name("routing.tableName", &r.table_name)?,
         fwmark: r.fwmark.as_ref().map(|m| validate_fwmark("routing.fwmark", m, mask)).transpose()?,
         rule_priority,
-        outbound: validate_outbound("routing.outbound", &r.outbound)?,
+        health: failover::validate_health(r.health.as_ref(), !fallback.is_empty())?,
+        fallback,
+        outbound,
     })
 }
 
 fn validate_rule(r: &RawRule, mask: u32) -> Result<PortRule> {
+    failover::refuse_rule_fallback(r)?;
     let routing = match &r.routing {
         None => None,
         Some(rr) => Some(RouteSpec {
@@ -371,6 +378,27 @@ fn check_unique_marks_and_tables(global: Option<&GlobalRouting>, rules: &[PortRu
             return Err(invalid(format!("{who}.tableId: {} is already used by {other}", rs.table_id)));
         }
         claim_name(&rs.table_name, rs.table_id, &who)?;
+    }
+    for (i, f) in global.iter().flat_map(|g| g.fallback.iter()).enumerate() {
+        let own_rule = |r: &PortRule| {
+            r.routing
+                .as_ref()
+                .is_some_and(|rs| rs.table_id == f.table_id && rs.outbound.interface == f.outbound.interface)
+        };
+        match tables.get(&f.table_id) {
+            Some(_) if rules.iter().any(own_rule) => {}
+            Some(other) => {
+                return Err(invalid(format!(
+                    "routing.outbound.fallback[{i}]: {:?} gets table {} (routing.tableId + {}), already used by {other}; give the uplink a table in a rule's routing block",
+                    f.outbound.interface,
+                    f.table_id,
+                    i + 1
+                )))
+            }
+            None => {
+                tables.insert(f.table_id, format!("routing.outbound.fallback[{i}]"));
+            }
+        }
     }
     Ok(())
 }

@@ -16,9 +16,11 @@ const IPCTNL_MSG_CT_GET: u16 = 1;
 const IPCTNL_MSG_CT_DELETE: u16 = 2;
 
 const CTA_TUPLE_ORIG: u16 = 1;
+const CTA_TUPLE_REPLY: u16 = 2;
 const CTA_ZONE: u16 = 18;
 const CTA_TUPLE_IP: u16 = 1;
 const CTA_TUPLE_PROTO: u16 = 2;
+const CTA_IP_V4_SRC: u16 = 1;
 const CTA_IP_V4_DST: u16 = 2;
 const CTA_IP_V6_DST: u16 = 4;
 const CTA_PROTO_NUM: u16 = 1;
@@ -38,20 +40,45 @@ pub fn clear_udp(family_v6: bool, flows: &[UdpFlow]) -> Result<usize> {
     if flows.is_empty() {
         return Ok(0);
     }
+    delete_where(family_v6, |entry| find_attr(entry, CTA_TUPLE_ORIG).is_some_and(|orig| matches_any(orig, flows)))
+}
+
+/// Delete the IPv4 entries of connections from `subnets` that were masqueraded to one of
+/// `addresses` (original source in a pod subnet, reply destination that address): what must go
+/// when the pods' traffic leaves by another uplink, or their next packets would keep the old
+/// uplink's address. An entry that expired meanwhile is not an error.
+pub fn clear_masqueraded(subnets: &[ipnetwork::IpNetwork], addresses: &[std::net::Ipv4Addr]) -> Result<usize> {
+    if subnets.is_empty() || addresses.is_empty() {
+        return Ok(0);
+    }
+    delete_where(false, |entry| {
+        let ip_of = |tuple: u16, which: u16| {
+            find_attr(entry, tuple)
+                .and_then(|t| find_attr(t, CTA_TUPLE_IP))
+                .and_then(|ip| find_attr(ip, which))
+                .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                .map(std::net::Ipv4Addr::from)
+        };
+        let from_pod =
+            ip_of(CTA_TUPLE_ORIG, CTA_IP_V4_SRC).is_some_and(|src| subnets.iter().any(|s| s.contains(src.into())));
+        from_pod && ip_of(CTA_TUPLE_REPLY, CTA_IP_V4_DST).is_some_and(|dst| addresses.contains(&dst))
+    })
+}
+
+/// Dump the family's entries and delete, one by one, those `pick` chooses (by their attributes).
+fn delete_where(family_v6: bool, pick: impl Fn(&[u8]) -> bool) -> Result<usize> {
     let sock = Socket::open("conntrack")?;
     let family = if family_v6 { nix::libc::AF_INET6 } else { nix::libc::AF_INET } as u8;
     let mut victims = Vec::new();
     sock.send(&request(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, family, &[]))?;
     receive(&sock, |payload| {
-        if let Some(orig) = find_attr(payload, CTA_TUPLE_ORIG) {
-            if matches_any(orig, flows) {
-                let mut attrs = Attrs::new();
-                attrs.bytes(CTA_TUPLE_ORIG | 0x8000, orig);
-                if let Some(zone) = find_attr(payload, CTA_ZONE) {
-                    attrs.bytes(CTA_ZONE, zone);
-                }
-                victims.push(attrs.buf);
+        if let Some(orig) = find_attr(payload, CTA_TUPLE_ORIG).filter(|_| pick(payload)) {
+            let mut attrs = Attrs::new();
+            attrs.bytes(CTA_TUPLE_ORIG | 0x8000, orig);
+            if let Some(zone) = find_attr(payload, CTA_ZONE) {
+                attrs.bytes(CTA_ZONE, zone);
             }
+            victims.push(attrs.buf);
         }
     })?;
     let mut deleted = 0;

@@ -2,7 +2,8 @@
 //! pod subnet. Pure: next hops are resolved against the live uplinks when applied (routing/).
 
 use super::{Forward, HostPort};
-use crate::config::{NetConf, Outbound, ReplyVia, DEFAULT_RULE_PRIORITY};
+use crate::config::{GlobalRouting, NetConf, Outbound, ReplyVia, DEFAULT_RULE_PRIORITY};
+use crate::routing::egress::{Egress, EgressUplink};
 use crate::routing::{IpRule, TableSpec, MAIN_TABLE};
 use ipnetwork::IpNetwork;
 use std::collections::BTreeSet;
@@ -17,6 +18,9 @@ pub struct RoutingPlan {
     /// `replyVia: "arrival"`: the mark a NEW connection to a forwarded port gets from the uplink it
     /// arrived on, for every uplink that has a table here. It overrides the forward's own mark.
     pub arrival: Vec<Arrival>,
+    /// The pods' own traffic, when `routing.outbound` has a fallback: which uplinks it may leave
+    /// by, in order, and by which table (the source rule above is the primary's; health moves it).
+    pub egress: Option<Egress>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -125,8 +129,37 @@ pub(super) fn plan_routing(conf: &NetConf, bridge: &str, subnets: &[IpNetwork], 
             });
         }
         plan.uplinks.insert(g.outbound.interface.clone());
+        if !g.fallback.is_empty() && !subnets.is_empty() {
+            plan.egress = Some(plan_egress(conf, g, bridge, subnets, &mut plan));
+        }
     }
     plan
+}
+
+/// The fallback uplinks' tables, held like the others so they are ready before they are needed
+/// (a failover then changes one ip rule), and what the agent needs to choose among them.
+fn plan_egress(
+    conf: &NetConf,
+    g: &GlobalRouting,
+    bridge: &str,
+    subnets: &[IpNetwork],
+    plan: &mut RoutingPlan,
+) -> Egress {
+    let mut uplinks = vec![EgressUplink { interface: g.outbound.interface.clone(), table: g.table_id }];
+    for f in &g.fallback {
+        for subnet in subnets {
+            plan.tables.insert(table_spec(f.table_id, &f.table_name, bridge, *subnet, &f.outbound));
+        }
+        plan.uplinks.insert(f.outbound.interface.clone());
+        uplinks.push(EgressUplink { interface: f.outbound.interface.clone(), table: f.table_id });
+    }
+    Egress {
+        network: conf.name.clone(),
+        priority: g.rule_priority + 10,
+        subnets: subnets.to_vec(),
+        uplinks,
+        health: g.health.clone(),
+    }
 }
 
 fn table_spec(id: u32, name: &Option<String>, bridge: &str, subnet: IpNetwork, outbound: &Outbound) -> TableSpec {

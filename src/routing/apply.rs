@@ -49,6 +49,23 @@ pub fn resolve_tables(nl: &mut Netlink, tables: &BTreeSet<TableSpec>) -> Result<
 
 const LOCAL_TABLE: u32 = 255;
 
+/// The next hop an uplink's traffic goes to, found as a table's default is (main first, then the
+/// lowest-metric default via it in another table); None for a point-to-point uplink or none found.
+pub fn uplink_gateway(nl: &mut Netlink, uplink: &str, index: u32) -> Result<Option<IpAddr>> {
+    let all = nl.all_routes()?;
+    let main: Vec<MainRoute> = all.iter().filter(|r| r.table == MAIN_TABLE).cloned().collect();
+    let elsewhere: Vec<MainRoute> =
+        all.iter().filter(|r| r.table != MAIN_TABLE && r.table != LOCAL_TABLE).cloned().collect();
+    let spec = TableSpec {
+        id: 0,
+        name: None,
+        bridge: String::new(),
+        subnet: "0.0.0.0/0".parse().expect("valid network"),
+        outbound: crate::config::Outbound { interface: uplink.to_string(), gateway: None, use_default_route: false },
+    };
+    Ok(default_route(&main, &elsewhere, &spec, index, || false).and_then(|r| r.gateway))
+}
+
 /// Point-to-point and NOARP links (cellular modems) reach the far end without a gateway; so does
 /// an address configured with a peer. Anything else ARPs for each destination, so a device-only
 /// default would look like a route and carry nothing.

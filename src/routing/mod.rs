@@ -4,6 +4,7 @@
 //! `rt_tables` registers table names for iproute2.
 
 pub mod apply;
+pub mod egress;
 pub mod neighbour;
 pub mod netlink;
 pub mod rt_tables;

@@ -3,6 +3,7 @@
 use crate::backend::Objects;
 use crate::config::{AttachmentId, Backend};
 use crate::plan::{Forward, HostPort, Sysctl};
+use crate::routing::egress::Egress;
 use crate::routing::{IpRule, Route, TableSpec};
 use serde::{Deserialize, Serialize};
 use std::fs;
@@ -56,6 +57,10 @@ pub struct Record {
     /// as `rule:<network>:<index>`, so an ADD can say which rules no attachment binds.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub bound_rules: Vec<usize>,
+    /// The pods' own traffic with a fallback uplink: the candidates and the health settings, so
+    /// that every path resolving the source rule (ADD, CHECK, reconcile, the agent) agrees.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<Egress>,
 }
 impl Record {
     pub fn new(id: AttachmentId, cni_version: &str) -> Record {
@@ -77,6 +82,7 @@ impl Record {
             forwards: Vec::new(),
             reply_via: None,
             bound_rules: Vec::new(),
+            egress: None,
         }
     }
 

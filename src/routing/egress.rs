@@ -1,0 +1,125 @@
+//! The pods' own traffic with a fallback: one source rule (`from <pod subnet> lookup T` at
+//! rulePriority+10) whose table is that of the first healthy uplink of `[outbound, ...fallback]`.
+//! Only this rule moves; every table stays on its uplink, so forwards arriving on an uplink that is
+//! failed over from are still answered through it. Pure: health comes in as a function.
+
+use super::IpRule;
+use crate::config::HealthConfig;
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+
+/// Recorded with each attachment of a network whose `routing.outbound` has a fallback.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Egress {
+    pub network: String,
+    pub priority: u32,
+    pub subnets: Vec<IpNetwork>,
+    /// `[outbound, ...fallback]`, in order of preference.
+    pub uplinks: Vec<EgressUplink>,
+    pub health: HealthConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressUplink {
+    pub interface: String,
+    pub table: u32,
+}
+
+impl Egress {
+    pub fn rule(&self, subnet: IpNetwork, table: u32) -> IpRule {
+        IpRule { priority: self.priority, table, fwmark: None, from: Some(subnet), suppress_default: false }
+    }
+
+    pub fn primary(&self) -> &EgressUplink {
+        &self.uplinks[0]
+    }
+
+    /// The first healthy uplink; the primary when none is.
+    pub fn chosen(&self, healthy: impl Fn(&str) -> bool) -> &EgressUplink {
+        self.uplinks.iter().find(|u| healthy(&u.interface)).unwrap_or_else(|| self.primary())
+    }
+
+    /// Every form this network's source rule can take, for removal.
+    pub fn variants(&self) -> BTreeSet<IpRule> {
+        self.subnets.iter().flat_map(|s| self.uplinks.iter().map(|u| self.rule(*s, u.table))).collect()
+    }
+}
+
+/// The ip rules as they should be now: each network's source rule pointed at the uplink health
+/// chose. Rules of networks without a fallback are as recorded.
+pub fn resolve_rules<'a>(
+    rules: &BTreeSet<IpRule>,
+    egress: impl IntoIterator<Item = &'a Egress>,
+    healthy: impl Fn(&str) -> bool,
+) -> BTreeSet<IpRule> {
+    let mut out = rules.clone();
+    for e in egress {
+        let chosen = e.chosen(&healthy).table;
+        for subnet in &e.subnets {
+            if out.remove(&e.rule(*subnet, e.primary().table)) {
+                out.insert(e.rule(*subnet, chosen));
+            }
+        }
+    }
+    out
+}
+
+/// `rules` plus every other form of the egress rules among them (what DEL must remove, whichever
+/// uplink the pods were leaving by).
+pub fn with_variants<'a>(rules: &BTreeSet<IpRule>, egress: impl IntoIterator<Item = &'a Egress>) -> BTreeSet<IpRule> {
+    let mut out = rules.clone();
+    for e in egress {
+        if e.subnets.iter().any(|s| rules.contains(&e.rule(*s, e.primary().table))) {
+            out.extend(e.variants());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn egress() -> Egress {
+        Egress {
+            network: "dind".into(),
+            priority: 110,
+            subnets: vec!["10.20.0.0/24".parse().unwrap()],
+            uplinks: vec![
+                EgressUplink { interface: "wan1".into(), table: 100 },
+                EgressUplink { interface: "wan0".into(), table: 101 },
+                EgressUplink { interface: "wwan0".into(), table: 102 },
+            ],
+            health: HealthConfig::default(),
+        }
+    }
+
+    #[test]
+    fn the_first_healthy_uplink_wins_and_the_primary_when_none_is() {
+        let e = egress();
+        assert_eq!(e.chosen(|_| true).interface, "wan1");
+        assert_eq!(e.chosen(|u| u != "wan1").interface, "wan0");
+        assert_eq!(e.chosen(|u| u == "wwan0").interface, "wwan0");
+        assert_eq!(e.chosen(|_| false).interface, "wan1");
+    }
+
+    #[test]
+    fn only_the_source_rule_moves() {
+        let e = egress();
+        let subnet = e.subnets[0];
+        let mark_rule =
+            IpRule { priority: 100, table: 100, fwmark: Some((0x64, 0x1fff)), from: None, suppress_default: false };
+        let rules: BTreeSet<IpRule> = [mark_rule.clone(), e.rule(subnet, 100)].into_iter().collect();
+        let resolved = resolve_rules(&rules, [&e], |u| u != "wan1");
+        assert_eq!(resolved, [mark_rule.clone(), e.rule(subnet, 101)].into_iter().collect());
+        assert_eq!(resolve_rules(&rules, [&e], |_| true), rules);
+        // An attachment that does not hold the source rule gets none.
+        let only_mark: BTreeSet<IpRule> = [mark_rule].into_iter().collect();
+        assert_eq!(resolve_rules(&only_mark, [&e], |_| false), only_mark);
+        assert_eq!(with_variants(&rules, [&e]).len(), 4);
+        assert_eq!(with_variants(&only_mark, [&e]), only_mark);
+    }
+}
