@@ -11,12 +11,15 @@ use std::net::IpAddr;
 
 pub fn list(opts: &Options) -> Result<bool> {
     let found = commands::list(&opts.settings)?;
+    let (uplinks, egress) = commands::egress_status(&opts.settings)?;
     if opts.json {
-        println!("{}", json!({ "stateDir": opts.settings.state_dir, "attachments": found }));
+        let all =
+            json!({ "stateDir": opts.settings.state_dir, "attachments": found, "uplinks": uplinks, "egress": egress });
+        println!("{all}");
     } else if found.is_empty() {
         println!("no attachments on this node (state directory {})", opts.settings.state_dir.display());
     } else {
-        print!("{}", render(&found));
+        print!("{}{}", render(&found), commands::render_egress(&uplinks, &egress));
     }
     Ok(true)
 }

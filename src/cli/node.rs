@@ -11,12 +11,13 @@ pub fn check(opts: &Options) -> Result<bool> {
     let _lock = commands::lock_node(&opts.settings)?;
     let found = commands::problems_per_attachment(&opts.settings)?;
     let healthy = found.iter().all(|(_, p)| p.is_empty());
+    let (uplinks, egress) = commands::egress_status(&opts.settings)?;
     if opts.json {
         let list: Vec<_> = found
             .iter()
             .map(|(id, problems)| json!({ "network": id.network, "containerID": id.container_id, "ifname": id.ifname, "problems": problems }))
             .collect();
-        println!("{}", json!({ "ok": healthy, "attachments": list }));
+        println!("{}", json!({ "ok": healthy, "attachments": list, "uplinks": uplinks, "egress": egress }));
         return Ok(healthy);
     }
     if found.is_empty() {
@@ -33,6 +34,7 @@ pub fn check(opts: &Options) -> Result<bool> {
             }
         }
     }
+    print!("{}", commands::render_egress(&uplinks, &egress));
     Ok(healthy)
 }
 

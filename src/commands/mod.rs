@@ -20,6 +20,7 @@ mod node;
 mod reconcile;
 mod status;
 mod uninstall;
+mod uplinks;
 
 pub use add::add;
 pub use check::check;
@@ -29,6 +30,7 @@ pub use list::{list, Listed, ListedForward, ListedMark, ListedTable};
 pub use reconcile::{problems_of, problems_per_attachment, reconcile, routing_problems};
 pub use status::status;
 pub use uninstall::{uninstall, Survey};
+pub use uplinks::{egress_status, render_egress};
 
 use crate::cni::Env;
 use crate::config::{AttachmentId, NetConf};

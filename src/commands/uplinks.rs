@@ -1,0 +1,78 @@
+//! Egress failover as the operator sees it: each probed uplink's health and which uplink each
+//! network's pods leave by, from the records and the live agent's shared judgement. Without a
+//! live agent nothing is probed and every network leaves by its primary.
+
+use crate::config::Settings;
+use crate::error::Result;
+use crate::health::view::View;
+use crate::routing::egress::Egress;
+use crate::state::Store;
+use serde::Serialize;
+use std::collections::BTreeSet;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UplinkStatus {
+    pub uplink: String,
+    /// None: no live agent judges it.
+    pub healthy: Option<bool>,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressStatus {
+    pub network: String,
+    /// The uplink the pods' own traffic leaves by now.
+    pub uplink: String,
+    pub primary: String,
+    pub candidates: Vec<String>,
+}
+
+/// Every network with a fallback in the live records, and the uplinks of their lists.
+pub fn egress_status(settings: &Settings) -> Result<(Vec<UplinkStatus>, Vec<EgressStatus>)> {
+    let Some(store) = Store::open_existing(&settings.state_dir)? else { return Ok((Vec::new(), Vec::new())) };
+    let records = store.load_all()?;
+    let egress: BTreeSet<&Egress> = records.iter().filter(|r| r.is_live()).filter_map(|r| r.egress.as_ref()).collect();
+    let view = View::load(&settings.state_dir);
+    let healthy = |u: &str| view.as_ref().is_none_or(|v| v.is_healthy(u));
+    let names: BTreeSet<&str> = egress.iter().flat_map(|e| e.uplinks.iter().map(|u| u.interface.as_str())).collect();
+    let uplinks = names
+        .into_iter()
+        .map(|name| {
+            let judged = view.as_ref().and_then(|v| v.uplinks.get(name));
+            UplinkStatus {
+                uplink: name.to_string(),
+                healthy: judged.map(|h| h.healthy),
+                reason: judged.map_or_else(|| "not probed (no live agent)".to_string(), |h| h.reason.clone()),
+            }
+        })
+        .collect();
+    let networks = egress
+        .iter()
+        .map(|e| EgressStatus {
+            network: e.network.clone(),
+            uplink: e.chosen(healthy).interface.clone(),
+            primary: e.primary().interface.clone(),
+            candidates: e.uplinks.iter().map(|u| u.interface.clone()).collect(),
+        })
+        .collect();
+    Ok((uplinks, networks))
+}
+
+/// The lines `list` and `check` print under the attachments.
+pub fn render_egress(uplinks: &[UplinkStatus], networks: &[EgressStatus]) -> String {
+    let mut out = String::new();
+    for u in uplinks {
+        let state = match u.healthy {
+            Some(true) => "healthy",
+            Some(false) => "unhealthy",
+            None => "unknown",
+        };
+        out += &format!("uplink   {:<12} {:<9} {}\n", u.uplink, state, u.reason);
+    }
+    for n in networks {
+        out += &format!("egress   {}: pods leave by {} (list {})\n", n.network, n.uplink, n.candidates.join(" → "));
+    }
+    out
+}
