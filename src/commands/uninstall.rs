@@ -14,7 +14,7 @@
 //! - ip rules: those of the records or the index, every rule that looks up one of those tables,
 //!   and the "lookup main suppress_prefixlength 0" rule right before such a `from` rule (the pair
 //!   the network's `routing` block installs);
-//! - state: `records/`, `index/` and STATUS probe files. The state directory and its `lock` file
+//! - state: `records/`, `index/`, STATUS probe files and the agent's `health.json`. The state directory and its `lock` file
 //!   stay: a CNI call already waiting on the lock must still exclude the calls after it.
 //!
 //! Sysctls stay as they are (ip_forward, route_localnet, src_valid_mark, IPv6 forwarding): the
@@ -261,6 +261,12 @@ fn probe_files(dir: &Path) -> Vec<PathBuf> {
         .flatten()
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(".status-probe.")))
+        // STATUS probes, and the agent's shared uplink health (with its temp file).
+        .filter(|p| {
+            p.file_name().is_some_and(|n| {
+                let n = n.to_string_lossy();
+                n.starts_with(".status-probe.") || n == "health.json" || n.starts_with(".health.json.tmp.")
+            })
+        })
         .collect()
 }
