@@ -11,6 +11,7 @@ mod crashpoint;
 mod error;
 mod health;
 mod logging;
+mod metrics;
 mod netlink;
 mod plan;
 mod routing;

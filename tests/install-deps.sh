@@ -7,6 +7,7 @@ packages=(
   golang-go golang-github-appc-cni-dev       # libcni, for the test driver (tests/driver)
   socat netcat-openbsd procps                # real packets in tests
   containerd runc busybox-static             # a real containerd CRI runtime (tests/containerd.rs); busybox is its pause image
+  prometheus curl                            # a real Prometheus scraping the agent's /metrics (tests/metrics.rs)
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -15,6 +15,7 @@ mod records;
 use crate::commands;
 use crate::config::Settings;
 use crate::error::Result;
+use crate::metrics::{Metrics, Pass};
 use events::{Events, Wake};
 use failover::Failover;
 use interest::Concern;
@@ -31,6 +32,8 @@ pub fn watch(opts: &WatchOptions) -> Result<bool> {
     let settings = &opts.settings;
     let mut events = Events::open()?;
     let mut node = Records::open(settings)?;
+    // After Events::open: the server's threads inherit the signals it blocked.
+    let metrics = Metrics::start(&settings.state_dir, opts.metrics)?;
     let interval = Duration::from_secs(opts.interval_secs);
     log::info!(
         "node agent started (pid {}): state {}, safety reconcile every {} s",
@@ -47,6 +50,7 @@ pub fn watch(opts: &WatchOptions) -> Result<bool> {
     let mut failover = Failover::new(&settings.state_dir);
     let mut followed = 0;
     loop {
+        metrics.beat();
         if node.generation != followed {
             failover.follow(&node.live());
             followed = node.generation;
@@ -81,7 +85,9 @@ pub fn watch(opts: &WatchOptions) -> Result<bool> {
         if !full && !check {
             continue;
         }
+        let started = Instant::now();
         let outcome = if full { reconcile(settings) } else { node.check_then_reconcile(pending.take()) };
+        metrics.record_pass(if full { Pass::Reconcile } else { Pass::Check }, started.elapsed(), &outcome);
         // A long-lived process must not keep every pass's netfilter sockets.
         crate::netlink::nfnetlink::release();
         match outcome {

@@ -2,6 +2,7 @@
 //! how options are spelled and the two do not depend on each other.
 
 use crate::config::Settings;
+use std::net::SocketAddr;
 
 #[derive(Debug, Clone)]
 pub struct WatchOptions {
@@ -9,4 +10,6 @@ pub struct WatchOptions {
     pub settings: Settings,
     /// The safety reconcile's period, in seconds.
     pub interval_secs: u64,
+    /// Where to serve /metrics and /healthz; None: nowhere.
+    pub metrics: Option<SocketAddr>,
 }

@@ -3,6 +3,7 @@
 
 use crate::agent::WatchOptions;
 use crate::config::{Settings, DEFAULT_LOG_FILE, DEFAULT_STATE_DIR};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 pub const HELP: &str = "options:\n  \
@@ -12,6 +13,7 @@ pub const HELP: &str = "options:\n  \
     --iptables TOOL   iptables, iptables-nft, iptables-legacy or a path (default iptables)\n  \
     --json            machine-readable output\n  \
     --interval SECS   watch: the safety reconcile's period (default 300)\n  \
+    --metrics ADDR:PORT  watch: serve /metrics (Prometheus) and /healthz there (default: off)\n  \
     --yes             uninstall: really remove";
 
 #[derive(Debug, Clone)]
@@ -22,6 +24,7 @@ pub struct Options {
     /// Log lines also go to stderr (the agent, so journald and `kubectl logs` see them).
     pub echo_log: bool,
     pub interval_secs: u64,
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Options {
@@ -31,8 +34,14 @@ impl Options {
             log_file: PathBuf::from(DEFAULT_LOG_FILE),
             ..Settings::default()
         };
-        let mut opts =
-            Options { settings: Settings::default(), json: false, yes: false, echo_log: true, interval_secs: 300 };
+        let mut opts = Options {
+            settings: Settings::default(),
+            json: false,
+            yes: false,
+            echo_log: true,
+            interval_secs: 300,
+            metrics: None,
+        };
         let mut it = args.iter();
         while let Some(arg) = it.next() {
             let (flag, inline) = match arg.split_once('=') {
@@ -58,6 +67,13 @@ impl Options {
                         .filter(|s| (1..=86_400).contains(s))
                         .ok_or_else(|| format!("--interval: {v:?} is not a number of seconds from 1 to 86400"))?;
                 }
+                "--metrics" => {
+                    let v = value(flag)?;
+                    let addr = v
+                        .parse()
+                        .map_err(|_| format!("--metrics: {v:?} is not an address and port (e.g. 127.0.0.1:9469)"))?;
+                    opts.metrics = Some(addr);
+                }
                 "--json" => opts.json = true,
                 "--yes" => opts.yes = true,
                 other => return Err(format!("unknown option {other:?}")),
@@ -69,7 +85,7 @@ impl Options {
 
     /// What `watch` needs of them.
     pub fn watch_options(&self) -> WatchOptions {
-        WatchOptions { settings: self.settings.clone(), interval_secs: self.interval_secs }
+        WatchOptions { settings: self.settings.clone(), interval_secs: self.interval_secs, metrics: self.metrics }
     }
 }
 
@@ -98,6 +114,9 @@ mod tests {
         assert_eq!(o.settings.log_file, PathBuf::from("/tmp/l"));
         assert!(o.json && !o.yes);
         assert_eq!(o.interval_secs, 7);
+        assert_eq!(o.metrics, None);
+        let o = Options::parse(&args(&["--metrics", "127.0.0.1:9469"])).unwrap();
+        assert_eq!(o.watch_options().metrics, Some("127.0.0.1:9469".parse().unwrap()));
     }
 
     #[test]
@@ -113,5 +132,6 @@ mod tests {
         assert!(Options::parse(&args(&["--state-dir", "rel"])).unwrap_err().contains("absolute"));
         assert!(Options::parse(&args(&["--frobnicate"])).unwrap_err().contains("--frobnicate"));
         assert!(Options::parse(&args(&["--interval", "0"])).unwrap_err().contains("--interval"));
+        assert!(Options::parse(&args(&["--metrics", "9469"])).unwrap_err().contains("--metrics: \"9469\""));
     }
 }

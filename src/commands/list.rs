@@ -32,7 +32,7 @@
 use crate::config::{AttachmentId, Protocol, Settings};
 use crate::error::Result;
 use crate::routing::MAIN_TABLE;
-use crate::state::{Record, Status, Store};
+use crate::state::{Record, Store};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -105,11 +105,7 @@ pub fn list(settings: &Settings) -> Result<Vec<Listed>> {
 }
 
 fn listed(rec: &Record, record: PathBuf) -> Listed {
-    let status = match (rec.is_live(), rec.status) {
-        (false, _) => "earlier-boot",
-        (true, Status::Applied) => "applied",
-        (true, Status::Applying) => "applying",
-    };
+    let status = rec.status_name();
     let uplink_of: BTreeMap<u32, &str> = rec.tables.iter().map(|t| (t.id, t.outbound.interface.as_str())).collect();
     let mut tables: Vec<ListedTable> = rec
         .tables

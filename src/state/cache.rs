@@ -58,6 +58,15 @@ impl RecordCache {
         Ok(changed)
     }
 
+    /// Every record file with the name of its network's directory: its record, or None when it
+    /// cannot be read. Records of earlier boots included.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, Option<&Record>)> {
+        self.files.iter().map(|(path, (_, _, rec))| {
+            let network = path.parent().and_then(|d| d.file_name()).and_then(|n| n.to_str()).unwrap_or("");
+            (network, rec.as_ref())
+        })
+    }
+
     /// The records of this boot.
     pub fn live(&self) -> Vec<&Record> {
         self.files.values().filter_map(|(_, _, r)| r.as_ref()).filter(|r| r.is_live()).collect()

@@ -90,6 +90,25 @@ impl Record {
     pub fn is_live(&self) -> bool {
         self.boot_id == current_boot_id()
     }
+
+    /// Its status as `list` and the metrics spell it: `applied`, `applying` (an ADD did not finish,
+    /// or is running) or `earlier-boot` (nothing of it is installed).
+    pub fn status_name(&self) -> &'static str {
+        match (self.is_live(), self.status) {
+            (false, _) => "earlier-boot",
+            (true, Status::Applied) => "applied",
+            (true, Status::Applying) => "applying",
+        }
+    }
+
+    /// How many forwards it lists (records older than the `forwards` field: one per host port).
+    pub fn forward_count(&self) -> usize {
+        if self.forwards.is_empty() {
+            self.host_ports.len()
+        } else {
+            self.forwards.len()
+        }
+    }
 }
 
 pub fn current_boot_id() -> String {

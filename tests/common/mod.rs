@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod containerd;
+pub mod prometheus;
 pub mod uplinks;
 
 use std::fs;
