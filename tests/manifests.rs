@@ -127,6 +127,34 @@ fn daemonset_shares_the_hosts_state_log_table_names_and_xtables_lock() {
 }
 
 #[test]
+fn daemonset_serves_metrics_on_the_nodes_address_and_probes_healthz() {
+    let ds = daemonset();
+    let agent = agent_container(&ds);
+    let argv = argv(&agent);
+    let at = argv.iter().position(|a| a == "--metrics").expect("the agent serves metrics (--metrics)");
+    let (host, port) = argv[at + 1].rsplit_once(':').expect("--metrics ADDR:PORT");
+    let port: u64 = port.parse().expect("a port number");
+    let ports = &agent["ports"];
+    assert_eq!(named(ports, "metrics")["containerPort"], port, "the metrics port is declared: {ports}");
+    // $(NODE_IP) is the node's address from the downward API, not an address of every uplink.
+    let var = host.strip_prefix("$(").and_then(|v| v.strip_suffix(')')).expect("the address from an env var");
+    assert_eq!(named(&agent["env"], var).pointer("/valueFrom/fieldRef/fieldPath").unwrap(), "status.hostIP");
+
+    let probe = &agent["livenessProbe"];
+    assert_eq!(probe.pointer("/httpGet/path").unwrap(), "/healthz", "{probe}");
+    let probed = probe.pointer("/httpGet/port").unwrap();
+    assert!(probed == "metrics" || *probed == port, "the probe asks the metrics port: {probe}");
+    // /healthz fails after 180 s without a wake: the probe must not give up before the agent could.
+    let patience = probe["periodSeconds"].as_u64().unwrap_or(10) * probe["failureThreshold"].as_u64().unwrap_or(3);
+    assert!(patience >= 60, "the probe restarts the agent after {patience} s of failures");
+
+    let annotations = ds.pointer("/spec/template/metadata/annotations").expect("scrape annotations");
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(annotations["prometheus.io/port"], port.to_string());
+    assert_eq!(annotations["prometheus.io/path"], "/metrics");
+}
+
+#[test]
 fn daemonset_init_container_installs_the_plugin_into_the_cni_bin_dir() {
     let ds = daemonset();
     let bin_dir = ds.pointer("/metadata/annotations/bridge-nat~1cni-bin-dir").and_then(Value::as_str);
