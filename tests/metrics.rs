@@ -1,8 +1,9 @@
 //! The agent's metrics as a fleet sees them: a real Prometheus (Debian's) in the node namespace
 //! scrapes `bridge-nat watch --metrics` every second, and its query API finds the attachments
-//! and forwards the records list and a repair counted after a route is wiped. And the server
-//! cannot be used against the agent: scrapers that connect and say nothing, or send a 1 MiB
-//! request, do not delay a repair. Real agent process, real kernel events, real packets.
+//! and forwards the records list, a repair counted after a route is wiped, and an uplink's health
+//! going to 0 and back with the pods' egress following. And the server cannot be used against the
+//! agent: scrapers that connect and say nothing, or send a 1 MiB request, do not delay a repair.
+//! Real agent process, real kernel events, real packets.
 
 mod common;
 
@@ -153,3 +154,54 @@ fn hostile_scrapers_do_not_delay_a_repair(backend: Backend) {
     assert!(check.status.success(), "the node is not right afterwards: {}", text(&check));
 }
 both_backends!(hostile_scrapers_do_not_delay_a_repair);
+
+/// Uplink health as a fleet sees it: up2 (the pods' primary, up1 the fallback) goes down and comes
+/// back; Prometheus sees its health go to 0 and back to 1, each transition counted, the pods'
+/// egress move to up1 and back, and probes answered with a round-trip time.
+#[test]
+fn prometheus_sees_an_uplink_fail_over_and_recover() {
+    if !require_root() {
+        return;
+    }
+    let t = Topology::new(Backend::Nftables);
+    let mut e = two_uplink_entry(&t.node);
+    e["routing"]["outbound"]["fallback"] = serde_json::json!(["up1"]);
+    // Each router answers pings through its own uplink only.
+    e["routing"]["health"] = serde_json::json!({
+        "targets": [ROUTER1, ROUTER2], "intervalMs": 200, "timeoutMs": 150, "failAfter": 2, "recoverAfter": 2
+    });
+    let conf = t.conflist(e);
+    let _pod = Pod::add(&t.node, &conf, "web");
+    let node = &t.node;
+    let _agent = Agent::start_with(node, &["--metrics", METRICS]);
+    let prom = Prometheus::start(node, METRICS);
+    let health = |uplink: &str, want: f64| {
+        prom.wait_for_series("bridge_nat_uplink_healthy", SEEN_WITHIN, |m, v| m["uplink"] == uplink && v == want)
+    };
+    let egress = |uplink: &str| {
+        let q = "bridge_nat_network_egress_uplink";
+        prom.wait_for_series(q, SEEN_WITHIN, |m, v| m["network"] == NETWORK_NAME && m["uplink"] == uplink && v == 1.0)
+    };
+    let transitions = |to: &str| {
+        let q = format!("bridge_nat_uplink_transitions_total{{uplink=\"up2\",to=\"{to}\"}}");
+        prom.wait_for_series(&q, SEEN_WITHIN, |_, v| v == 1.0)
+    };
+    health("up1", 1.0);
+    health("up2", 1.0);
+    egress("up2");
+    let answered = "bridge_nat_uplink_probes_total{uplink=\"up2\",result=\"answered\"}";
+    prom.wait_for_series(answered, SEEN_WITHIN, |_, v| v >= 1.0);
+    let rtt = "bridge_nat_uplink_probe_rtt_seconds_sum{uplink=\"up2\"} / bridge_nat_uplink_probe_rtt_seconds_count";
+    let rtt = prom.wait_for_series(rtt, SEEN_WITHIN, |_, v| v > 0.0 && v < 0.15);
+    eprintln!("up2's mean probe round trip: {:.2} ms", rtt * 1000.0);
+
+    node.ns.sh_ok("ip link set up2 down");
+    health("up2", 0.0);
+    egress("up1");
+    transitions("unhealthy");
+
+    node.ns.sh_ok(&format!("ip link set up2 up && ip route replace default via {ROUTER2} dev up2 metric 200"));
+    health("up2", 1.0);
+    egress("up2");
+    transitions("healthy");
+}

@@ -5,8 +5,9 @@
 
 use crate::config::HealthConfig;
 use crate::health::probe::Probe;
-use crate::health::tracker::Tracker;
+use crate::health::tracker::{Round, Tracker};
 use crate::health::view::{now_ms, UplinkHealth, View};
+use crate::metrics::Metrics;
 use crate::routing::egress::Egress;
 use crate::state::Record;
 use std::collections::{BTreeMap, BTreeSet};
@@ -43,11 +44,12 @@ pub struct Failover {
     next_round: Option<Instant>,
     round_ends: Option<Instant>,
     last_write: Option<Instant>,
+    metrics: Option<Metrics>,
 }
 
 impl Failover {
-    pub fn new(state_dir: &Path) -> Failover {
-        Failover { state_dir: state_dir.to_path_buf(), ..Failover::default() }
+    pub fn new(state_dir: &Path, metrics: Metrics) -> Failover {
+        Failover { state_dir: state_dir.to_path_buf(), metrics: Some(metrics), ..Failover::default() }
     }
 
     /// Follow the records: networks with a fallback come and go. Trackers of uplinks that stay keep
@@ -134,10 +136,20 @@ impl Failover {
         let mut changed = false;
         for (name, u) in &mut self.uplinks {
             let round = u.probe.finish_round();
+            if let Some(m) = &self.metrics {
+                // A round that could not be sent (link down), or one of link state alone (no
+                // targets), is no probe answered or lost.
+                if !u.targets.is_empty() && !matches!(round, Round::Unusable(_)) {
+                    m.observe_probe(name, u.probe.rtt.filter(|_| round == Round::Answered));
+                }
+            }
             if u.tracker.record(round) {
                 changed = true;
                 let state = if u.tracker.healthy { "healthy" } else { "unhealthy" };
                 log::warn!("uplink {name} is {state}: {}", u.tracker.reason);
+            }
+            if let Some(m) = &self.metrics {
+                m.set_uplink_health(name, u.tracker.healthy);
             }
         }
         let healthy = |name: &str| self.uplinks.get(name).is_none_or(|u| u.tracker.healthy);
@@ -149,6 +161,9 @@ impl Failover {
                 switch.subnets.extend(e.subnets.iter().copied());
                 switch.left.extend(self.uplinks.get(&from).and_then(|u| u.last_address));
                 switch.moves.push((e.network.clone(), from, to.clone()));
+            }
+            if let Some(m) = &self.metrics {
+                m.set_egress(&e.network, &to);
             }
             self.chosen.insert(e.network.clone(), to);
         }

@@ -47,7 +47,7 @@ pub fn watch(opts: &WatchOptions) -> Result<bool> {
     let mut backoff = Duration::ZERO;
     let mut fight = Fight::default();
     let mut next_safety = Instant::now() + interval;
-    let mut failover = Failover::new(&settings.state_dir);
+    let mut failover = Failover::new(&settings.state_dir, metrics.clone());
     let mut followed = 0;
     loop {
         metrics.beat();

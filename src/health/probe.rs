@@ -11,6 +11,7 @@ use crate::routing::netlink::{link_index, Netlink};
 use nix::libc;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
 
 use super::tracker::Round;
 
@@ -27,6 +28,9 @@ pub struct Probe {
     unusable: Option<String>,
     /// The uplink's address when the round was sent: the one masqueraded pod flows carry.
     pub address: Option<Ipv4Addr>,
+    /// When the round was sent, and how long its first answer took (as the agent read it).
+    sent: Option<Instant>,
+    pub rtt: Option<Duration>,
 }
 
 fn os_err(what: &str) -> String {
@@ -45,6 +49,8 @@ impl Probe {
             answered: false,
             unusable: None,
             address: None,
+            sent: None,
+            rtt: None,
         }
     }
 
@@ -56,6 +62,7 @@ impl Probe {
     /// Start a round: check the link, then send one echo request per target.
     pub fn send_round(&mut self, targets: &[IpAddr]) {
         self.answered = false;
+        (self.sent, self.rtt) = (Some(Instant::now()), None);
         self.seq = self.seq.wrapping_add(1);
         self.unusable = self.try_send(targets).err();
     }
@@ -104,6 +111,7 @@ impl Probe {
             }
             if is_our_reply(&buf[..n as usize], self.ident, self.seq) {
                 self.answered = true;
+                self.rtt = self.rtt.or(self.sent.map(|t| t.elapsed()));
             }
         }
         self.answered

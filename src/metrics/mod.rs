@@ -186,21 +186,18 @@ impl Metrics {
         }
     }
 
-    /// Whether the uplink's probes say it works now; a change is counted as a transition. For the
-    /// uplink failover.
-    #[allow(dead_code)] // called once failover probing exists (issue 21)
+    /// Whether the uplink's probes say it works now (egress failover); a change is counted as a
+    /// transition.
     pub fn set_uplink_health(&self, uplink: &str, healthy: bool) {
         self.inner.uplinks.set_health(uplink, healthy);
     }
 
     /// One probe of an uplink: its round-trip time, or None when it got no answer.
-    #[allow(dead_code)] // called once failover probing exists (issue 21)
     pub fn observe_probe(&self, uplink: &str, rtt: Option<Duration>) {
         self.inner.uplinks.observe_probe(uplink, rtt);
     }
 
     /// The uplink a network's pods' own traffic leaves by now.
-    #[allow(dead_code)] // called once failover probing exists (issue 21)
     pub fn set_egress(&self, network: &str, uplink: &str) {
         self.inner.uplinks.set_egress(network, uplink);
     }
