@@ -3,7 +3,8 @@
 # router and a client behind each (each client reachable only through its own uplink), one pod on
 # dind-br0 attached by bridge + host-local + bridge-nat through libcni with the seed's configuration
 # shape, and the node agent. Both clients reach the pod through their own uplink; eth5 flaps and the
-# agent repairs it; DEL leaves the node clean. Nothing outside those namespaces is touched.
+# agent repairs it; eth5's provider goes dark with its link up and the pod's own traffic fails over to
+# eth0, then comes back; DEL leaves the node clean. Nothing outside those namespaces is touched.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bindir="${1:-/opt/cni/bin}"
@@ -44,6 +45,9 @@ link "$node" eth5 192.0.2.1/24 "$rb" wan 192.0.2.254/24
 link "$ra" lan 203.0.113.1/25 "$ca" eth0 203.0.113.10/25
 link "$rb" lan 203.0.113.129/25 "$cb" eth0 203.0.113.140/25
 for r in "$ra" "$rb"; do nsx "$r" sysctl -qw net.ipv4.ip_forward=1; done
+# "The internet": 100.64.100.1 answers behind either provider (pings, and a server that says which
+# provider it is and which address it sees).
+for r in "$ra" "$rb"; do nsx "$r" ip addr add 100.64.100.1/32 dev lo; done
 nsx "$ca" ip route add default via 203.0.113.1
 nsx "$cb" ip route add default via 203.0.113.129
 nsx "$node" ip route add default via 198.51.100.254 dev eth0
@@ -60,7 +64,8 @@ cat > "$work/dind.conflist" <<JSON
   { "type": "bridge-nat", "capabilities": { "portMappings": true },
     "stateDir": "$work/state", "logFile": "$work/bridge-nat.log",
     "routing": { "enabled": true, "tableId": 100, "tableName": "dind_net1", "fwmark": "0x64", "rulePriority": 100,
-                 "outbound": { "interface": "eth5" } },
+                 "outbound": { "interface": "eth5", "fallback": ["eth0"] },
+                 "health": { "targets": ["100.64.100.1"], "intervalMs": 300, "timeoutMs": 200, "failAfter": 3, "recoverAfter": 3 } },
     "portForwarding": { "rules": [
       { "name": "docker-tls", "hostPort": 2376, "destIP": "10.20.0.10", "destPort": 2376, "protocol": "tcp" },
       { "name": "web-app", "hostPort": 30080, "destIP": "10.20.0.10", "destPort": 8080, "protocol": "tcp",
@@ -110,6 +115,30 @@ ask "$cb" 192.0.2.1 30080 "hello from the pod" "client B"
 echo "  answered again after $(( ($(date +%s%N) - start) / 1000000 )) ms; the agent's log says:"
 grep "repaired:" "$work/bridge-nat.log" | sed 's/^/    /' | tail -4
 tool check | sed 's/^/  /'
+
+step "the pod's own traffic leaves by eth5; then eth5's provider goes dark (link up, nothing carried)"
+nsx "$ra" socat TCP-LISTEN:80,bind=100.64.100.1,reuseaddr,fork SYSTEM:'echo provider A sees \$SOCAT_PEERADDR' &
+nsx "$rb" socat TCP-LISTEN:80,bind=100.64.100.1,reuseaddr,fork SYSTEM:'echo provider B sees \$SOCAT_PEERADDR' &
+disown -a
+egress() { # expected-substring what
+  local reply start=$(date +%s%N)
+  for _ in $(seq 100); do
+    reply=$(nsx "$pod" socat -T1 - "TCP:100.64.100.1:80,connect-timeout=0.5" </dev/null 2>/dev/null || true)
+    [[ "$reply" == *"$1"* ]] && { printf '  pod -> 100.64.100.1:80  %s  (%s ms)\n' "$reply" $(( ($(date +%s%N) - start) / 1000000 )); return 0; }
+    sleep 0.1
+  done
+  fail "$2: the pod's traffic did not leave by the expected uplink (last: ${reply:-nothing})"
+}
+egress "provider B sees 192.0.2.1" "before"
+nsx "$rb" iptables -I INPUT -i wan -j DROP
+nsx "$rb" iptables -I FORWARD -i wan -j DROP
+echo "  provider B drops everything from the node; eth5 stays up"
+egress "provider A sees 198.51.100.1" "failover"
+grep -E "uplink eth5 is|now leaves by" "$work/bridge-nat.log" | sed 's/^.*watch: /    /' | tail -2
+tool list | grep -E "^(uplink|egress)" | sed 's/^/  /'
+nsx "$rb" iptables -F
+echo "  provider B carries traffic again"
+egress "provider B sees 192.0.2.1" "recovery"
 
 step "DEL, and what bridge-nat leaves on the node"
 cni del && echo "DEL done"
