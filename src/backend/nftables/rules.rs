@@ -1,5 +1,9 @@
 //! The table's static rules: they never change with attachments, only the sets they look up do.
 //! Each is checked against what `nft --debug=netlink` prints for the same rule in nft syntax.
+//!
+//! Within a rule the cheap tests come first (conntrack state or status, the address family), then
+//! the set and FIB lookups: the filter and mangle chains see every packet the node routes, most of
+//! them not bridge-nat's, and such a packet should leave a rule at its first cheap test.
 
 use super::expr::*;
 use super::layout::RuleSpec;
@@ -65,10 +69,10 @@ pub fn static_rules() -> Vec<RuleSpec> {
             "hairpin4",
             vec![
                 v4.clone(),
+                dnat_status.clone(),
                 one(address(false, true, reg(0))),
                 oifname(reg(1)),
                 lookup("own4", reg(0), None),
-                dnat_status.clone(),
                 one(Expr::Masquerade),
             ],
         ),
@@ -112,10 +116,10 @@ pub fn static_rules() -> Vec<RuleSpec> {
             "hairpin6",
             vec![
                 v6.clone(),
+                dnat_status.clone(),
                 one(address(true, true, reg(0))),
                 oifname(reg(4)),
                 lookup("own6", reg(0), None),
-                dnat_status.clone(),
                 one(Expr::Masquerade),
             ],
         ),
@@ -154,9 +158,9 @@ pub fn static_rules() -> Vec<RuleSpec> {
             "filter-fwd",
             "to-bridge-established",
             vec![
+                ct_has(CtKey::State, CT_STATE_ESTABLISHED_RELATED),
                 oifname(reg(0)),
                 lookup("bridges", reg(0), None),
-                ct_has(CtKey::State, CT_STATE_ESTABLISHED_RELATED),
                 verdict(Verdict::Accept),
             ],
         ),
@@ -164,10 +168,10 @@ pub fn static_rules() -> Vec<RuleSpec> {
             "filter-fwd",
             "forward4",
             vec![
-                oifname(reg(0)),
-                lookup("bridges", reg(0), None),
                 dnat_status.clone(),
                 v4.clone(),
+                oifname(reg(0)),
+                lookup("bridges", reg(0), None),
                 one(address(false, false, reg(0))),
                 proto_port(reg(1)),
                 lookup("fwd4", reg(0), None),
@@ -178,10 +182,10 @@ pub fn static_rules() -> Vec<RuleSpec> {
             "filter-fwd",
             "forward6",
             vec![
-                oifname(reg(0)),
-                lookup("bridges", reg(0), None),
                 dnat_status,
                 v6,
+                oifname(reg(0)),
+                lookup("bridges", reg(0), None),
                 one(address(true, false, reg(0))),
                 proto_port(reg(4)),
                 lookup("fwd6", reg(0), None),
@@ -198,8 +202,8 @@ pub fn static_rules() -> Vec<RuleSpec> {
             "mark4-addr",
             vec![
                 ct_has(CtKey::State, CT_STATE_NEW),
-                daddr_is_local(),
                 v4.clone(),
+                daddr_is_local(),
                 one(address(false, false, reg(0))),
                 proto_port(reg(1)),
                 lookup("mark4-addr", reg(0), Some(REG_VERDICT)),
@@ -210,8 +214,8 @@ pub fn static_rules() -> Vec<RuleSpec> {
             "mark4-any",
             vec![
                 ct_has(CtKey::State, CT_STATE_NEW),
-                daddr_is_local(),
                 v4.clone(),
+                daddr_is_local(),
                 proto_port(reg(0)),
                 lookup("mark4-any", reg(0), Some(REG_VERDICT)),
             ],
@@ -221,8 +225,8 @@ pub fn static_rules() -> Vec<RuleSpec> {
             "arrive4-addr",
             vec![
                 ct_has(CtKey::State, CT_STATE_NEW),
-                daddr_is_local(),
                 v4.clone(),
+                daddr_is_local(),
                 one(address(false, false, reg(0))),
                 one(Expr::MetaLoad(MetaKey::IifName, reg(1))),
                 proto_port(reg(5)),
@@ -234,8 +238,8 @@ pub fn static_rules() -> Vec<RuleSpec> {
             "arrive4-any",
             vec![
                 ct_has(CtKey::State, CT_STATE_NEW),
-                daddr_is_local(),
                 v4,
+                daddr_is_local(),
                 one(Expr::MetaLoad(MetaKey::IifName, reg(0))),
                 proto_port(reg(4)),
                 lookup("arrive4-any", reg(0), Some(REG_VERDICT)),
