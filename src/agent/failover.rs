@@ -66,6 +66,7 @@ impl Failover {
                 wanted.entry(u.interface.clone()).or_insert_with(|| e.health.clone());
             }
         }
+        let gone: Vec<String> = self.uplinks.keys().filter(|n| !wanted.contains_key(*n)).cloned().collect();
         self.uplinks.retain(|name, _| wanted.contains_key(name));
         for (name, cfg) in &wanted {
             let u = self.uplinks.entry(name.clone()).or_insert_with(|| Uplink {
@@ -81,6 +82,10 @@ impl Failover {
         self.interval = Duration::from_millis(cfg.map_or(1000, |h| u64::from(h.interval_ms)));
         self.timeout = Duration::from_millis(cfg.map_or(800, |h| u64::from(h.timeout_ms)));
         self.chosen.retain(|net, _| egress.iter().any(|e| &e.network == net));
+        if let Some(m) = &self.metrics {
+            // An uplink no longer probed has no health to report, a network without fallback no egress.
+            m.forget_failover(&gone, &egress.iter().map(|e| e.network.as_str()).collect::<Vec<_>>());
+        }
         self.egress = egress;
         if self.egress.is_empty() {
             (self.next_round, self.round_ends) = (None, None);

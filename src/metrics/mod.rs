@@ -202,6 +202,11 @@ impl Metrics {
         self.inner.uplinks.set_egress(network, uplink);
     }
 
+    /// Drop the series of uplinks no longer probed, and the egress of networks not in `networks`.
+    pub fn forget_failover(&self, uplinks: &[String], networks: &[&str]) {
+        self.inner.uplinks.forget(uplinks, networks);
+    }
+
     /// The metrics in Prometheus' text format (0.0.4), as the crate's encoder writes them.
     pub fn encode_text(&self) -> String {
         let mut out = String::new();

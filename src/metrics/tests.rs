@@ -61,6 +61,9 @@ fn uplink_health_counts_transitions_and_egress_names_one_uplink() {
     assert_eq!(sample(&text, "bridge_nat_uplink_probe_rtt_seconds_count{uplink=\"wwan0\"}"), Some(1.0));
     assert_eq!(sample(&text, "bridge_nat_network_egress_uplink{network=\"dind\",uplink=\"wwan0\"}"), Some(1.0));
     assert!(!text.contains("uplink=\"eth0\""), "the old egress series is gone:\n{text}");
+    m.forget_failover(&["wwan0".to_string()], &[]);
+    let text = m.encode_text();
+    assert!(!text.contains("wwan0") && !text.contains("network=\"dind\""), "forgotten:\n{text}");
     let _ = std::fs::remove_dir_all(dir);
 }
 

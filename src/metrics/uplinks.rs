@@ -104,6 +104,28 @@ impl Uplinks {
         }
     }
 
+    pub fn forget(&self, uplinks: &[String], networks: &[&str]) {
+        for uplink in uplinks {
+            let labels = UplinkLabels { uplink: uplink.clone() };
+            self.healthy.remove(&labels);
+            self.rtt.remove(&labels);
+            for to in ["healthy", "unhealthy"] {
+                self.transitions.remove(&TransitionLabels { uplink: uplink.clone(), to });
+            }
+            for result in ["answered", "lost"] {
+                self.probes.remove(&ProbeLabels { uplink: uplink.clone(), result });
+            }
+        }
+        let mut now = self.egress_now.lock().unwrap_or_else(|e| e.into_inner());
+        now.retain(|network, uplink| {
+            let keep = networks.contains(&network.as_str());
+            if !keep {
+                self.egress.remove(&EgressLabels { network: network.clone(), uplink: uplink.clone() });
+            }
+            keep
+        });
+    }
+
     pub fn set_egress(&self, network: &str, uplink: &str) {
         let mut now = self.egress_now.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(old) = now.insert(network.to_string(), uplink.to_string()) {
