@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod containerd;
 pub mod prometheus;
+pub mod providers;
 pub mod uplinks;
 
 use std::fs;
