@@ -186,23 +186,26 @@ fn assert_check_passes(s: &Site, when: &str) {
     assert!(check.status.success(), "{when}: bridge-nat check: {}\n{}", text(&check), report(s));
 }
 
-/// `bridge-nat list` and `check --json` name both uplinks and their health.
+/// `bridge-nat list` and `check --json` show wan1's health and the uplink the pods leave by.
 #[track_caller]
-fn assert_health_shown(s: &Site, wan1_health: &str) {
+fn assert_egress_shown(s: &Site, wan1_healthy: bool, by: &str) {
     let list = text(&tool(&s.p.node, "list"));
-    for needle in ["wan1", "wan0", wan1_health] {
-        assert!(list.contains(needle), "bridge-nat list does not show {needle:?}:\n{list}");
-    }
+    let health = if wan1_healthy { "healthy" } else { "unhealthy" };
+    let shown = |words: &[&str]| list.lines().any(|l| l.split_whitespace().take(words.len()).eq(words.iter().copied()));
+    assert!(shown(&["uplink", "wan1", health]), "bridge-nat list does not show wan1 {health}:\n{list}");
+    assert!(shown(&["uplink", "wan0", "healthy"]), "bridge-nat list does not show wan0 healthy:\n{list}");
+    assert!(shown(&["egress", "dind:", "pods", "leave", "by", by]), "bridge-nat list: pods not by {by}:\n{list}");
     let out = Command::new("ip")
         .args(["netns", "exec", s.p.node.ns.name(), bin(), "check", "--json", "--state-dir"])
         .arg(s.p.node.state_dir())
         .output()
         .expect("check --json");
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("check --json prints JSON");
-    let flat = json.to_string();
-    for needle in ["wan1", "wan0", wan1_health] {
-        assert!(flat.contains(needle), "check --json does not include {needle:?}:\n{json:#}");
-    }
+    let uplink = |name: &str| json["uplinks"].as_array().into_iter().flatten().find(|u| u["uplink"] == name).cloned();
+    assert_eq!(uplink("wan1").map(|u| u["healthy"].clone()), Some(wan1_healthy.into()), "check --json: {json:#}");
+    assert_eq!(uplink("wan0").map(|u| u["healthy"].clone()), Some(true.into()), "check --json: {json:#}");
+    assert_eq!(json["egress"][0]["network"], "dind", "check --json: {json:#}");
+    assert_eq!(json["egress"][0]["uplink"], by, "check --json: {json:#}");
 }
 
 /// The agent stopped, DEL of every pod leaves the node as before the first ADD.
@@ -251,7 +254,9 @@ fn upstream_cut_moves_egress_and_the_session_to_the_fallback_and_back(backend: B
     first_datagram(&s, WAN0, "failed over");
     forward_within(&s, Instant::now(), AT_ONCE);
     assert_check_passes(&s, "failed over");
-    assert_health_shown(&s, "unhealthy");
+    assert_egress_shown(&s, false, "wan0");
+    let log = s.p.node.log();
+    assert!(log.contains("uplink wan1 is unhealthy") && log.contains("leaves by wan0"), "switch not logged:\n{log}");
 
     // A pod started meanwhile leaves by wan0 at once; the ADD does not move the others back.
     let late = Pod::add(&s.p.node, &s.conf, "late");
@@ -272,7 +277,7 @@ fn upstream_cut_moves_egress_and_the_session_to_the_fallback_and_back(backend: B
     egress_within(&s, &s.pods[1], WAN1, Instant::now(), AT_ONCE);
     forward_within(&s, Instant::now(), AT_ONCE);
     assert_check_passes(&s, "recovered");
-    assert_health_shown(&s, "healthy");
+    assert_egress_shown(&s, true, "wan1");
     eprintln!("upstream cut ({backend:?}): fallback after {detection:?}, primary again after {recovery:?}");
 
     agent.signal("-TERM");

@@ -92,8 +92,11 @@ impl Providers {
         ));
         let servers = vec![
             internet.spawn(&format!("exec socat TCP-LISTEN:{TCP_PORT},reuseaddr,fork SYSTEM:'echo $SOCAT_PEERADDR'")),
+            // One process answering every datagram in turn (socat's UDP-RECVFROM with fork loses
+            // some when they come seconds apart).
             internet.spawn(&format!(
-                "exec socat UDP-RECVFROM:{UDP_PORT},bind={SERVER},reuseaddr,fork SYSTEM:'echo $SOCAT_PEERADDR'"
+                "exec python3 -c 'import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
+                 s.bind((\"{SERVER}\",{UDP_PORT}))\nwhile True:\n d,a=s.recvfrom(100)\n s.sendto(a[0].encode(),a)'"
             )),
         ];
         Providers { node, isp1, isp0, internet, client, _servers: servers }
@@ -136,12 +139,12 @@ impl Providers {
         self.node.write_conflist(&self.node.conflist(VERSION, self.entry()))
     }
 
-    /// The table the pod subnet's source rule (priority rulePriority + 10) looks up, as `ip rule`
-    /// prints it ("" when there is no such rule).
+    /// The tables the pod subnet's source rules (priority rulePriority + 10) look up, in the
+    /// order the kernel tries them, comma-separated ("" when there is none).
     pub fn pod_rule_table(&self) -> String {
         let rules = self.node.ns.sh_ok(&format!("ip rule show priority {}", RULE_PRIORITY + 10));
-        let words: Vec<&str> = rules.split_whitespace().collect();
-        words.iter().position(|w| *w == "lookup").and_then(|i| words.get(i + 1)).unwrap_or(&"").to_string()
+        let table = |line: &str| line.split_whitespace().skip_while(|w| *w != "lookup").nth(1).map(str::to_string);
+        rules.lines().filter_map(table).collect::<Vec<_>>().join(",")
     }
 }
 
