@@ -8,11 +8,15 @@
 //! What is asserted, as the "Tests" section lists it:
 //!   - the pods' TCP egress and a UDP session (one source port throughout) leave by wan1;
 //!   - isp1 black-holes its upstream: egress by wan0 within failAfter × intervalMs + 1 s (and not
-//!     before failAfter − 1 rounds), the session's first datagram after the switch is answered
-//!     from wan0's address; CHECK passes; an ADD meanwhile routes the new pod by wan0 at once;
-//!   - isp1 recovers: egress and the session back on wan1 within recoverAfter rounds + 1 s (not
-//!     before recoverAfter − 1 rounds);
-//!   - wan1's link goes down: wan0 within 1 s; link and DHCP default back: wan1 after recovery;
+//!     sooner than failAfter − 1 rounds less half an interval), the session's first datagram after
+//!     the switch is answered from wan0's address; CHECK passes; `list` and `check --json` show
+//!     wan1 unhealthy and the pods leaving by wan0; an ADD meanwhile routes the new pod by wan0 at
+//!     once, and leaves the other pods there;
+//!   - isp1 recovers: egress and the session back on wan1 within recoverAfter × intervalMs + 1 s
+//!     (not sooner than recoverAfter − 1 rounds less half an interval);
+//!   - wan1's link goes down: the pods' source rule on wan0's table within 1 s (egress by wan0
+//!     alone proves nothing: main's default is wan0); link and DHCP default back: wan1 within
+//!     recoverAfter × intervalMs + 2 s;
 //!   - the forward WAN1:30081 is answered through wan1 by the client on isp1's network before,
 //!     during the upstream cut and after;
 //!   - health written by a SIGKILLed agent is not trusted by the next ADD (wan1 is used);
