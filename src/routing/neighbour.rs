@@ -138,7 +138,8 @@ impl Netlink {
 /// The MAC of `ifname` inside the network namespace at `netns` (CNI_NETNS): one RTM_GETLINK on a
 /// socket opened in that namespace. The socket is made by a short-lived thread that enters the
 /// namespace (setns changes only the calling thread's namespace), so the process itself never
-/// leaves the node's and no way back has to be found if something fails halfway.
+/// leaves the node's and no way back has to be found if something fails halfway. The thread is
+/// joined before this returns: the process is single-threaded again when netlink/closer.rs forks.
 pub fn read_pod_mac(netns: &str, ifname: &str) -> Result<Option<Mac>> {
     let (netns, ifname) = (netns.to_string(), ifname.to_string());
     let worker = std::thread::Builder::new().name("pod-netns".into()).spawn(move || -> Result<Option<Mac>> {
