@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 struct Uplink {
     probe: Probe,
+    /// This round's verdict is in already (the link could not carry a probe).
+    judged: bool,
     tracker: Tracker,
     targets: Vec<std::net::IpAddr>,
     /// The address pods were masqueraded to while they left by this uplink.
@@ -31,6 +33,18 @@ pub struct Switch {
     /// Pod subnets whose flows were masqueraded to `left`.
     pub subnets: Vec<ipnetwork::IpNetwork>,
     pub left: Vec<Ipv4Addr>,
+}
+
+fn record(name: &str, tracker: &mut Tracker, round: Round, metrics: Option<&crate::metrics::Metrics>) -> bool {
+    let changed = tracker.record(round);
+    if changed {
+        let state = if tracker.healthy { "healthy" } else { "unhealthy" };
+        log::warn!("uplink {name} is {state}: {}", tracker.reason);
+    }
+    if let Some(m) = metrics {
+        m.set_uplink_health(name, tracker.healthy);
+    }
+    changed
 }
 
 #[derive(Default)]
@@ -71,6 +85,7 @@ impl Failover {
         for (name, cfg) in &wanted {
             let u = self.uplinks.entry(name.clone()).or_insert_with(|| Uplink {
                 probe: Probe::new(name),
+                judged: false,
                 tracker: Tracker::new(cfg),
                 targets: Vec::new(),
                 last_address: None,
@@ -128,35 +143,58 @@ impl Failover {
             return self.close_round();
         }
         if self.round_ends.is_none() && self.next_round.is_some_and(|t| now >= t) {
-            for u in self.uplinks.values_mut() {
+            let mut changed = false;
+            for (name, u) in &mut self.uplinks {
                 u.probe.send_round(&u.targets);
+                u.judged = false;
+                // A link that cannot carry anything is judged now, not after the timeout.
+                if let Some(round) = u.probe.take_unusable() {
+                    u.judged = true;
+                    changed |= record(name, &mut u.tracker, round, self.metrics.as_ref());
+                }
             }
             self.round_ends = Some(now + self.timeout);
             self.next_round = Some(now + self.interval);
+            if changed {
+                return self.decide(true);
+            }
         }
         None
+    }
+
+    /// A link of a probed uplink changed (a kernel notification): look at once instead of at the
+    /// next round, so a link that goes down moves the pods within milliseconds.
+    pub fn link_changed(&mut self, names: &[&str]) {
+        if !names.iter().any(|n| self.uplinks.contains_key(*n)) {
+            return;
+        }
+        match self.round_ends {
+            Some(end) => self.next_round = Some(end),
+            None if self.next_round.is_some() => self.next_round = Some(Instant::now()),
+            None => {}
+        }
     }
 
     fn close_round(&mut self) -> Option<Switch> {
         let mut changed = false;
         for (name, u) in &mut self.uplinks {
             let round = u.probe.finish_round();
+            if std::mem::take(&mut u.judged) {
+                continue;
+            }
             if let Some(m) = &self.metrics {
-                // A round that could not be sent (link down), or one of link state alone (no
-                // targets), is no probe answered or lost.
-                if !u.targets.is_empty() && !matches!(round, Round::Unusable(_)) {
+                // A round of link state alone (no targets) is no probe answered or lost.
+                if !u.targets.is_empty() {
                     m.observe_probe(name, u.probe.rtt.filter(|_| round == Round::Answered));
                 }
             }
-            if u.tracker.record(round) {
-                changed = true;
-                let state = if u.tracker.healthy { "healthy" } else { "unhealthy" };
-                log::warn!("uplink {name} is {state}: {}", u.tracker.reason);
-            }
-            if let Some(m) = &self.metrics {
-                m.set_uplink_health(name, u.tracker.healthy);
-            }
+            changed |= record(name, &mut u.tracker, round, self.metrics.as_ref());
         }
+        self.decide(changed)
+    }
+
+    /// Which uplink each network's pods leave by now; the health is shared when it changed.
+    fn decide(&mut self, changed: bool) -> Option<Switch> {
         let healthy = |name: &str| self.uplinks.get(name).is_none_or(|u| u.tracker.healthy);
         let mut switch = Switch { moves: Vec::new(), subnets: Vec::new(), left: Vec::new() };
         for e in &self.egress {

@@ -64,6 +64,11 @@ pub fn watch(opts: &WatchOptions) -> Result<bool> {
                 return Ok(true);
             }
             Wake::Change(notices) => {
+                let links: Vec<&str> = notices
+                    .iter()
+                    .filter_map(|n| if let notice::Notice::Link { name, .. } = n { Some(name.as_str()) } else { None })
+                    .collect();
+                failover.link_changed(&links);
                 if let Some(concern) = node.concern(&notices)? {
                     pending = pending.max(Some(concern));
                     check_due.get_or_insert(Instant::now() + DEBOUNCE);

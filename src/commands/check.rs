@@ -59,8 +59,14 @@ pub(super) fn check_routing(rec: &Record, healthy: impl Fn(&str) -> bool) -> Res
     let mut nl = Netlink::open()?;
     let recorded: BTreeSet<IpRule> = rec.ip_rules.iter().cloned().collect();
     let ip_rules = egress::resolve_rules(&recorded, rec.egress.iter(), healthy);
+    let other_forms: BTreeSet<IpRule> =
+        egress::with_variants(&recorded, rec.egress.iter()).difference(&ip_rules).cloned().collect();
+    let present: BTreeSet<IpRule> = nl.rules()?.into_iter().collect();
     let tables: BTreeSet<TableSpec> = rec.tables.iter().cloned().collect();
     let mut problems = routes::check(&mut nl, &ip_rules, &tables)?;
+    for r in other_forms.intersection(&present) {
+        problems.push(format!("unexpected {r}: the pods' own traffic should leave by the uplink health chose"));
+    }
     let registered = RtTables::system().registered();
     for t in &rec.tables {
         if let Some(name) = &t.name {

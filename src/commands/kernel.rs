@@ -84,6 +84,11 @@ pub fn apply_routing(planned: &Plan, healthy: impl Fn(&str) -> bool, applied: &m
     }
     let rules = egress::resolve_rules(&r.ip_rules, r.egress.iter(), healthy);
     routes::apply(&mut nl, &rules, &resolved, applied).context("policy routing")?;
+    // The source rule in another form (left by an agent that died while failed over, or health
+    // that changed since) would still match first: the one just added is the only right one.
+    let stale: BTreeSet<IpRule> =
+        egress::with_variants(&r.ip_rules, r.egress.iter()).difference(&rules).cloned().collect();
+    routes::remove(&mut nl, &stale, &BTreeSet::new()).context("policy routing: the pods' source rule")?;
     Ok(resolved)
 }
 

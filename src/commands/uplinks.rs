@@ -23,8 +23,11 @@ pub struct UplinkStatus {
 #[serde(rename_all = "camelCase")]
 pub struct EgressStatus {
     pub network: String,
-    /// The uplink the pods' own traffic leaves by now.
-    pub uplink: String,
+    /// The uplink the pods' own traffic leaves by now, read from the kernel's source rule (None:
+    /// the rule is missing, or points at no table of the list).
+    pub uplink: Option<String>,
+    /// The uplink it should leave by, from the live agent's health (the primary without one).
+    pub chosen: String,
     pub primary: String,
     pub candidates: Vec<String>,
 }
@@ -34,6 +37,9 @@ pub fn egress_status(settings: &Settings) -> Result<(Vec<UplinkStatus>, Vec<Egre
     let Some(store) = Store::open_existing(&settings.state_dir)? else { return Ok((Vec::new(), Vec::new())) };
     let records = store.load_all()?;
     let egress: BTreeSet<&Egress> = records.iter().filter(|r| r.is_live()).filter_map(|r| r.egress.as_ref()).collect();
+    if egress.is_empty() {
+        return Ok((Vec::new(), Vec::new()));
+    }
     let view = View::load(&settings.state_dir);
     let healthy = |u: &str| view.as_ref().is_none_or(|v| v.is_healthy(u));
     let names: BTreeSet<&str> = egress.iter().flat_map(|e| e.uplinks.iter().map(|u| u.interface.as_str())).collect();
@@ -48,11 +54,19 @@ pub fn egress_status(settings: &Settings) -> Result<(Vec<UplinkStatus>, Vec<Egre
             }
         })
         .collect();
+    let present = crate::routing::netlink::Netlink::open()?.rules()?;
     let networks = egress
         .iter()
         .map(|e| EgressStatus {
             network: e.network.clone(),
-            uplink: e.chosen(healthy).interface.clone(),
+            uplink: present
+                .iter()
+                .find(|r| {
+                    r.priority == e.priority && r.fwmark.is_none() && r.from.is_some_and(|f| e.subnets.contains(&f))
+                })
+                .and_then(|r| e.uplinks.iter().find(|u| u.table == r.table))
+                .map(|u| u.interface.clone()),
+            chosen: e.chosen(healthy).interface.clone(),
             primary: e.primary().interface.clone(),
             candidates: e.uplinks.iter().map(|u| u.interface.clone()).collect(),
         })
@@ -72,7 +86,13 @@ pub fn render_egress(uplinks: &[UplinkStatus], networks: &[EgressStatus]) -> Str
         out += &format!("uplink   {:<12} {:<9} {}\n", u.uplink, state, u.reason);
     }
     for n in networks {
-        out += &format!("egress   {}: pods leave by {} (list {})\n", n.network, n.uplink, n.candidates.join(" → "));
+        let now = n.uplink.as_deref().unwrap_or("none (their source rule is missing)");
+        let mut line = format!("egress   {}: pods leave by {now} (list {})", n.network, n.candidates.join(" → "));
+        if n.uplink.as_deref() != Some(n.chosen.as_str()) {
+            line += &format!("; should be {}: `bridge-nat reconcile` or the agent moves them", n.chosen);
+        }
+        out += &line;
+        out.push('\n');
     }
     out
 }

@@ -117,13 +117,17 @@ impl Probe {
         self.answered
     }
 
+    /// The round's verdict already, when no probe could be sent because the uplink cannot carry
+    /// anything (down, no carrier, no address): no need to wait for answers.
+    pub fn take_unusable(&mut self) -> Option<Round> {
+        let link_state = |w: &str| w.starts_with("link") || w.starts_with("no carrier") || w.starts_with("no IPv4");
+        self.unusable.take_if(|why| link_state(why)).map(Round::Unusable)
+    }
+
     /// Close the round.
     pub fn finish_round(&mut self) -> Round {
         self.read_replies();
         match self.unusable.take() {
-            Some(why) if why.starts_with("link") || why.starts_with("no carrier") || why.starts_with("no IPv4") => {
-                Round::Unusable(why)
-            }
             Some(why) => Round::Silent(why),
             None if self.answered => Round::Answered,
             None => Round::Silent("no answer from the targets".into()),
