@@ -9,6 +9,7 @@ mod commands;
 mod config;
 mod crashpoint;
 mod error;
+mod family;
 mod health;
 mod logging;
 mod metrics;

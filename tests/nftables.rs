@@ -50,6 +50,8 @@ impl Site {
         node.veth_to(&client, "up0", "eth0", &format!("{UPLINK}/24"), &format!("{CLIENT}/24"));
         node.ns.sh_ok(&format!("ip addr add {UPLINK6}/64 dev up0 nodad && ip route add default via {CLIENT}"));
         client.sh_ok(&format!("ip addr add {CLIENT6}/64 dev eth0 nodad"));
+        // An uplink with a global IPv6 address routes IPv6 too: without a gateway, CHECK says so.
+        node.ns.sh_ok(&format!("ip -6 route add default via {CLIENT6} dev up0"));
         warm_up_bridge(&node);
         Site { node, client }
     }

@@ -31,6 +31,7 @@
 
 use crate::config::{AttachmentId, Protocol, Settings};
 use crate::error::Result;
+use crate::family::family_of;
 use crate::routing::MAIN_TABLE;
 use crate::state::{Record, Store};
 use serde::Serialize;
@@ -114,11 +115,14 @@ fn listed(rec: &Record, record: PathBuf) -> Listed {
         .collect();
     // A table is planned once per subnet of the attachment.
     tables.dedup_by_key(|t| t.id);
-    let marks: Vec<ListedMark> = rec
-        .ip_rules
-        .iter()
-        .filter_map(|r| r.fwmark.map(|(mark, mask)| ListedMark { mark, mask, table: r.table }))
-        .collect();
+    let mut marks: Vec<ListedMark> = Vec::new();
+    // A mark has an ip rule per family routed; it is listed once.
+    for m in rec.ip_rules.iter().filter_map(|r| r.fwmark.map(|(mark, mask)| ListedMark { mark, mask, table: r.table }))
+    {
+        if !marks.contains(&m) {
+            marks.push(m);
+        }
+    }
     let forwards = if rec.forwards.is_empty() && !rec.host_ports.is_empty() {
         rec.host_ports
             .iter()
@@ -171,11 +175,11 @@ fn listed(rec: &Record, record: PathBuf) -> Listed {
     }
 }
 
-/// How a forward's replies leave, and by which table: only IPv4 is policy-routed; a marked
-/// connection follows its mark's table, an unmarked one the table of the pod's own traffic when
-/// the network has one.
+/// How a forward's replies leave, and by which table: a marked connection follows its mark's
+/// table, an unmarked one the table of the pod's own traffic when the network has one. Records of
+/// versions that routed only IPv4 hold no IPv6 rule: their IPv6 replies follow main.
 fn reply_path(rec: &Record, pod_ip: IpAddr, marked_table: Option<u32>) -> (&'static str, Option<u32>) {
-    if !pod_ip.is_ipv4() {
+    if rec.ip_rules.iter().all(|r| r.family != family_of(pod_ip)) {
         return ("main", None);
     }
     if rec.reply_via.as_deref() == Some("arrival") {

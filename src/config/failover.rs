@@ -30,16 +30,23 @@ pub(super) fn validate_fallback(
         }
         let from_rule = rules
             .iter()
-            .filter_map(|rule| rule.routing.as_ref())
-            .find(|rr| rr.outbound.as_ref().is_some_and(|o| &o.interface == name) && rr.table_id.is_some());
+            .enumerate()
+            .filter_map(|(at, rule)| Some((at, rule.routing.as_ref()?)))
+            .find(|(_, rr)| rr.outbound.as_ref().is_some_and(|o| &o.interface == name) && rr.table_id.is_some());
         let uplink = match from_rule {
-            Some(rr) => {
+            Some((at, rr)) => {
                 let o = rr.outbound.as_ref().expect("matched on it");
-                let gateway = o.gateway.parse().ok().filter(|_| !o.gateway.is_empty());
+                let at = format!("portForwarding.rules[{at}].routing.outbound");
+                let (gateway, gateway6) = super::validate::validate_gateways(&at, o)?;
                 FallbackUplink {
                     table_id: rr.table_id.and_then(|t| u32::try_from(t).ok()).unwrap_or(0),
                     table_name: rr.table_name.clone().filter(|n| !n.is_empty()),
-                    outbound: Outbound { interface: name.clone(), gateway, use_default_route: o.use_default_route },
+                    outbound: Outbound {
+                        interface: name.clone(),
+                        gateway,
+                        gateway6,
+                        use_default_route: o.use_default_route,
+                    },
                 }
             }
             None => {
@@ -53,7 +60,12 @@ pub(super) fn validate_fallback(
                 FallbackUplink {
                     table_id: id,
                     table_name: None,
-                    outbound: Outbound { interface: name.clone(), gateway: None, use_default_route: false },
+                    outbound: Outbound {
+                        interface: name.clone(),
+                        gateway: None,
+                        gateway6: None,
+                        use_default_route: false,
+                    },
                 }
             }
         };

@@ -50,7 +50,12 @@ impl Protocol {
 #[serde(rename_all = "camelCase")]
 pub struct Outbound {
     pub interface: String,
+    /// The IPv4 next hop, when not discovered.
     pub gateway: Option<IpAddr>,
+    /// The IPv6 next hop, when not discovered; a link-local one goes out of `interface`. Left out
+    /// of records when none, so older records load with none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway6: Option<IpAddr>,
     pub use_default_route: bool,
 }
 

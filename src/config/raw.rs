@@ -98,6 +98,8 @@ pub(super) struct RawOutbound {
     #[serde(default)]
     pub(super) gateway: String,
     #[serde(default)]
+    pub(super) gateway6: String,
+    #[serde(default)]
     pub(super) use_default_route: bool,
     /// Only in the global block: uplinks the pods' own traffic fails over to, in order.
     pub(super) fallback: Option<Vec<String>>,

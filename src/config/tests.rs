@@ -123,7 +123,7 @@ fn example_from_config_md_parses_to_expected_values() {
             table_name: Some("dind_net1".into()),
             fwmark: Some(0x64),
             rule_priority: 100,
-            outbound: Outbound { interface: "eth5".into(), gateway: None, use_default_route: false },
+            outbound: Outbound { interface: "eth5".into(), gateway: None, gateway6: None, use_default_route: false },
         })
     );
     let ip: IpAddr = "10.20.0.10".parse().unwrap();
@@ -150,7 +150,12 @@ fn example_from_config_md_parses_to_expected_values() {
                     fwmark: 0x65,
                     table_id: 101,
                     table_name: Some("dind_eth0".into()),
-                    outbound: Outbound { interface: "eth0".into(), gateway: None, use_default_route: false },
+                    outbound: Outbound {
+                        interface: "eth0".into(),
+                        gateway: None,
+                        gateway6: None,
+                        use_default_route: false,
+                    },
                 }),
             },
         ]
@@ -223,8 +228,12 @@ fn empty_gateway_is_none_and_an_address_is_kept() {
     assert_eq!(ok(&example()).routing.unwrap().outbound.gateway, None);
     let c = ok(&example_with("/routing/outbound/gateway", json!("192.168.5.1")));
     assert_eq!(c.routing.unwrap().outbound.gateway, Some("192.168.5.1".parse().unwrap()));
+    // IPv6 in `gateway` (accepted, and unusable, before gateway6 existed) is IPv6's next hop.
     let c = ok(&example_with("/portForwarding/rules/1/routing/outbound/gateway", json!("fe80::1")));
-    assert_eq!(c.rules[1].routing.as_ref().unwrap().outbound.gateway, Some("fe80::1".parse().unwrap()));
+    let o = &c.rules[1].routing.as_ref().unwrap().outbound;
+    assert_eq!((o.gateway, o.gateway6), (None, Some("fe80::1".parse().unwrap())));
+    let c = ok(&example_with("/routing/outbound/gateway6", json!("fe80::1")));
+    assert_eq!(c.routing.unwrap().outbound.gateway6, Some("fe80::1".parse().unwrap()));
 }
 
 #[test]
@@ -687,6 +696,23 @@ fn missing_outbound() {
     let mut v = example();
     remove(&mut v, "/portForwarding/rules/1/routing/outbound");
     rejected(&v, 7, &["portForwarding.rules[1]", "routing.outbound", "required"]);
+}
+
+#[test]
+fn gateway6_must_be_ipv6_and_not_given_twice() {
+    rejected(
+        &example_with("/routing/outbound/gateway6", json!("192.168.5.1")),
+        7,
+        &["routing.outbound.gateway6", "192.168.5.1", "not an IPv6 address"],
+    );
+    let mut both = example_with("/routing/outbound/gateway6", json!("fe80::1"));
+    both["routing"]["outbound"]["gateway"] = json!("fe80::2");
+    rejected(&both, 7, &["routing.outbound.gateway", "fe80::2", "gateway6 is given too"]);
+    rejected(
+        &example_with("/portForwarding/rules/1/routing/outbound/gateway6", json!("fe80::zz")),
+        7,
+        &["portForwarding.rules[1]", "routing.outbound.gateway6", "fe80::zz"],
+    );
 }
 
 #[test]

@@ -214,11 +214,25 @@ fn validate_outbound(field: &str, o: &Option<RawOutbound>) -> Result<Outbound> {
         return Err(invalid(format!("{field}: is required")));
     };
     cni::validate_ifname(&o.interface).map_err(|e| invalid(format!("{field}.interface: {}", e.msg)))?;
-    Ok(Outbound {
-        interface: o.interface.clone(),
-        gateway: validate_ip(&format!("{field}.gateway"), &o.gateway)?,
-        use_default_route: o.use_default_route,
-    })
+    let (gateway, gateway6) = validate_gateways(field, o)?;
+    Ok(Outbound { interface: o.interface.clone(), gateway, gateway6, use_default_route: o.use_default_route })
+}
+
+/// `gateway` is IPv4's next hop and `gateway6` IPv6's. An IPv6 address in `gateway` (which
+/// earlier versions accepted and could not use) is taken as `gateway6` when that is not given.
+pub(super) fn validate_gateways(field: &str, o: &RawOutbound) -> Result<(Option<IpAddr>, Option<IpAddr>)> {
+    let gateway = validate_ip(&format!("{field}.gateway"), &o.gateway)?;
+    let gateway6 = validate_ip(&format!("{field}.gateway6"), &o.gateway6)?;
+    if let Some(gw) = gateway6.filter(IpAddr::is_ipv4) {
+        return Err(invalid(format!("{field}.gateway6: {gw} is not an IPv6 address (IPv4's next hop is gateway)")));
+    }
+    match (gateway, gateway6) {
+        (Some(gw), Some(_)) if gw.is_ipv6() => Err(invalid(format!(
+            "{field}.gateway: {gw} is an IPv6 address and gateway6 is given too; gateway is IPv4's next hop"
+        ))),
+        (Some(gw), None) if gw.is_ipv6() => Ok((None, Some(gw))),
+        other => Ok(other),
+    }
 }
 
 /// A block that only says `replyVia` (for forwards with their own routing) turns nothing else on.

@@ -12,8 +12,9 @@ pub fn classify_repair(line: &str) -> &'static str {
     if line.starts_with("installed route ") || line.starts_with("removed stale route ") {
         return "route";
     }
-    // routing/apply.rs: "added ip rule ...", "removed ip rule ... (no record needs it)".
-    if line.starts_with("added ip rule ") || line.starts_with("removed ip rule ") {
+    // routing/apply.rs: "added ip rule ...", "removed ip -6 rule ... (no record needs it)".
+    let rule = |rest: &str| rest.starts_with("ip rule ") || rest.starts_with("ip -6 rule ");
+    if line.strip_prefix("added ").is_some_and(rule) || line.strip_prefix("removed ").is_some_and(rule) {
         return "ip_rule";
     }
     // commands/reconcile.rs: "set sysctl PATH to VALUE".
@@ -40,11 +41,20 @@ mod tests {
 
     #[test]
     fn routing_lines_are_routes_and_ip_rules() {
-        let rule =
-            IpRule { priority: 100, table: 100, fwmark: Some((0x64, 0x1fff)), from: None, suppress_default: false };
+        let rule = IpRule {
+            family: crate::family::Family::Ipv4,
+            priority: 100,
+            table: 100,
+            fwmark: Some((0x64, 0x1fff)),
+            from: None,
+            suppress_default: false,
+        };
+        let rule6 = IpRule { family: crate::family::Family::Ipv6, ..rule.clone() };
         let route = Route { table: 101, dst: "0.0.0.0/0".parse().unwrap(), gateway: None, dev: "up2".into() };
-        assert_eq!(classify_repair(&format!("added {rule}")), "ip_rule");
-        assert_eq!(classify_repair(&format!("removed {rule} (no record needs it)")), "ip_rule");
+        for rule in [rule, rule6] {
+            assert_eq!(classify_repair(&format!("added {rule}")), "ip_rule");
+            assert_eq!(classify_repair(&format!("removed {rule} (no record needs it)")), "ip_rule");
+        }
         assert_eq!(classify_repair(&format!("installed {route}")), "route");
         assert_eq!(classify_repair(&format!("removed stale {route}")), "route");
     }

@@ -14,20 +14,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Family {
-    Ipv4,
-    Ipv6,
-}
-
-pub fn family_of(ip: IpAddr) -> Family {
-    if ip.is_ipv4() {
-        Family::Ipv4
-    } else {
-        Family::Ipv6
-    }
-}
+pub use crate::family::{family_of, Family};
 
 /// A host port this attachment holds; no two live attachments may hold overlapping ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -57,7 +44,7 @@ impl std::fmt::Display for HostPort {
     }
 }
 
-/// One DNAT from a host port to a pod port; `mark` routes its replies (IPv4 only). Recorded as
+/// One DNAT from a host port to a pod port; `mark` routes its replies (either family). Recorded as
 /// planned, so `bridge-nat list` can show what forwards where.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -156,8 +143,8 @@ pub fn plan(conf: &NetConf, id: &AttachmentId, att: &Attachment, pod: Option<&Po
             }
         }
     }
-    let v4_subnets: Vec<IpNetwork> = att.addresses.iter().filter(|a| a.ip.is_ipv4()).map(|a| a.subnet).collect();
-    let routing = routing::plan_routing(conf, &att.bridge, &v4_subnets, &forwards);
+    let routed_subnets: Vec<IpNetwork> = att.addresses.iter().map(|a| a.subnet).collect();
+    let routing = routing::plan_routing(conf, &att.bridge, &routed_subnets, &forwards);
     for uplink in &routing.uplinks {
         // Strict rp_filter checks a marked connection's source against the mark's table.
         sysctls.insert(Sysctl {
@@ -214,7 +201,7 @@ fn plan_forwards(conf: &NetConf, att: &Attachment, pod: Option<&Pod>) -> Result<
         bound.push(i);
         for ip in targets {
             let host = HostPort { port: r.host_port, protocol: r.protocol, host_ip: None };
-            out.push(Forward { host, pod_ip: ip, pod_port: r.dest_port, mark: routing::mark_for(conf, &host, ip) });
+            out.push(Forward { host, pod_ip: ip, pod_port: r.dest_port, mark: routing::mark_for(conf, &host) });
         }
     }
     for m in &conf.port_mappings {
@@ -223,12 +210,7 @@ fn plan_forwards(conf: &NetConf, att: &Attachment, pod: Option<&Pod>) -> Result<
                 continue;
             }
             let host = HostPort { port: m.host_port, protocol: m.protocol, host_ip: m.host_ip };
-            out.push(Forward {
-                host,
-                pod_ip: a.ip,
-                pod_port: m.container_port,
-                mark: routing::mark_for(conf, &host, a.ip),
-            });
+            out.push(Forward { host, pod_ip: a.ip, pod_port: m.container_port, mark: routing::mark_for(conf, &host) });
         }
     }
     Ok((out, bound))

@@ -1,22 +1,26 @@
 //! Which connections are marked, and the ip rules and tables that route by those marks and by the
-//! pod subnet. Pure: next hops are resolved against the live uplinks when applied (routing/).
+//! pod subnets. Both families are routed alike: the same marks, table ids and priorities, with an
+//! `ip -6 rule` beside each IPv4 one and an IPv6 table (of the same id) beside each IPv4 table.
+//! Pure: next hops are resolved against the live uplinks when applied (routing/).
 
 use super::{Forward, HostPort};
 use crate::config::{GlobalRouting, NetConf, Outbound, ReplyVia, DEFAULT_RULE_PRIORITY};
+use crate::family::{family_of, Family};
 use crate::routing::egress::{Egress, EgressUplink};
 use crate::routing::{IpRule, TableSpec, MAIN_TABLE};
 use ipnetwork::IpNetwork;
 use std::collections::BTreeSet;
-use std::net::IpAddr;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RoutingPlan {
     pub ip_rules: BTreeSet<IpRule>,
     pub tables: BTreeSet<TableSpec>,
-    /// Uplinks that need `src_valid_mark` so strict rp_filter accepts marked connections.
+    /// Uplinks that need `src_valid_mark` so strict rp_filter accepts marked connections (an IPv4
+    /// setting: IPv6 has no rp_filter sysctl).
     pub uplinks: BTreeSet<String>,
     /// `replyVia: "arrival"`: the mark a NEW connection to a forwarded port gets from the uplink it
     /// arrived on, for every uplink that has a table here. It overrides the forward's own mark.
+    /// The same for both families: each forward is marked in its own.
     pub arrival: Vec<Arrival>,
     /// The pods' own traffic, when `routing.outbound` has a fallback: which uplinks it may leave
     /// by, in order, and by which table (the source rule above is the primary's; health moves it).
@@ -45,15 +49,8 @@ fn marked_uplinks(conf: &NetConf) -> Vec<(u32, u32, &Outbound, &Option<String>)>
 }
 
 /// The mark, table and uplink a forward's replies are routed by, if any: the rule's own routing
-/// block, else the network's fallback mark.
-fn route_for<'a>(
-    conf: &'a NetConf,
-    host: &HostPort,
-    pod_ip: IpAddr,
-) -> Option<(u32, u32, &'a Outbound, &'a Option<String>)> {
-    if !pod_ip.is_ipv4() {
-        return None;
-    }
+/// block, else the network's fallback mark. The same for a forward to either family.
+fn route_for<'a>(conf: &'a NetConf, host: &HostPort) -> Option<(u32, u32, &'a Outbound, &'a Option<String>)> {
     let own = conf
         .rules
         .iter()
@@ -66,15 +63,16 @@ fn route_for<'a>(
     }
 }
 
-pub(super) fn mark_for(conf: &NetConf, host: &HostPort, pod_ip: IpAddr) -> Option<u32> {
-    route_for(conf, host, pod_ip).map(|(mark, ..)| mark)
+pub(super) fn mark_for(conf: &NetConf, host: &HostPort) -> Option<u32> {
+    route_for(conf, host).map(|(mark, ..)| mark)
 }
 
 impl RoutingPlan {
-    /// A mark's ip rule, its table for each subnet, and its uplink.
+    /// A mark's ip rule in one family, its table for each subnet of that family, and its uplink.
     #[allow(clippy::too_many_arguments)]
     fn route_by_mark(
         &mut self,
+        family: Family,
         priority: u32,
         fwmark: (u32, u32),
         table: u32,
@@ -83,37 +81,49 @@ impl RoutingPlan {
         subnets: &[IpNetwork],
         outbound: &Outbound,
     ) {
-        self.ip_rules.insert(IpRule { priority, table, fwmark: Some(fwmark), from: None, suppress_default: false });
-        for subnet in subnets {
+        let rule = IpRule { family, priority, table, fwmark: Some(fwmark), from: None, suppress_default: false };
+        self.ip_rules.insert(rule);
+        for subnet in subnets.iter().filter(|s| family_of(s.ip()) == family) {
             self.tables.insert(table_spec(table, name, bridge, *subnet, outbound));
         }
-        self.uplinks.insert(outbound.interface.clone());
+        if family == Family::Ipv4 {
+            self.uplinks.insert(outbound.interface.clone());
+        }
     }
 }
 
-/// The routing objects one attachment needs, given its forwards and its IPv4 subnets.
+/// The routing objects one attachment needs, given its forwards and its subnets (both families).
 pub(super) fn plan_routing(conf: &NetConf, bridge: &str, subnets: &[IpNetwork], forwards: &[Forward]) -> RoutingPlan {
     let mut plan = RoutingPlan::default();
     let mask = conf.settings.mark_mask;
     let priority = conf.routing.as_ref().map_or(DEFAULT_RULE_PRIORITY, |g| g.rule_priority);
     for f in forwards {
-        if let Some((mark, table, outbound, name)) = route_for(conf, &f.host, f.pod_ip) {
-            plan.route_by_mark(priority, (mark, mask), table, name, bridge, subnets, outbound);
+        if let Some((mark, table, outbound, name)) = route_for(conf, &f.host) {
+            plan.route_by_mark(family_of(f.pod_ip), priority, (mark, mask), table, name, bridge, subnets, outbound);
         }
     }
-    let inbound_v4 = forwards.iter().any(|f| f.pod_ip.is_ipv4());
-    if conf.reply_via == ReplyVia::Arrival && inbound_v4 && !subnets.is_empty() {
+    // The families a client can arrive in: those of forwards to an address on one of our subnets.
+    let inbound: BTreeSet<Family> = forwards
+        .iter()
+        .map(|f| family_of(f.pod_ip))
+        .filter(|fam| subnets.iter().any(|s| family_of(s.ip()) == *fam))
+        .collect();
+    if conf.reply_via == ReplyVia::Arrival && !inbound.is_empty() {
         for (mark, table, outbound, name) in marked_uplinks(conf) {
-            plan.route_by_mark(priority, (mark, mask), table, name, bridge, subnets, outbound);
+            for &family in &inbound {
+                plan.route_by_mark(family, priority, (mark, mask), table, name, bridge, subnets, outbound);
+            }
             plan.arrival.push(Arrival { uplink: outbound.interface.clone(), mark });
         }
     }
     if let Some(g) = &conf.routing {
         for subnet in subnets {
+            let family = family_of(subnet.ip());
             plan.tables.insert(table_spec(g.table_id, &g.table_name, bridge, *subnet, &g.outbound));
             // Networks the node reaches directly keep their main-table routes; only the default
             // route is replaced by the table's.
             plan.ip_rules.insert(IpRule {
+                family,
                 priority: g.rule_priority + 9,
                 table: MAIN_TABLE,
                 fwmark: None,
@@ -121,6 +131,7 @@ pub(super) fn plan_routing(conf: &NetConf, bridge: &str, subnets: &[IpNetwork], 
                 suppress_default: true,
             });
             plan.ip_rules.insert(IpRule {
+                family,
                 priority: g.rule_priority + 10,
                 table: g.table_id,
                 fwmark: None,
@@ -128,7 +139,9 @@ pub(super) fn plan_routing(conf: &NetConf, bridge: &str, subnets: &[IpNetwork], 
                 suppress_default: false,
             });
         }
-        plan.uplinks.insert(g.outbound.interface.clone());
+        if subnets.iter().any(|s| s.is_ipv4()) {
+            plan.uplinks.insert(g.outbound.interface.clone());
+        }
         if !g.fallback.is_empty() && !subnets.is_empty() {
             plan.egress = Some(plan_egress(conf, g, bridge, subnets, &mut plan));
         }
@@ -150,7 +163,9 @@ fn plan_egress(
         for subnet in subnets {
             plan.tables.insert(table_spec(f.table_id, &f.table_name, bridge, *subnet, &f.outbound));
         }
-        plan.uplinks.insert(f.outbound.interface.clone());
+        if subnets.iter().any(|s| s.is_ipv4()) {
+            plan.uplinks.insert(f.outbound.interface.clone());
+        }
         uplinks.push(EgressUplink { interface: f.outbound.interface.clone(), table: f.table_id });
     }
     Egress {

@@ -203,12 +203,48 @@ fn routed_conf_value() -> Value {
 }
 
 #[test]
-fn ipv6_forwards_are_never_marked() {
+fn ipv6_forwards_are_marked_and_routed_like_ipv4_ones() {
     let c = routed_conf();
     let p = plan(&c, &id(), &att(&c, &["fd00::10/64"]), None).unwrap();
-    assert!(!p.forwards.is_empty());
-    assert!(p.forwards.iter().all(|f| f.mark.is_none()));
-    assert!(p.routing.ip_rules.is_empty() && p.routing.tables.is_empty());
+    let mark_of = |port: u16| p.forwards.iter().find(|f| f.host.port == port).and_then(|f| f.mark);
+    assert_eq!((mark_of(30080), mark_of(2376)), (Some(0x65), Some(0x64)));
+    let rules: Vec<String> = p.routing.ip_rules.iter().map(|r| r.to_string()).collect();
+    assert_eq!(
+        rules,
+        vec![
+            "ip -6 rule priority 100 fwmark 0x64/0x1fff lookup 100",
+            "ip -6 rule priority 100 fwmark 0x65/0x1fff lookup 101",
+            "ip -6 rule priority 109 from fd00::/64 lookup 254 suppress_prefixlength 0",
+            "ip -6 rule priority 110 from fd00::/64 lookup 100",
+        ]
+    );
+    assert!(p.routing.tables.iter().all(|t| t.subnet.to_string() == "fd00::/64"));
+    assert_eq!(p.routing.tables.len(), 2);
+    // src_valid_mark is an IPv4 setting: an IPv6-only pod needs none.
+    assert!(p.routing.uplinks.is_empty());
+    assert!(p.sysctls.iter().all(|s| s.required));
+}
+
+#[test]
+fn dual_stack_routes_both_families_by_the_same_marks_and_table_ids() {
+    let c = routed_conf();
+    let p = plan(&c, &id(), &att(&c, &["10.20.0.10/24", "fd00::10/64"]), None).unwrap();
+    let by_family = |f: Family| -> Vec<String> {
+        let rules = p.routing.ip_rules.iter().filter(|r| r.family == f);
+        rules.map(|r| format!("{} {:?} {}", r.priority, r.fwmark, r.table)).collect()
+    };
+    assert_eq!(by_family(Family::Ipv4), by_family(Family::Ipv6));
+    assert_eq!(by_family(Family::Ipv4).len(), 4);
+    let tables: Vec<(u32, String)> = p.routing.tables.iter().map(|t| (t.id, t.subnet.to_string())).collect();
+    assert_eq!(
+        tables,
+        vec![
+            (100, "10.20.0.0/24".into()),
+            (100, "fd00::/64".into()),
+            (101, "10.20.0.0/24".into()),
+            (101, "fd00::/64".into())
+        ]
+    );
 }
 
 #[test]
@@ -270,7 +306,7 @@ fn arrival_marks_every_routed_uplink_rules_first_and_routes_by_all_their_tables(
 }
 
 #[test]
-fn reply_via_rule_or_no_ipv4_forward_means_no_arrival_marks() {
+fn reply_via_rule_means_no_arrival_marks_and_an_ipv6_only_pod_gets_them_too() {
     let mut v = json!({
         "routing": { "tableId": 100, "fwmark": "0x64", "outbound": { "interface": "eth5" }, "replyVia": "rule" },
         "portForwarding": { "rules": [ { "hostPort": 2376, "destPort": 2376 } ] }
@@ -280,7 +316,9 @@ fn reply_via_rule_or_no_ipv4_forward_means_no_arrival_marks() {
     v["routing"].as_object_mut().unwrap().remove("replyVia");
     let c = conf(v);
     assert_eq!(plan(&c, &id(), &att(&c, &["10.20.0.10/24"]), None).unwrap().routing.arrival.len(), 1);
-    assert!(plan(&c, &id(), &att(&c, &["fd00::10/64"]), None).unwrap().routing.arrival.is_empty());
+    let p = plan(&c, &id(), &att(&c, &["fd00::10/64"]), None).unwrap();
+    assert_eq!(p.routing.arrival.len(), 1);
+    assert!(p.routing.ip_rules.iter().all(|r| r.family == Family::Ipv6));
 }
 
 // ---------------------------------------------------------------- rules that follow a pod

@@ -1,5 +1,6 @@
-//! The pods' own traffic with a fallback: one source rule (`from <pod subnet> lookup T` at
-//! rulePriority+10) whose table is that of the first healthy uplink of `[outbound, ...fallback]`.
+//! The pods' own traffic with a fallback: one source rule per pod subnet (`from <pod subnet> lookup
+//! T` at rulePriority+10, `ip -6 rule` for an IPv6 subnet) whose table is that of the first healthy
+//! uplink of `[outbound, ...fallback]`; both families move together.
 //! Only this rule moves; every table stays on its uplink, so forwards arriving on an uplink that is
 //! failed over from are still answered through it. Pure: health comes in as a function.
 
@@ -30,7 +31,8 @@ pub struct EgressUplink {
 
 impl Egress {
     pub fn rule(&self, subnet: IpNetwork, table: u32) -> IpRule {
-        IpRule { priority: self.priority, table, fwmark: None, from: Some(subnet), suppress_default: false }
+        let family = crate::family::family_of(subnet.ip());
+        IpRule { family, priority: self.priority, table, fwmark: None, from: Some(subnet), suppress_default: false }
     }
 
     pub fn primary(&self) -> &EgressUplink {
@@ -110,8 +112,7 @@ mod tests {
     fn only_the_source_rule_moves() {
         let e = egress();
         let subnet = e.subnets[0];
-        let mark_rule =
-            IpRule { priority: 100, table: 100, fwmark: Some((0x64, 0x1fff)), from: None, suppress_default: false };
+        let mark_rule = IpRule { fwmark: Some((0x64, 0x1fff)), from: None, ..e.rule(subnet, 100) };
         let rules: BTreeSet<IpRule> = [mark_rule.clone(), e.rule(subnet, 100)].into_iter().collect();
         let resolved = resolve_rules(&rules, [&e], |u| u != "wan1");
         assert_eq!(resolved, [mark_rule.clone(), e.rule(subnet, 101)].into_iter().collect());

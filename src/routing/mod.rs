@@ -4,19 +4,25 @@
 //! `rt_tables` registers table names for iproute2.
 
 pub mod apply;
+mod discover;
 pub mod egress;
+mod messages;
 pub mod neighbour;
 pub mod netlink;
 pub mod rt_tables;
 
 use crate::config::Outbound;
+use crate::family::Family;
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
-/// One `ip rule`. Only IPv4 is policy-routed.
+/// One `ip rule` (or `ip -6 rule`: both families are routed by the same marks and table ids).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct IpRule {
+    /// Left out for IPv4, so IPv4 rules are recorded as before and older records load as IPv4.
+    #[serde(default, skip_serializing_if = "Family::is_ipv4")]
+    pub family: Family,
     pub priority: u32,
     pub table: u32,
     /// (mark, mask)
@@ -28,7 +34,9 @@ pub struct IpRule {
 
 impl std::fmt::Display for IpRule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ip rule priority {}", self.priority)?;
+        // The IPv4 form is also the rule's key in the index, so it must not change.
+        let six = if self.family.is_ipv4() { "" } else { " -6" };
+        write!(f, "ip{six} rule priority {}", self.priority)?;
         if let Some(net) = self.from {
             write!(f, " from {net}")?;
         }
@@ -43,8 +51,8 @@ impl std::fmt::Display for IpRule {
     }
 }
 
-/// A table this network needs: the bridge subnet, the uplink's own subnets and a default route
-/// out of the uplink. Next hops are resolved when applied.
+/// A table this network needs, in the family of `subnet`: the bridge subnet, the uplink's own
+/// subnets and a default route out of the uplink. Next hops are resolved when applied.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TableSpec {
@@ -65,6 +73,18 @@ pub struct Route {
     pub dev: String,
 }
 
+impl TableSpec {
+    pub fn family(&self) -> Family {
+        crate::family::family_of(self.subnet.ip())
+    }
+}
+
+impl Route {
+    pub fn family(&self) -> Family {
+        crate::family::family_of(self.dst.ip())
+    }
+}
+
 impl std::fmt::Display for Route {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "route {} ", self.dst)?;
@@ -76,3 +96,25 @@ impl std::fmt::Display for Route {
 }
 
 pub const MAIN_TABLE: u32 = 254;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_of_earlier_versions_load_as_ipv4_and_ipv4_rules_are_written_as_before() {
+        let old = r#"{"priority":100,"table":100,"fwmark":[100,8191],"from":null,"suppressDefault":false}"#;
+        let rule: IpRule = serde_json::from_str(old).expect("an old rule loads");
+        assert_eq!(rule.family, Family::Ipv4);
+        assert_eq!(serde_json::to_string(&rule).unwrap(), old);
+        assert_eq!(rule.to_string(), "ip rule priority 100 fwmark 0x64/0x1fff lookup 100");
+        let six = IpRule { family: Family::Ipv6, ..rule };
+        assert!(serde_json::to_string(&six).unwrap().contains(r#""family":"ipv6""#));
+        assert_eq!(six.to_string(), "ip -6 rule priority 100 fwmark 0x64/0x1fff lookup 100");
+        let table = r#"{"id":100,"name":null,"bridge":"dind-br0","subnet":"10.20.0.0/24",
+                        "outbound":{"interface":"eth5","gateway":null,"useDefaultRoute":false}}"#;
+        let spec: TableSpec = serde_json::from_str(table).expect("an old table loads");
+        assert_eq!((spec.family(), spec.outbound.gateway6), (Family::Ipv4, None));
+        assert!(!serde_json::to_string(&spec).unwrap().contains("gateway6"));
+    }
+}

@@ -2,8 +2,11 @@
 //! Synchronous on purpose: a CNI call is one short-lived process, and an async runtime would cost
 //! more to start than the few requests it makes.
 
+pub use super::messages::MainRoute;
+use super::messages::{address_family, route_message, routes_from_message, rule_from_message, rule_message};
 use super::{IpRule, Route};
 use crate::error::{code, Error, Result};
+use crate::family::Family;
 use ipnetwork::IpNetwork;
 use netlink_packet_core::DefaultNla;
 use netlink_packet_core::{
@@ -12,24 +15,11 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{LinkAttribute, LinkMessage};
-use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
-};
-use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+use netlink_packet_route::route::{RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType};
+use netlink_packet_route::rule::RuleMessage;
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use std::net::IpAddr;
-
-/// A route of the main table, as far as next-hop discovery needs it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MainRoute {
-    pub dst: IpNetwork,
-    pub gateway: Option<IpAddr>,
-    pub oif: u32,
-    pub scope_link: bool,
-    pub table: u32,
-    pub metric: u32,
-}
 
 pub struct Netlink {
     socket: Socket,
@@ -102,6 +92,7 @@ impl Netlink {
                             Some(nix::libc::ESRCH) => "ESRCH",
                             Some(nix::libc::ENODEV) => "ENODEV",
                             Some(nix::libc::ENETUNREACH) => "ENETUNREACH",
+                            Some(nix::libc::EAFNOSUPPORT) => "EAFNOSUPPORT",
                             _ => "",
                         };
                         return Err(Error::new(code::ROUTING, format!("{what}: {io}")).with_details(name));
@@ -113,17 +104,23 @@ impl Netlink {
         }
     }
 
+    /// The ip rules of both families.
     pub fn rules(&mut self) -> Result<Vec<IpRule>> {
-        let mut msg = RuleMessage::default();
-        msg.header.family = AddressFamily::Inet;
-        let replies = self.request(RouteNetlinkMessage::GetRule(msg), NLM_F_REQUEST | NLM_F_DUMP, "dump ip rules")?;
-        Ok(replies
-            .into_iter()
-            .filter_map(|m| match m {
+        let mut out = Vec::new();
+        for family in [Family::Ipv4, Family::Ipv6] {
+            let mut msg = RuleMessage::default();
+            msg.header.family = address_family(family);
+            let replies = without_family_support(self.request(
+                RouteNetlinkMessage::GetRule(msg),
+                NLM_F_REQUEST | NLM_F_DUMP,
+                "dump ip rules",
+            ))?;
+            out.extend(replies.into_iter().filter_map(|m| match m {
                 RouteNetlinkMessage::NewRule(r) => rule_from_message(&r),
                 _ => None,
-            })
-            .collect())
+            }));
+        }
+        Ok(out)
     }
 
     pub fn add_rule(&mut self, rule: &IpRule) -> Result<()> {
@@ -142,24 +139,29 @@ impl Netlink {
             .map(|_| ())
     }
 
-    /// IPv4 routes of one table (the kernel filters the dump by table when asked strictly; we
-    /// filter again since older kernels return every table).
+    /// Routes of one table, both families (the kernel filters the dump by table when asked
+    /// strictly; we filter again since older kernels return every table).
     pub fn routes(&mut self, table: u32) -> Result<Vec<MainRoute>> {
-        Ok(self.all_routes()?.into_iter().filter(|r| r.table == table).collect())
+        Ok(self.all_routes(&[Family::Ipv4, Family::Ipv6])?.into_iter().filter(|r| r.table == table).collect())
     }
 
-    /// Every IPv4 unicast route of every table.
-    pub fn all_routes(&mut self) -> Result<Vec<MainRoute>> {
-        let mut msg = RouteMessage::default();
-        msg.header.address_family = AddressFamily::Inet;
-        let replies = self.request(RouteNetlinkMessage::GetRoute(msg), NLM_F_REQUEST | NLM_F_DUMP, "dump routes")?;
-        Ok(replies
-            .into_iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewRoute(r) if r.header.kind == RouteType::Unicast => main_route_from_message(&r),
-                _ => None,
-            })
-            .collect())
+    /// Every unicast route of every table in these families, one entry per next hop.
+    pub fn all_routes(&mut self, families: &[Family]) -> Result<Vec<MainRoute>> {
+        let mut out = Vec::new();
+        for &family in families {
+            let mut msg = RouteMessage::default();
+            msg.header.address_family = address_family(family);
+            let replies = without_family_support(self.request(
+                RouteNetlinkMessage::GetRoute(msg),
+                NLM_F_REQUEST | NLM_F_DUMP,
+                "dump routes",
+            ))?;
+            out.extend(replies.iter().flat_map(|m| match m {
+                RouteNetlinkMessage::NewRoute(r) if r.header.kind == RouteType::Unicast => routes_from_message(r),
+                _ => Vec::new(),
+            }));
+        }
+        Ok(out)
     }
 
     /// An IPv4 address configured with a peer (`ip addr add A peer B`): point-to-point addressing.
@@ -205,6 +207,11 @@ impl Netlink {
     /// IPv4 addresses (with prefix) on the link with this index.
     pub fn addresses(&mut self, index: u32) -> Result<Vec<IpNetwork>> {
         self.addresses_where(AddressFamily::Inet, Some(index))
+    }
+
+    /// IPv6 addresses (with prefix) on the link with this index, link-local ones included.
+    pub fn addresses6(&mut self, index: u32) -> Result<Vec<IpNetwork>> {
+        self.addresses_where(AddressFamily::Inet6, Some(index))
     }
 
     /// Every address of the node, both families: what "addressed to the node" means.
@@ -280,112 +287,18 @@ impl Netlink {
     }
 }
 
+/// A node booted with IPv6 disabled has no IPv6 rules or routes to dump: none, not an error.
+fn without_family_support(r: Result<Vec<RouteNetlinkMessage>>) -> Result<Vec<RouteNetlinkMessage>> {
+    match r {
+        Err(e) if e.details == "EAFNOSUPPORT" => Ok(Vec::new()),
+        other => other,
+    }
+}
+
 /// Interface index by name; None when the interface does not exist (yet).
 pub fn link_index(name: &str) -> Option<u32> {
     let c = std::ffi::CString::new(name).ok()?;
     // SAFETY: if_nametoindex reads a NUL-terminated string we own.
     let idx = unsafe { nix::libc::if_nametoindex(c.as_ptr()) };
     (idx != 0).then_some(idx)
-}
-
-fn rule_message(rule: &IpRule) -> RuleMessage {
-    let mut msg = RuleMessage::default();
-    msg.header.family = AddressFamily::Inet;
-    msg.header.action = RuleAction::ToTable;
-    msg.header.table = if rule.table < 256 { rule.table as u8 } else { 0 };
-    msg.attributes.push(RuleAttribute::Priority(rule.priority));
-    msg.attributes.push(RuleAttribute::Table(rule.table));
-    if let Some((mark, mask)) = rule.fwmark {
-        msg.attributes.push(RuleAttribute::FwMark(mark));
-        msg.attributes.push(RuleAttribute::FwMask(mask));
-    }
-    if let Some(net) = rule.from {
-        msg.header.src_len = net.prefix();
-        msg.attributes.push(RuleAttribute::Source(net.network()));
-    }
-    if rule.suppress_default {
-        msg.attributes.push(RuleAttribute::SuppressPrefixLen(0));
-    }
-    msg
-}
-
-fn rule_from_message(msg: &RuleMessage) -> Option<IpRule> {
-    if msg.header.action != RuleAction::ToTable {
-        return None;
-    }
-    let mut rule =
-        IpRule { priority: 0, table: u32::from(msg.header.table), fwmark: None, from: None, suppress_default: false };
-    let (mut mark, mut mask) = (None, None);
-    for a in &msg.attributes {
-        match a {
-            RuleAttribute::Priority(p) => rule.priority = *p,
-            RuleAttribute::Table(t) => rule.table = *t,
-            RuleAttribute::FwMark(m) => mark = Some(*m),
-            RuleAttribute::FwMask(m) => mask = Some(*m),
-            RuleAttribute::Source(ip) => rule.from = IpNetwork::new(*ip, msg.header.src_len).ok(),
-            RuleAttribute::SuppressPrefixLen(0) => rule.suppress_default = true,
-            _ => {}
-        }
-    }
-    if let Some(m) = mark.filter(|m| *m != 0) {
-        rule.fwmark = Some((m, mask.unwrap_or(u32::MAX)));
-    }
-    Some(rule)
-}
-
-fn route_table(msg: &RouteMessage) -> u32 {
-    msg.attributes
-        .iter()
-        .find_map(|a| match a {
-            RouteAttribute::Table(t) => Some(*t),
-            _ => None,
-        })
-        .unwrap_or(u32::from(msg.header.table))
-}
-
-fn main_route_from_message(msg: &RouteMessage) -> Option<MainRoute> {
-    let mut dst: IpAddr = IpAddr::from([0, 0, 0, 0]);
-    let mut route = MainRoute {
-        dst: IpNetwork::new(dst, 0).ok()?,
-        gateway: None,
-        oif: 0,
-        scope_link: msg.header.scope == RouteScope::Link,
-        table: route_table(msg),
-        metric: 0,
-    };
-    for a in &msg.attributes {
-        match a {
-            RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = IpAddr::V4(*ip),
-            RouteAttribute::Gateway(RouteAddress::Inet(ip)) => route.gateway = Some(IpAddr::V4(*ip)),
-            RouteAttribute::Oif(i) => route.oif = *i,
-            RouteAttribute::Priority(m) => route.metric = *m,
-            _ => {}
-        }
-    }
-    route.dst = IpNetwork::new(dst, msg.header.destination_prefix_length).ok()?;
-    Some(route)
-}
-
-fn route_message(route: &Route, oif: u32) -> RouteMessage {
-    let mut msg = RouteMessage::default();
-    msg.header = RouteHeader {
-        address_family: AddressFamily::Inet,
-        destination_prefix_length: route.dst.prefix(),
-        table: if route.table < 256 { route.table as u8 } else { 0 },
-        protocol: RouteProtocol::Static,
-        scope: if route.gateway.is_some() { RouteScope::Universe } else { RouteScope::Link },
-        kind: RouteType::Unicast,
-        ..RouteHeader::default()
-    };
-    msg.attributes.push(RouteAttribute::Table(route.table));
-    if route.dst.prefix() != 0 {
-        msg.attributes.push(RouteAttribute::Destination(RouteAddress::from(route.dst.network())));
-    }
-    if let Some(gw) = route.gateway {
-        msg.attributes.push(RouteAttribute::Gateway(RouteAddress::from(gw)));
-    }
-    if oif != 0 {
-        msg.attributes.push(RouteAttribute::Oif(oif));
-    }
-    msg
 }

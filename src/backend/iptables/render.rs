@@ -4,7 +4,7 @@
 
 use super::rules::{Family, Rule};
 use crate::config::AttachmentId;
-use crate::plan::{Forward, Plan, Subnet};
+use crate::plan::{family_of, Forward, Plan, Subnet};
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
@@ -30,23 +30,30 @@ pub fn render(plan: &Plan) -> BTreeSet<Rule> {
         }
     }
     let arrival = &plan.routing.arrival;
-    let marked: Vec<&Forward> = plan.forwards.iter().filter(|f| f.mark.is_some()).collect();
-    for f in &marked {
+    // Both families are routed by the same marks: each forward is marked in its own family's
+    // mangle table, and each family that marks anything gets the plumbing.
+    let mut marking = BTreeSet::new();
+    for f in plan.forwards.iter().filter(|f| f.mark.is_some()) {
         rules.insert(mark_rule(&tag, f, plan.mark_mask, !arrival.is_empty()));
+        marking.insert(family_of(f.pod_ip));
     }
     if !arrival.is_empty() {
         let chain = arrival_chain(&plan.id.network);
-        for f in plan.forwards.iter().filter(|f| f.pod_ip.is_ipv4()) {
-            rules.insert(Rule::new(Family::Ipv4, "mangle", CHAIN_MARK, format!("{}-j {chain}", new_to_port(&tag, f))));
-        }
         let c = comment(&format!("bridge-nat:{}", plan.id.network));
-        for a in arrival {
-            let spec = format!("-i {} {c} -j MARK --set-xmark {:#x}/{:#x}", a.uplink, a.mark, plan.mark_mask);
-            rules.insert(Rule::new(Family::Ipv4, "mangle", &chain, spec));
+        for f in &plan.forwards {
+            let family = family_of(f.pod_ip);
+            rules.insert(Rule::new(family, "mangle", CHAIN_MARK, format!("{}-j {chain}", new_to_port(&tag, f))));
+            marking.insert(family);
+        }
+        for family in plan.forwards.iter().map(|f| family_of(f.pod_ip)).collect::<BTreeSet<_>>() {
+            for a in arrival {
+                let spec = format!("-i {} {c} -j MARK --set-xmark {:#x}/{:#x}", a.uplink, a.mark, plan.mark_mask);
+                rules.insert(Rule::new(family, "mangle", &chain, spec));
+            }
         }
     }
-    if !marked.is_empty() || !arrival.is_empty() {
-        rules.extend(mark_plumbing(plan.mark_mask));
+    for family in marking {
+        rules.extend(mark_plumbing(family, plan.mark_mask));
     }
     rules
 }
@@ -59,7 +66,7 @@ fn arrival_chain(network: &str) -> String {
 
 /// The matches of a NEW connection to a forward's host port, up to the attachment's tag.
 fn new_to_port(tag: &str, f: &Forward) -> String {
-    let dst = f.host.host_ip.map(|ip| format!("-d {ip}/32 ")).unwrap_or_default();
+    let dst = host_match(f);
     let proto = f.host.protocol.as_str();
     format!(
         "{dst}-p {proto} -m {proto} --dport {} -m addrtype --dst-type LOCAL -m conntrack --ctstate NEW -m comment --comment {tag} ",
@@ -168,16 +175,21 @@ fn forward_rules(family: Family, tag: &str, bridge: &str, f: &Forward) -> Vec<Ru
     ]
 }
 
-/// New connections to a routed forward's host port get its mark (IPv4 only, as routing is). With
+/// `-d HOST/32 ` (or `/128`) for a forward bound to one host address, as iptables-save prints it.
+fn host_match(f: &Forward) -> String {
+    f.host.host_ip.map(|ip| format!("-d {ip}/{} ", host_bits(family_of(ip)))).unwrap_or_default()
+}
+
+/// New connections to a routed forward's host port get its mark, in the forward's family. With
 /// arrival marks, only when no arrival mark was set first: whichever order the two rules run in,
 /// the arrival uplink wins.
 fn mark_rule(tag: &str, f: &Forward, mask: u32, arrival: bool) -> Rule {
     let mark = f.mark.expect("only marked forwards");
-    let dst = f.host.host_ip.map(|ip| format!("-d {ip}/32 ")).unwrap_or_default();
+    let dst = host_match(f);
     let proto = f.host.protocol.as_str();
     let unmarked = if arrival { format!("-m mark --mark 0x0/{mask:#x} ") } else { String::new() };
     Rule::new(
-        Family::Ipv4,
+        family_of(f.pod_ip),
         "mangle",
         CHAIN_MARK,
         format!(
@@ -188,22 +200,22 @@ fn mark_rule(tag: &str, f: &Forward, mask: u32, arrival: bool) -> Rule {
     )
 }
 
-/// Shared by every marked forward on the node: jumps, restore on established packets (both
-/// directions: strict rp_filter validates the client's later packets by the mark too), and save
-/// once the connection's first packet carries one of our marks.
-fn mark_plumbing(mask: u32) -> Vec<Rule> {
+/// Shared by every marked forward of a family on the node: jumps, restore on established packets
+/// (both directions: strict rp_filter validates the client's later packets by the mark too), and
+/// save once the connection's first packet carries one of our marks.
+fn mark_plumbing(family: Family, mask: u32) -> Vec<Rule> {
     let c = "-m comment --comment bridge-nat";
     vec![
-        Rule::new(Family::Ipv4, "mangle", "PREROUTING", format!("{c} -j {CHAIN_MARK}")),
-        Rule::new(Family::Ipv4, "mangle", "POSTROUTING", format!("{c} -j {CHAIN_SAVE}")),
+        Rule::new(family, "mangle", "PREROUTING", format!("{c} -j {CHAIN_MARK}")),
+        Rule::new(family, "mangle", "POSTROUTING", format!("{c} -j {CHAIN_SAVE}")),
         Rule::new(
-            Family::Ipv4,
+            family,
             "mangle",
             CHAIN_MARK,
             format!("-m conntrack --ctstate RELATED,ESTABLISHED {c} -j CONNMARK --restore-mark --nfmask {mask:#x} --ctmask {mask:#x}"),
         ),
         Rule::new(
-            Family::Ipv4,
+            family,
             "mangle",
             CHAIN_SAVE,
             format!("-m conntrack --ctstate NEW -m mark ! --mark 0x0/{mask:#x} {c} -j CONNMARK --save-mark --nfmask {mask:#x} --ctmask {mask:#x}"),

@@ -183,15 +183,13 @@ pub fn render(plan: &Plan) -> Contents {
             c.own.insert(Element::new(&set.replace("dnat", "mark"), key.clone(), vec![Value::Jump(mark.chain())]));
             c.marks.insert(mark);
         }
-        if f.pod_ip.is_ipv4() {
-            for a in &plan.routing.arrival {
-                let mark = Mark { value: a.mark, mask: plan.mark_mask };
-                // The uplink goes after the host address, before protocol and port.
-                let mut k = key.clone();
-                k.insert(k.len() - 2, Value::Ifname(a.uplink.clone()));
-                c.own.insert(Element::new(&set.replace("dnat", "arrive"), k, vec![Value::Jump(mark.chain())]));
-                c.marks.insert(mark);
-            }
+        for a in &plan.routing.arrival {
+            let mark = Mark { value: a.mark, mask: plan.mark_mask };
+            // The uplink goes after the host address, before protocol and port.
+            let mut k = key.clone();
+            k.insert(k.len() - 2, Value::Ifname(a.uplink.clone()));
+            c.own.insert(Element::new(&set.replace("dnat", "arrive"), k, vec![Value::Jump(mark.chain())]));
+            c.marks.insert(mark);
         }
     }
     c
@@ -298,7 +296,7 @@ mod tests {
     }
 
     #[test]
-    fn every_ipv4_forward_jumps_by_its_arrival_uplink() {
+    fn every_forward_jumps_by_its_arrival_uplink_in_its_own_family() {
         let (got, own, _) = contents(
             serde_json::json!({
                 "routing": { "tableId": 100, "fwmark": "0x64", "outbound": { "interface": "eth5" } },
@@ -321,9 +319,16 @@ mod tests {
                 "arrive4-any { \"eth0\" . tcp . 30080 : jump mark-0x65-0x1fff }",
                 "arrive4-any { \"eth5\" . tcp . 2376 : jump mark-0x64-0x1fff }",
                 "arrive4-any { \"eth5\" . tcp . 30080 : jump mark-0x64-0x1fff }",
+                "arrive6-any { \"eth0\" . tcp . 2376 : jump mark-0x65-0x1fff }",
+                "arrive6-any { \"eth0\" . tcp . 30080 : jump mark-0x65-0x1fff }",
+                "arrive6-any { \"eth5\" . tcp . 2376 : jump mark-0x64-0x1fff }",
+                "arrive6-any { \"eth5\" . tcp . 30080 : jump mark-0x64-0x1fff }",
             ]
         );
         assert_eq!(got.marks.len(), 2);
+        // Each forward's own mark too, in its family's map; every map named is declared.
+        assert!(own.contains(&"mark6-any { tcp . 30080 : jump mark-0x65-0x1fff }".to_string()), "{own:?}");
+        assert!(got.own.iter().all(|e| set_spec(&e.set).is_some()), "{own:?}");
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //!                then ip saddr . iifname @masq4 masquerade
 //!   filter-fwd:  from a bridge, established to a bridge, DNAT'd to a forwarded pod port: accept
 //!   mangle-pre:  established: jump restore; new to a local port: vmap @mark4-addr / @mark4-any,
-//!                then iifname . port: vmap @arrive4-addr / @arrive4-any (the arrival uplink wins)
+//!                then iifname . port: vmap @arrive4-addr / @arrive4-any (the arrival uplink wins);
+//!                the same for IPv6 with @mark6-* and @arrive6-*
 //!   mangle-post: new: jump save
 //! Per routing mark M with mask K: chain mark-M-K sets the mark, and one rule each in restore and
 //! save copies it between packet and connection (masked, as CONNMARK --nfmask/--ctmask does).
@@ -87,6 +88,11 @@ pub const SETS: &[SetSpec] = &[
     // Arrival uplink . host port → jump to the uplink's mark chain (`replyVia: "arrival"`).
     SetSpec { name: "arrive4-addr", key: &[Ipv4, Ifname, Proto, Port], data: DataType::Verdict, interval: false },
     SetSpec { name: "arrive4-any", key: &[Ifname, Proto, Port], data: DataType::Verdict, interval: false },
+    // IPv6 is routed by the same marks: the same maps for its forwards.
+    SetSpec { name: "mark6-addr", key: &[Ipv6, Proto, Port], data: DataType::Verdict, interval: false },
+    SetSpec { name: "mark6-any", key: &[Proto, Port], data: DataType::Verdict, interval: false },
+    SetSpec { name: "arrive6-addr", key: &[Ipv6, Ifname, Proto, Port], data: DataType::Verdict, interval: false },
+    SetSpec { name: "arrive6-any", key: &[Ifname, Proto, Port], data: DataType::Verdict, interval: false },
 ];
 
 pub fn set_spec(name: &str) -> Option<&'static SetSpec> {

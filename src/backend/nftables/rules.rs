@@ -183,7 +183,7 @@ pub fn static_rules() -> Vec<RuleSpec> {
             "forward6",
             vec![
                 dnat_status,
-                v6,
+                v6.clone(),
                 oifname(reg(0)),
                 lookup("bridges", reg(0), None),
                 one(address(true, false, reg(0))),
@@ -243,6 +243,54 @@ pub fn static_rules() -> Vec<RuleSpec> {
                 one(Expr::MetaLoad(MetaKey::IifName, reg(0))),
                 proto_port(reg(4)),
                 lookup("arrive4-any", reg(0), Some(REG_VERDICT)),
+            ],
+        ),
+        RuleSpec::new(
+            "mangle-pre",
+            "mark6-addr",
+            vec![
+                ct_has(CtKey::State, CT_STATE_NEW),
+                v6.clone(),
+                daddr_is_local(),
+                one(address(true, false, reg(0))),
+                proto_port(reg(4)),
+                lookup("mark6-addr", reg(0), Some(REG_VERDICT)),
+            ],
+        ),
+        RuleSpec::new(
+            "mangle-pre",
+            "mark6-any",
+            vec![
+                ct_has(CtKey::State, CT_STATE_NEW),
+                v6.clone(),
+                daddr_is_local(),
+                proto_port(reg(0)),
+                lookup("mark6-any", reg(0), Some(REG_VERDICT)),
+            ],
+        ),
+        RuleSpec::new(
+            "mangle-pre",
+            "arrive6-addr",
+            vec![
+                ct_has(CtKey::State, CT_STATE_NEW),
+                v6.clone(),
+                daddr_is_local(),
+                one(address(true, false, reg(0))),
+                one(Expr::MetaLoad(MetaKey::IifName, reg(4))),
+                proto_port(reg(8)),
+                lookup("arrive6-addr", reg(0), Some(REG_VERDICT)),
+            ],
+        ),
+        RuleSpec::new(
+            "mangle-pre",
+            "arrive6-any",
+            vec![
+                ct_has(CtKey::State, CT_STATE_NEW),
+                v6,
+                daddr_is_local(),
+                one(Expr::MetaLoad(MetaKey::IifName, reg(0))),
+                proto_port(reg(4)),
+                lookup("arrive6-any", reg(0), Some(REG_VERDICT)),
             ],
         ),
         RuleSpec::new(
