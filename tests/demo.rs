@@ -23,6 +23,8 @@ fn two_uplink_demo_runs_and_leaves_the_node_clean() {
         "replies: the uplink it arrived on (eth0, eth5)",
         "client A   -> 198.51.100.1:2376",
         "client B   -> 192.0.2.1:2376",
+        "client B   -> [2001:db8:b::1]:8443  hello from the pod",
+        "table dind_net1 (IPv6)  default via fe80::1 dev eth5",
         "answered again after",
         "DEL done",
         "demo passed",

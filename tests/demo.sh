@@ -2,7 +2,8 @@
 # The seed's picture in throwaway network namespaces: a node with two uplinks (eth0 and eth5), a
 # router and a client behind each (each client reachable only through its own uplink), one pod on
 # dind-br0 attached by bridge + host-local + bridge-nat through libcni with the seed's configuration
-# shape, and the node agent. Both clients reach the pod through their own uplink; eth5 flaps and the
+# shape, and the node agent. Both clients reach the pod through their own uplink, over IPv4 and IPv6
+# (eth5's IPv6 gateway is link-local, as a router advertisement installs it); eth5 flaps and the
 # agent repairs it; eth5's provider goes dark with its link up and the pod's own traffic fails over to
 # eth0, then comes back; DEL leaves the node clean. Nothing outside those namespaces is touched.
 set -euo pipefail
@@ -44,7 +45,17 @@ link "$node" eth0 198.51.100.1/24 "$ra" wan 198.51.100.254/24
 link "$node" eth5 192.0.2.1/24 "$rb" wan 192.0.2.254/24
 link "$ra" lan 203.0.113.1/25 "$ca" eth0 203.0.113.10/25
 link "$rb" lan 203.0.113.129/25 "$cb" eth0 203.0.113.140/25
-for r in "$ra" "$rb"; do nsx "$r" sysctl -qw net.ipv4.ip_forward=1; done
+for r in "$ra" "$rb"; do nsx "$r" sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1; done
+# IPv6 the same way; router B is eth5's gateway by its link-local address fe80::1.
+v6() { ip -n "$1" addr add "$2" dev "$3" nodad; }
+v6 "$node" 2001:db8:a::1/64 eth0; v6 "$ra" 2001:db8:a::ff/64 wan
+v6 "$node" 2001:db8:b::1/64 eth5; v6 "$rb" 2001:db8:b::ff/64 wan; v6 "$rb" fe80::1/64 wan
+v6 "$ra" 2001:db8:ca::1/64 lan; v6 "$ca" 2001:db8:ca::10/64 eth0
+v6 "$rb" 2001:db8:cb::1/64 lan; v6 "$cb" 2001:db8:cb::10/64 eth0
+nsx "$ca" ip -6 route add default via 2001:db8:ca::1
+nsx "$cb" ip -6 route add default via 2001:db8:cb::1
+nsx "$node" ip -6 route add default via 2001:db8:a::ff dev eth0 metric 100
+nsx "$node" ip -6 route add default via fe80::1 dev eth5 proto ra metric 1024
 # "The internet": 100.64.100.1 answers behind either provider (pings, and a server that says which
 # provider it is and which address it sees).
 for r in "$ra" "$rb"; do nsx "$r" ip addr add 100.64.100.1/32 dev lo; done
@@ -54,13 +65,16 @@ nsx "$node" ip route add default via 198.51.100.254 dev eth0
 nsx "$node" ip route add default via 192.0.2.254 dev eth5 metric 200
 nsx "$node" sysctl -qw net.ipv4.conf.all.rp_filter=1
 echo "main table of the node: default via eth0 (preferred), via eth5 (metric 200); strict rp_filter"
+echo "IPv6: eth0 2001:db8:a::1 (preferred), eth5 2001:db8:b::1 (default via fe80::1 proto ra); client A"
+echo "2001:db8:ca::10, client B 2001:db8:cb::10"
 
 cat > "$work/dind.conflist" <<JSON
 { "cniVersion": "1.0.0", "name": "dind", "plugins": [
   { "type": "bridge", "bridge": "dind-br0", "isGateway": true, "ipMasq": false, "hairpinMode": true,
     "ipam": { "type": "host-local", "dataDir": "$work/ipam",
-              "ranges": [[{ "subnet": "10.20.0.0/24", "rangeStart": "10.20.0.10", "rangeEnd": "10.20.0.50", "gateway": "10.20.0.1" }]],
-              "routes": [{ "dst": "0.0.0.0/0" }] } },
+              "ranges": [[{ "subnet": "10.20.0.0/24", "rangeStart": "10.20.0.10", "rangeEnd": "10.20.0.50", "gateway": "10.20.0.1" }],
+                         [{ "subnet": "fd00:20::/64", "gateway": "fd00:20::1" }]],
+              "routes": [{ "dst": "0.0.0.0/0" }, { "dst": "::/0" }] } },
   { "type": "bridge-nat", "capabilities": { "portMappings": true },
     "stateDir": "$work/state", "logFile": "$work/bridge-nat.log",
     "routing": { "enabled": true, "tableId": 100, "tableName": "dind_net1", "fwmark": "0x64", "rulePriority": 100,
@@ -83,7 +97,8 @@ for _ in $(seq 50); do grep -q "node agent started" "$work/bridge-nat.log" 2>/de
 
 step "ADD (bridge -> host-local -> bridge-nat): the seed's rules, plus a runtime port mapping 8443 -> 8080"
 cni add --port-mappings '[{"hostPort":8443,"containerPort":8080,"protocol":"tcp"}]' >/dev/null && echo "ADD done"
-nsx "$pod" socat TCP-LISTEN:8080,reuseaddr,fork SYSTEM:'echo hello from the pod - you are \$SOCAT_PEERADDR' &
+nsx "$pod" socat TCP4-LISTEN:8080,reuseaddr,fork SYSTEM:'echo hello from the pod - you are \$SOCAT_PEERADDR' &
+nsx "$pod" socat TCP6-LISTEN:8080,ipv6only=1,reuseaddr,fork SYSTEM:'echo hello from the pod - you are \$SOCAT_PEERADDR' &
 nsx "$pod" socat TCP-LISTEN:2376,reuseaddr,fork SYSTEM:'echo docker-tls answers \$SOCAT_PEERADDR' &
 disown -a   # the cleanup kills them with the namespaces; no job notices
 for _ in $(seq 50); do nsx "$pod" ss -ltn | grep -q ':2376' && break; sleep 0.1; done
@@ -105,6 +120,12 @@ ask "$ca" 198.51.100.1 30080 "hello from the pod" "client A"
 ask "$cb" 192.0.2.1 30080 "hello from the pod" "client B"
 ask "$ca" 198.51.100.1 2376 "docker-tls" "client A"
 ask "$cb" 192.0.2.1 2376 "docker-tls" "client B"
+
+step "over IPv6 too (8443, the runtime's mapping, forwards both families): client B's replies leave by eth5"
+ask "$ca" "[2001:db8:a::1]" 8443 "hello from the pod" "client A"
+ask "$cb" "[2001:db8:b::1]" 8443 "hello from the pod" "client B"
+nsx "$node" ip -6 rule | grep -E "fwmark|fd00:20" | sed 's/^/  ip -6 rule  /'
+nsx "$node" ip -6 route show table dind_net1 | grep default | sed 's/^/  table dind_net1 (IPv6)  /'
 
 step "eth5 flaps (a modem reconnecting): its routes vanish from the tables; DHCP puts main's default back"
 nsx "$node" ip link set eth5 down
@@ -144,7 +165,8 @@ step "DEL, and what bridge-nat leaves on the node"
 cni del && echo "DEL done"
 kill "$agent" && wait "$agent" 2>/dev/null || true
 agent=""
-left=$( { nsx "$node" iptables-save; nsx "$node" nft list ruleset; nsx "$node" ip rule; nsx "$node" ip route show table all; } |
+left=$( { nsx "$node" iptables-save; nsx "$node" ip6tables-save; nsx "$node" nft list ruleset; nsx "$node" ip rule;
+          nsx "$node" ip -6 rule; nsx "$node" ip route show table all; nsx "$node" ip -6 route show table all; } |
   grep -ciE 'bridge-nat|BRIDGE-NAT|dind_|fwmark' || true)
 echo "bridge-nat objects left on the node: $left"
 [ "$left" -eq 0 ] || fail "objects left behind"
