@@ -6,6 +6,7 @@ packages=(
   containernetworking-plugins                # the real bridge and host-local plugins we chain after
   golang-go golang-github-appc-cni-dev       # libcni, for the test driver (tests/driver)
   socat netcat-openbsd procps                # real packets in tests
+  radvd                                      # a provider's IPv6 router advertisements (tests/ipv6_routing.rs)
   containerd runc busybox-static             # a real containerd CRI runtime (tests/containerd.rs); busybox is its pause image
   prometheus curl                            # a real Prometheus scraping the agent's /metrics (tests/metrics.rs)
 )

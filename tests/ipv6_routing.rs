@@ -4,13 +4,14 @@
 //!
 //! ```text
 //!   inet (2001:db8:ffff::10, 203.0.113.10) ── isp0 ══ wan0 2001:db8:a::1  198.51.100.1 ─┐  main: preferred
-//!                                          └─ isp1 ══ wan1 2001:db8:b::1  192.0.2.1 ────┤  default via fe80::1 proto ra
+//!                                          └─ isp1 ══ wan1 2001:db8:b::1  192.0.2.1 ────┤  isp1's radvd: default via fe80::1
 //!                                             modem ══ wwan0 100.65.0.1 (IPv4 only) ────┘  node [dind-br0] ── pods
 //! ```
 //!
 //! The config is the seed's: the pods' own traffic by wan1 (table 100, fallback mark 0x64), 30081
 //! routed by wan0 (0x65, table 101), 30082 by the IPv4-only wwan0 (0x66, table 102), 30080 with no
 //! routing block. The client (inet) reaches wan0's and wan1's addresses through each provider.
+//! wan1's only IPv6 gateway is what isp1's router advertisements (radvd) install in main.
 
 mod common;
 
@@ -67,7 +68,9 @@ fn provider(
 struct Site {
     node: Node,
     inet: Netns,
-    _isps: [Netns; 3],
+    isp1: Netns,
+    _isps: [Netns; 2],
+    radvd: Option<Background>,
 }
 
 impl Site {
@@ -100,16 +103,45 @@ impl Site {
         // The IPv4-only modem: a link-local IPv6 address as every link has, nothing more.
         let modem = Netns::new("bn-modem");
         node.veth_to(&modem, "wwan0", "wan", "100.65.0.1/24", "100.65.0.254/24");
-        // wan0 is preferred in main; wan1's only IPv6 gateway is link-local, as a router
-        // advertisement installs it.
+        // wan0 is preferred in main; wan1's only IPv6 gateway is the router that advertises
+        // itself, by its link-local address. A forwarding node hears advertisements only with
+        // accept_ra=2 (see the README).
         node.ns.sh_ok(
             "ip route add default via 198.51.100.254 dev wan0 && \
              ip route add default via 192.0.2.254 dev wan1 metric 200 && \
              ip route add default via 100.65.0.254 dev wwan0 metric 300 && \
              ip -6 route add default via 2001:db8:a::ff dev wan0 metric 100 && \
-             ip -6 route add default via fe80::1 dev wan1 proto ra metric 1024",
+             sysctl -qw net.ipv6.conf.all.forwarding=1 net.ipv6.conf.wan1.accept_ra=2",
         );
-        Site { node, inet, _isps: [isp0, isp1, modem] }
+        let mut site = Site { node, inet, isp1, _isps: [isp0, modem], radvd: None };
+        site.start_advertising();
+        site
+    }
+
+    /// isp1's radvd: every 3-4 s, a default router lifetime of 12 s, the on-link prefix.
+    fn start_advertising(&mut self) {
+        let conf = self.node.dir().join("radvd.conf");
+        let text = "interface wan { AdvSendAdvert on; MinRtrAdvInterval 3; MaxRtrAdvInterval 4;\n\
+                    prefix 2001:db8:b::/64 { AdvOnLink on; AdvAutonomous off; }; };\n";
+        std::fs::write(&conf, text).expect("write radvd.conf");
+        let pid = self.node.dir().join("radvd.pid");
+        self.radvd =
+            Some(self.isp1.spawn(&format!("exec radvd -n -m stderr -C {} -p {}", conf.display(), pid.display())));
+        let heard = wait_for(|| self.default_via_ra(), Duration::from_secs(15));
+        assert!(heard, "no router advertisement reached wan1\n{}", self.diagnostics());
+    }
+
+    /// radvd stopped as a router going away does it: a last advertisement with lifetime 0.
+    fn stop_advertising(&mut self) {
+        let pid = self.node.dir().join("radvd.pid");
+        self.isp1.sh_ok(&format!("kill -TERM $(cat {})", pid.display()));
+        let gone = wait_for(|| !self.default_via_ra(), Duration::from_secs(15));
+        assert!(gone, "the advertised default outlived its router\n{}", self.diagnostics());
+        self.radvd = None;
+    }
+
+    fn default_via_ra(&self) -> bool {
+        self.node.ns.sh_ok("ip -6 route show default").contains("via fe80::1 dev wan1 proto ra")
     }
 
     fn entry(&self) -> Value {
@@ -305,7 +337,7 @@ fn an_ipv6_only_pod_is_routed_like_a_dual_stack_one(backend: Backend) {
 }
 
 fn check_names_deleted_ipv6_rule_and_route_and_the_agent_restores_them(backend: Backend) {
-    let Some((site, conf, pod, _srv)) = site_with_pod(backend, true, true) else { return };
+    let Some((mut site, conf, pod, _srv)) = site_with_pod(backend, true, true) else { return };
     site.expect_reply(&site.inet, WAN1, PLAIN, "pod");
     site.node.ns.sh_ok("ip -6 rule del priority 100 fwmark 0x64/0x1fff table 100 && ip -6 route del default table 100");
     let out = pod.cni(&site.node, "check", &conf);
@@ -322,6 +354,18 @@ fn check_names_deleted_ipv6_rule_and_route_and_the_agent_restores_them(backend: 
     assert!(restored, "the agent did not restore them\n{}", site.diagnostics());
     site.expect_reply(&site.inet, WAN1, PLAIN, "pod");
     site.expect_mark(WAN1, PLAIN, 100);
+    // The router goes away (its last advertisement says so): the agent takes its default out of
+    // table 100, and CHECK says wan1 has no IPv6 gateway; it comes back, and so does the default.
+    let table100 = |site: &Site| site.node.ns.sh_ok("ip -6 route show table 100");
+    site.stop_advertising();
+    let emptied = wait_for(|| !table100(&site).contains("default"), Duration::from_secs(10));
+    assert!(emptied, "the departed router is still table 100's default:\n{}", table100(&site));
+    let msg = common::error_msg(&pod.cni(&site.node, "check", &conf));
+    assert!(msg.contains("uplink wan1 of table 100 has a global IPv6 address but no IPv6 gateway"), "{msg}");
+    site.start_advertising();
+    let back = wait_for(|| table100(&site).contains("default via fe80::1 dev wan1"), Duration::from_secs(10));
+    assert!(back, "the agent did not follow the router's return:\n{}", site.diagnostics());
+    site.expect_reply(&site.inet, WAN1, PLAIN, "pod");
 }
 
 fn del_and_uninstall_leave_ipv6_rules_tables_and_firewall_as_before(backend: Backend) {

@@ -134,7 +134,7 @@ fn is_point_to_point(nl: &mut Netlink, uplink: &str, index: u32) -> bool {
     flags & (IFF_POINTOPOINT | IFF_NOARP) != 0 || nl.has_peer_address(index).unwrap_or(false)
 }
 
-fn any_of(family: Family) -> IpNetwork {
+fn default_destination(family: Family) -> IpNetwork {
     match family {
         Family::Ipv4 => "0.0.0.0/0".parse().expect("valid network"),
         Family::Ipv6 => "::/0".parse().expect("valid network"),
@@ -142,14 +142,19 @@ fn any_of(family: Family) -> IpNetwork {
 }
 
 fn device_default(spec: &TableSpec) -> Route {
-    Route { table: spec.id, dst: any_of(spec.family()), gateway: None, dev: spec.outbound.interface.clone() }
+    Route {
+        table: spec.id,
+        dst: default_destination(spec.family()),
+        gateway: None,
+        dev: spec.outbound.interface.clone(),
+    }
 }
 
 /// The table's default route in the spec's family. `main` and `elsewhere` hold routes of that
 /// family only. A link-local IPv6 gateway (what router advertisements install) is kept with its
 /// device, the uplink, as the kernel needs it.
 fn default_route(main: &[MainRoute], elsewhere: &[MainRoute], spec: &TableSpec, index: u32) -> Option<Route> {
-    let any = any_of(spec.family());
+    let any = default_destination(spec.family());
     let uplink = &spec.outbound.interface;
     let make = |gateway: Option<IpAddr>, dev: String| Some(Route { table: spec.id, dst: any, gateway, dev });
     let configured = match spec.family() {

@@ -110,7 +110,7 @@ impl Netlink {
         for family in [Family::Ipv4, Family::Ipv6] {
             let mut msg = RuleMessage::default();
             msg.header.family = address_family(family);
-            let replies = without_family_support(self.request(
+            let replies = allow_missing_family(self.request(
                 RouteNetlinkMessage::GetRule(msg),
                 NLM_F_REQUEST | NLM_F_DUMP,
                 "dump ip rules",
@@ -151,7 +151,7 @@ impl Netlink {
         for &family in families {
             let mut msg = RouteMessage::default();
             msg.header.address_family = address_family(family);
-            let replies = without_family_support(self.request(
+            let replies = allow_missing_family(self.request(
                 RouteNetlinkMessage::GetRoute(msg),
                 NLM_F_REQUEST | NLM_F_DUMP,
                 "dump routes",
@@ -288,7 +288,7 @@ impl Netlink {
 }
 
 /// A node booted with IPv6 disabled has no IPv6 rules or routes to dump: none, not an error.
-fn without_family_support(r: Result<Vec<RouteNetlinkMessage>>) -> Result<Vec<RouteNetlinkMessage>> {
+fn allow_missing_family(r: Result<Vec<RouteNetlinkMessage>>) -> Result<Vec<RouteNetlinkMessage>> {
     match r {
         Err(e) if e.details == "EAFNOSUPPORT" => Ok(Vec::new()),
         other => other,
