@@ -33,14 +33,7 @@ impl Settings {
             Some("1") => true,
             Some(other) => return Err(format!("BENCH_SHORT: {other:?} is neither 0 nor 1")),
         };
-        let ns = var("BENCH_NS")
-            .unwrap_or_else(|| if short { "0,100" } else { "0,100,500,1000" }.into())
-            .split(',')
-            .map(|s| s.trim().parse().map_err(|_| format!("BENCH_NS: {s:?} is not a number")))
-            .collect::<Result<Vec<usize>>>()?;
-        if !ns.windows(2).all(|w| w[0] < w[1]) {
-            return Err(format!("BENCH_NS must be ascending: {ns:?}"));
-        }
+        let ns = ascending_from_env(&var, "BENCH_NS", if short { "0,100" } else { "0,100,500,1000" })?;
         let max_n = ns.last().copied().unwrap_or(0);
         if BACKGROUND_PORTS + Kind::ALL.len() * max_n > usize::from(fresh_ports(Kind::Iptables)) {
             return Err(format!("BENCH_NS: {max_n} background attachments per contender do not fit the port ranges"));
@@ -102,8 +95,21 @@ impl Settings {
     }
 }
 
+/// Ascending comma-separated numbers from `name`, or from `default`.
+pub fn ascending_from_env(var: &dyn Fn(&str) -> Option<String>, name: &str, default: &str) -> Result<Vec<usize>> {
+    let list = var(name)
+        .unwrap_or_else(|| default.into())
+        .split(',')
+        .map(|s| s.trim().parse().map_err(|_| format!("{name}: {s:?} is not a number")))
+        .collect::<Result<Vec<usize>>>()?;
+    if !list.windows(2).all(|w| w[0] < w[1]) {
+        return Err(format!("{name} must be ascending: {list:?}"));
+    }
+    Ok(list)
+}
+
 /// A positive number from `name`, or `default`.
-fn count_from_env(var: &dyn Fn(&str) -> Option<String>, name: &str, default: usize, max: usize) -> Result<usize> {
+pub fn count_from_env(var: &dyn Fn(&str) -> Option<String>, name: &str, default: usize, max: usize) -> Result<usize> {
     match var(name) {
         None => Ok(default),
         Some(v) => v
