@@ -28,11 +28,19 @@
 //!   forwards on the node (default `1,100,1000`); `BENCH_DP_MAPPINGS`: port mappings per
 //!   attachment that holds the other forwards (default 1: one pod per forward);
 //!   `BENCH_DP_FIRST_REPS`: new pods per first-connection cell (default 5).
+//! - `BENCH_AGENT=0` skips the agent's cost (below); `BENCH_AGENT_NS`: ascending numbers of pods on
+//!   the node (default `0,300,900`; short: `0`); `BENCH_AGENT_CHURN`: new pods per churn (default
+//!   40; short: 5); `BENCH_AGENT_WINDOW`: seconds of each of the two windows after it (default 10;
+//!   short: 2).
 //!
 //! After the control plane, the data plane (dataplane.rs): new TCP connections per second from a
 //! client namespace (two threads) through a forwarded host port to a server in a pod, with N
 //! forwards on the node, each for a pod on the bridge (pods.rs), each contender alone on it; and
 //! the time from a new pod's ADD to the first connection it accepts through its forward.
+//!
+//! Last, the agent's cost (agent.rs, nftables only): the CPU of `bridge-nat watch` during a churn
+//! of new pods on a node with N pods and in the two windows after it, and the churn's ADD times with
+//! and without the agent. A churn ADD that fails, or an agent that dies, fails the bench.
 //!
 //! Each contender has its own host-port range, pod addresses, routing tables and marks, and each
 //! bridge-nat backend its own `stateDir` and log. Before measuring, every contender does one
@@ -47,6 +55,8 @@
 //! CHECK failed, the node is not clean after a contender's last DEL (iptables, `nft list tables`,
 //! ip rules, routing tables, state directories), or /etc/iproute2 changed.
 
+mod agent;
+mod agent_report;
 mod controlplane;
 mod dataplane;
 mod dp_report;
@@ -64,6 +74,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
+use agent::AgentCost;
 use controlplane::Bench;
 use dataplane::DataPlane;
 use node::{DirSnapshot, Node};
@@ -137,6 +148,17 @@ fn run_phases(
     Ok(())
 }
 
+/// The node after a phase: the same check as after each control-plane phase.
+fn check_clean(bench: &Bench, phase: &str) -> node::Cleanliness {
+    let state_dirs: Vec<PathBuf> =
+        bench.plugins.values().filter(|p| p.kind.is_bridge_nat()).map(|p| p.state_dir.clone()).collect();
+    let clean = node::inspect_clean(&state_dirs, &ROUTED_TABLES);
+    for p in &clean.problems {
+        eprintln!("not clean after {phase}: {p}");
+    }
+    clean
+}
+
 /// The data-plane phase (dataplane.rs), then the same cleanliness check as after each phase.
 fn run_dataplane(
     bench: &Bench,
@@ -147,14 +169,30 @@ fn run_dataplane(
 ) -> Result<()> {
     let Some(dp_settings) = &settings.dataplane else { return Ok(()) };
     dataplane::run(&bench.plugins, &settings.contenders, dp_settings, node_name, bench.next_pod, dp)?;
-    let state_dirs: Vec<PathBuf> =
-        bench.plugins.values().filter(|p| p.kind.is_bridge_nat()).map(|p| p.state_dir.clone()).collect();
-    let clean = node::inspect_clean(&state_dirs, &ROUTED_TABLES);
-    for p in &clean.problems {
-        eprintln!("not clean after the data plane: {p}");
-    }
+    let clean = check_clean(bench, "the data plane");
     let what = format!("data plane: up to {} attachments each", dp.max_attachments + 1);
     outcomes.push(PhaseOutcome { kinds: settings.contenders.clone(), what, clean });
+    Ok(())
+}
+
+/// The agent's cost (agent.rs), nftables only, then the same cleanliness check.
+fn run_agent(
+    bench: &Bench,
+    settings: &Settings,
+    node: &Node,
+    cost: &mut AgentCost,
+    outcomes: &mut Vec<PhaseOutcome>,
+) -> Result<()> {
+    let Some(agent_settings) = &settings.agent else { return Ok(()) };
+    if !settings.contenders.contains(&Kind::Nftables) {
+        eprintln!("agent cost: skipped (it measures the nftables contender, not in BENCH_CONTENDERS)");
+        return Ok(());
+    }
+    agent::run(bench.plugin(Kind::Nftables), agent_settings, node.name(), node.dir(), cost)?;
+    let clean = check_clean(bench, "the agent's cost");
+    let n = agent_settings.ns.last().copied().unwrap_or(0);
+    let what = format!("agent's cost: up to {n} pods and a churn of {}", agent_settings.churn);
+    outcomes.push(PhaseOutcome { kinds: vec![Kind::Nftables], what, clean });
     Ok(())
 }
 
@@ -206,6 +244,9 @@ fn main() -> ExitCode {
         if kind.is_bridge_nat() && settings.contenders.contains(&kind) {
             node.show_log_on_panic(plugin.log_file.clone());
         }
+        if kind == Kind::Nftables && settings.agent.is_some() {
+            node.show_log_on_panic(agent::log_file(node.dir()));
+        }
         plugins.insert(kind, plugin);
     }
 
@@ -221,10 +262,12 @@ fn main() -> ExitCode {
     let mut reps_used = BTreeMap::new();
     let mut outcomes = Vec::new();
     let mut dp = DataPlane::default();
+    let mut agent_cost = AgentCost::default();
     let failure = bench
         .warm_up(&settings.contenders)
         .and_then(|()| run_phases(&mut bench, &settings, &mut reps_used, &mut outcomes))
         .and_then(|()| run_dataplane(&bench, &settings, node.name(), &mut dp, &mut outcomes))
+        .and_then(|()| run_agent(&bench, &settings, &node, &mut agent_cost, &mut outcomes))
         .err();
 
     let iproute2_after = DirSnapshot::take(Path::new("/etc/iproute2"));
@@ -232,6 +275,9 @@ fn main() -> ExitCode {
     let mut results = std::mem::take(&mut bench.results);
     if let Some(dp_settings) = settings.dataplane.as_ref().filter(|_| !dp.rates.is_empty()) {
         results.sections.push(dp.markdown(&settings.contenders, dp_settings));
+    }
+    if let Some(agent_settings) = settings.agent.as_ref().filter(|_| !agent_cost.rows.is_empty()) {
+        results.sections.push(agent_cost.markdown(agent_settings));
     }
     let clean = outcomes.iter().all(|o| o.clean.problems.is_empty()) && iproute2_changes.is_empty();
     let pass = failure.is_none() && clean && !bench.bridge_nat_check_failed;

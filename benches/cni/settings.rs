@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use crate::agent::AgentSettings;
 use crate::dataplane::{DpSettings, MAX_FORWARDS};
 use crate::plugin::Kind;
 use crate::{fresh_ports, Result, BACKGROUND_PORTS};
@@ -23,6 +24,8 @@ pub struct Settings {
     pub bridge_nat: PathBuf,
     /// None with `BENCH_DATAPLANE=0`.
     pub dataplane: Option<DpSettings>,
+    /// None with `BENCH_AGENT=0`.
+    pub agent: Option<AgentSettings>,
 }
 
 impl Settings {
@@ -68,6 +71,7 @@ impl Settings {
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_bridge-nat"))),
             dataplane: dataplane_from_env(&var, short)?,
+            agent: crate::agent::from_env(&var, short)?,
         })
     }
 
