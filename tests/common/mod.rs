@@ -574,7 +574,10 @@ impl Node {
             snap += &format!("### {cmd}\n");
             // Link-local routes come and go with DAD timing; they are noise.
             // "linkdown" follows the bridge's carrier (lost once its last port leaves), not us.
-            for line in self.ns.sh_ok(cmd).lines().filter(|l| !l.contains("fe80:")) {
+            // The kernel adds an interface's subnet-router anycast route some time after IPv6
+            // forwarding is on (a sysctl ADD sets and never reverts, as documented): kernel noise.
+            let noise = |l: &&str| l.contains("fe80:") || l.starts_with("anycast ");
+            for line in self.ns.sh_ok(cmd).lines().filter(|l| !noise(l)) {
                 snap += &line.replace(" linkdown", "");
                 snap.push('\n');
             }
