@@ -82,6 +82,7 @@ pub fn apply_routing(planned: &Plan, healthy: impl Fn(&str) -> bool, applied: &m
     for w in warnings {
         log::warn!("{w}; CHECK will report it until it is fixed");
     }
+    warn_ipv6_uplinks(planned, &resolved);
     let rules = egress::resolve_rules(&r.ip_rules, r.egress.iter(), healthy);
     routes::apply(&mut nl, &rules, &resolved, applied).context("policy routing")?;
     // The source rule in another form (left by an agent that died while failed over, or health
@@ -90,6 +91,29 @@ pub fn apply_routing(planned: &Plan, healthy: impl Fn(&str) -> bool, applied: &m
         egress::with_variants(&r.ip_rules, r.egress.iter()).difference(&rules).cloned().collect();
     routes::remove(&mut nl, &stale, &BTreeSet::new()).context("policy routing: the pods' source rule")?;
     Ok(resolved)
+}
+
+/// What of an IPv6 uplink's own settings defeats its table or the pods' masquerade (logged).
+fn warn_ipv6_uplinks(planned: &Plan, resolved: &BTreeSet<Route>) {
+    use crate::routing::uplink6::{read_ipv6_conf, uplink_warnings};
+    let masquerade = planned.subnets.iter().any(|s| s.family == crate::plan::Family::Ipv6 && s.masquerade);
+    let uplinks: BTreeSet<&str> = planned
+        .routing
+        .tables
+        .iter()
+        .filter(|t| t.family() == crate::plan::Family::Ipv6)
+        .map(|t| t.outbound.interface.as_str())
+        .collect();
+    for uplink in uplinks {
+        let advertised = resolved.iter().any(|r| {
+            r.dev == uplink
+                && r.dst.prefix() == 0
+                && matches!(r.gateway, Some(std::net::IpAddr::V6(g)) if g.is_unicast_link_local())
+        });
+        for w in uplink_warnings(uplink, advertised, masquerade, read_ipv6_conf) {
+            log::warn!("{w}");
+        }
+    }
 }
 
 /// Delete the node's neighbour entries for the pod's addresses on the bridge that point at a MAC
