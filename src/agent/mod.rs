@@ -136,10 +136,30 @@ fn switch_egress(settings: &Settings, switch: &failover::Switch) {
     if let Err(e) = reconcile(settings) {
         log::error!("move the pods' egress: {e}");
     }
-    match crate::netlink::conntrack::clear_masqueraded(&switch.subnets, &switch.left) {
-        Ok(n) => log::info!("forgot {n} connection(s) masqueraded to {:?}", switch.left),
-        Err(e) => log::warn!("forget connections masqueraded to {:?}: {e}", switch.left),
+    let mut left: Vec<std::net::IpAddr> = switch.left.iter().map(|a| (*a).into()).collect();
+    left.extend(left_ipv6_addresses(switch));
+    match crate::netlink::conntrack::clear_masqueraded(&switch.subnets, &left) {
+        Ok(n) => log::info!("forgot {n} connection(s) masqueraded to {left:?}"),
+        Err(e) => log::warn!("forget connections masqueraded to {left:?}: {e}"),
     }
+}
+
+/// The global IPv6 addresses of the uplinks left, read now: a provider gone dark keeps its link
+/// and so its addresses (a link that went down lost them, and the kernel forgot their flows then).
+fn left_ipv6_addresses(switch: &failover::Switch) -> Vec<std::net::IpAddr> {
+    let mut out = Vec::new();
+    let Ok(mut nl) = crate::routing::netlink::Netlink::open() else { return out };
+    for (_, from, _) in &switch.moves {
+        let Some(index) = crate::routing::netlink::link_index(from) else { continue };
+        let addresses = nl.addresses6(index).unwrap_or_default();
+        out.extend(addresses.iter().map(|a| a.ip()).filter(|ip| match ip {
+            std::net::IpAddr::V6(v6) => !v6.is_unicast_link_local() && !v6.is_loopback(),
+            std::net::IpAddr::V4(_) => false,
+        }));
+    }
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Another program undoing our repairs as fast as we make them (a firewall manager that owns the

@@ -1,4 +1,4 @@
-//! Clearing stale UDP conntrack entries over ctnetlink, without the `conntrack` tool.
+//! Clearing stale conntrack entries over ctnetlink, without the `conntrack` tool.
 //!
 //! A client that keeps sending UDP to a host port keeps its conntrack entry alive, and NAT is only
 //! decided on a connection's first packet: without this, a re-created pod would never see that
@@ -22,6 +22,7 @@ const CTA_TUPLE_IP: u16 = 1;
 const CTA_TUPLE_PROTO: u16 = 2;
 const CTA_IP_V4_SRC: u16 = 1;
 const CTA_IP_V4_DST: u16 = 2;
+const CTA_IP_V6_SRC: u16 = 3;
 const CTA_IP_V6_DST: u16 = 4;
 const CTA_PROTO_NUM: u16 = 1;
 const CTA_PROTO_DST_PORT: u16 = 3;
@@ -43,26 +44,36 @@ pub fn clear_udp(family_v6: bool, flows: &[UdpFlow]) -> Result<usize> {
     delete_where(family_v6, |entry| find_attr(entry, CTA_TUPLE_ORIG).is_some_and(|orig| matches_any(orig, flows)))
 }
 
-/// Delete the IPv4 entries of connections from `subnets` that were masqueraded to one of
-/// `addresses` (original source in a pod subnet, reply destination that address): what must go
-/// when the pods' traffic leaves by another uplink, or their next packets would keep the old
-/// uplink's address. An entry that expired meanwhile is not an error.
-pub fn clear_masqueraded(subnets: &[ipnetwork::IpNetwork], addresses: &[std::net::Ipv4Addr]) -> Result<usize> {
-    if subnets.is_empty() || addresses.is_empty() {
-        return Ok(0);
+/// Delete the entries of connections from `subnets` that were masqueraded to one of `addresses`
+/// (original source in a pod subnet, reply destination that address), in each family `addresses`
+/// holds: what must go when the pods' traffic leaves by another uplink, or their next packets would
+/// keep the old uplink's address. An entry that expired meanwhile is not an error.
+pub fn clear_masqueraded(subnets: &[ipnetwork::IpNetwork], addresses: &[IpAddr]) -> Result<usize> {
+    let mut deleted = 0;
+    for v6 in [false, true] {
+        let of_family: Vec<IpAddr> = addresses.iter().copied().filter(|a| a.is_ipv6() == v6).collect();
+        if subnets.is_empty() || of_family.is_empty() {
+            continue;
+        }
+        deleted += delete_where(v6, |entry| is_masqueraded_from(entry, subnets, &of_family))?;
     }
-    delete_where(false, |entry| {
-        let ip_of = |tuple: u16, which: u16| {
-            find_attr(entry, tuple)
-                .and_then(|t| find_attr(t, CTA_TUPLE_IP))
-                .and_then(|ip| find_attr(ip, which))
-                .and_then(|b| <[u8; 4]>::try_from(b).ok())
-                .map(std::net::Ipv4Addr::from)
-        };
-        let from_pod =
-            ip_of(CTA_TUPLE_ORIG, CTA_IP_V4_SRC).is_some_and(|src| subnets.iter().any(|s| s.contains(src.into())));
-        from_pod && ip_of(CTA_TUPLE_REPLY, CTA_IP_V4_DST).is_some_and(|dst| addresses.contains(&dst))
-    })
+    Ok(deleted)
+}
+
+/// The address of one end of a tuple, either family.
+fn tuple_address(entry: &[u8], tuple: u16, source: bool) -> Option<IpAddr> {
+    let ip = find_attr(entry, tuple).and_then(|t| find_attr(t, CTA_TUPLE_IP))?;
+    let (v4, v6) = if source { (CTA_IP_V4_SRC, CTA_IP_V6_SRC) } else { (CTA_IP_V4_DST, CTA_IP_V6_DST) };
+    match find_attr(ip, v4).and_then(|b| <[u8; 4]>::try_from(b).ok()) {
+        Some(b) => Some(IpAddr::from(b)),
+        None => find_attr(ip, v6).and_then(|b| <[u8; 16]>::try_from(b).ok()).map(IpAddr::from),
+    }
+}
+
+fn is_masqueraded_from(entry: &[u8], subnets: &[ipnetwork::IpNetwork], addresses: &[IpAddr]) -> bool {
+    let from_pod =
+        tuple_address(entry, CTA_TUPLE_ORIG, true).is_some_and(|src| subnets.iter().any(|s| s.contains(src)));
+    from_pod && tuple_address(entry, CTA_TUPLE_REPLY, false).is_some_and(|dst| addresses.contains(&dst))
 }
 
 /// Dump the family's entries and delete, one by one, those `pick` chooses (by their attributes).
@@ -179,6 +190,33 @@ mod tests {
         assert!(!matches_any(&t, &[UdpFlow { port: 53, dst: None }]));
         let tcp = tuple([192, 168, 1, 5], 6, 5353);
         assert!(!matches_any(&tcp, &[UdpFlow { port: 5353, dst: None }]));
+    }
+
+    #[test]
+    fn masqueraded_pod_flows_are_found_in_either_family() {
+        let side = |kind: u16, src: &str, dst: &str| {
+            let (src, dst): (IpAddr, IpAddr) = (src.parse().unwrap(), dst.parse().unwrap());
+            let bytes = |a: IpAddr| match a {
+                IpAddr::V4(a) => a.octets().to_vec(),
+                IpAddr::V6(a) => a.octets().to_vec(),
+            };
+            let (s, d) = if src.is_ipv4() { (CTA_IP_V4_SRC, CTA_IP_V4_DST) } else { (CTA_IP_V6_SRC, CTA_IP_V6_DST) };
+            nested(kind, &[nested(CTA_TUPLE_IP, &[raw_attr(s, &bytes(src)), raw_attr(d, &bytes(dst))])])
+        };
+        let entry = |orig: (&str, &str), reply: (&str, &str)| {
+            [side(CTA_TUPLE_ORIG, orig.0, orig.1), side(CTA_TUPLE_REPLY, reply.0, reply.1)].concat()
+        };
+        let subnets: Vec<ipnetwork::IpNetwork> = vec!["10.20.0.0/24".parse().unwrap(), "fd00:20::/64".parse().unwrap()];
+        let left: Vec<IpAddr> = vec!["192.0.2.1".parse().unwrap(), "2001:db8:b::1".parse().unwrap()];
+        let v6 = entry(("fd00:20::2", "2001:db8:ffff::10"), ("2001:db8:ffff::10", "2001:db8:b::1"));
+        assert!(is_masqueraded_from(&v6, &subnets, &left));
+        let v4 = entry(("10.20.0.10", "203.0.113.10"), ("203.0.113.10", "192.0.2.1"));
+        assert!(is_masqueraded_from(&v4, &subnets, &left));
+        // Masqueraded to another uplink's address, or not from a pod: kept.
+        let other = entry(("fd00:20::2", "2001:db8:ffff::10"), ("2001:db8:ffff::10", "2001:db8:a::1"));
+        assert!(!is_masqueraded_from(&other, &subnets, &left));
+        let node = entry(("2001:db8:b::1", "2001:db8:ffff::10"), ("2001:db8:ffff::10", "2001:db8:b::1"));
+        assert!(!is_masqueraded_from(&node, &subnets, &left));
     }
 
     #[test]

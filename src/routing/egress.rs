@@ -109,6 +109,20 @@ mod tests {
     }
 
     #[test]
+    fn both_families_source_rules_move_together() {
+        let mut e = egress();
+        e.subnets.push("fd00:20::/64".parse().unwrap());
+        let (v4, v6) = (e.subnets[0], e.subnets[1]);
+        assert_eq!(e.rule(v6, 100).family, crate::family::Family::Ipv6);
+        assert_eq!(e.rule(v6, 100).to_string(), "ip -6 rule priority 110 from fd00:20::/64 lookup 100");
+        let rules: BTreeSet<IpRule> = [e.rule(v4, 100), e.rule(v6, 100)].into_iter().collect();
+        let resolved = resolve_rules(&rules, [&e], |u| u == "wwan0");
+        assert_eq!(resolved, [e.rule(v4, 102), e.rule(v6, 102)].into_iter().collect());
+        // DEL removes every form of both.
+        assert_eq!(with_variants(&rules, [&e]).len(), 6);
+    }
+
+    #[test]
     fn only_the_source_rule_moves() {
         let e = egress();
         let subnet = e.subnets[0];

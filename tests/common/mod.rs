@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod containerd;
+pub mod dual_stack;
 pub mod prometheus;
 pub mod providers;
 pub mod uplinks;
