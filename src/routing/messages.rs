@@ -157,7 +157,7 @@ pub fn route_message(route: &Route, oif: u32) -> RouteMessage {
         ..RouteHeader::default()
     };
     if route.family() == Family::Ipv6 {
-        // IPv6 routes are all of universe scope; the kernel refuses nothing else but shows it.
+        // IPv6 has no link-scope routes: the kernel keeps every IPv6 route at universe scope.
         msg.header.scope = RouteScope::Universe;
     }
     msg.attributes.push(RouteAttribute::Table(route.table));
