@@ -43,6 +43,7 @@ pub fn watch(opts: &WatchOptions) -> Result<bool> {
     );
     let mut full_due = Some(Instant::now());
     let mut check_due: Option<Instant> = None;
+    let mut recheck_due: Option<Instant> = None;
     let mut pending: Option<Concern> = None;
     let mut backoff = Duration::ZERO;
     let mut fight = Fight::default();
@@ -56,7 +57,8 @@ pub fn watch(opts: &WatchOptions) -> Result<bool> {
             followed = node.generation;
         }
         let now = Instant::now();
-        let next = [full_due, check_due, Some(next_safety), failover.deadline()].into_iter().flatten().min();
+        let next =
+            [full_due, check_due, recheck_due, Some(next_safety), failover.deadline()].into_iter().flatten().min();
         let next = next.expect("safety is set");
         match events.wait(next.saturating_duration_since(now), &failover.fds())? {
             Wake::Stop(signal) => {
@@ -69,9 +71,12 @@ pub fn watch(opts: &WatchOptions) -> Result<bool> {
                     .filter_map(|n| if let notice::Notice::Link { name, .. } = n { Some(name.as_str()) } else { None })
                     .collect();
                 failover.link_changed(&links);
-                if let Some(concern) = node.concern(&notices)? {
+                if let Some(concern) = node.concern(&notices) {
                     pending = pending.max(Some(concern));
                     check_due.get_or_insert(Instant::now() + DEBOUNCE);
+                }
+                if node.has_unsure() {
+                    recheck_due.get_or_insert(Instant::now() + DEBOUNCE);
                 }
             }
             Wake::Probe => failover.read_replies(),
@@ -82,6 +87,17 @@ pub fn watch(opts: &WatchOptions) -> Result<bool> {
             crate::netlink::nfnetlink::release();
         }
         let now = Instant::now();
+        if recheck_due.is_some_and(|d| now >= d) {
+            recheck_due = None;
+            match node.recheck() {
+                Ok(Some(concern)) => {
+                    pending = pending.max(Some(concern));
+                    check_due.get_or_insert(now);
+                }
+                Ok(None) => {}
+                Err(e) => log::warn!("read the records again: {e}"),
+            }
+        }
         if now >= next_safety {
             full_due = Some(now);
         }

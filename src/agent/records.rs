@@ -19,7 +19,12 @@ pub struct Records {
     ignored: u64,
     /// Bumped whenever the records changed, so others can follow them cheaply.
     pub generation: u64,
+    /// Notices about links or tables the records read so far do not name.
+    unsure: Vec<Notice>,
 }
+
+/// Past this many notices waiting for the records, a full check instead (a flood of them).
+const MAX_UNSURE: usize = 4096;
 
 impl Records {
     pub fn open(settings: &Settings) -> Result<Records> {
@@ -31,6 +36,7 @@ impl Records {
             interest: Interest::default(),
             ignored: 0,
             generation: 1,
+            unsure: Vec::new(),
         };
         records.refresh()?;
         Ok(records)
@@ -52,15 +58,34 @@ impl Records {
     /// What a burst of notifications concerns, if anything. Records are re-read first when a
     /// notice names a link or table the interest does not know (an uplink a new pod's config
     /// names may have just appeared).
-    pub fn concern(&mut self, notices: &[Notice]) -> Result<Option<Concern>> {
-        if notices.iter().any(|n| self.interest.may_be_stale_for(n)) {
-            self.refresh()?;
+    pub fn concern(&mut self, notices: &[Notice]) -> Option<Concern> {
+        let mut concern = None;
+        for n in notices {
+            match self.interest.concern(n) {
+                Some(c) => concern = concern.max(Some(c)),
+                // Maybe a record written since names it (an uplink a new pod's config names has
+                // just appeared): looked at again after the burst, not now, while pods are starting.
+                None if self.interest.may_be_stale_for(n) && self.unsure.len() < MAX_UNSURE => {
+                    self.unsure.push(n.clone())
+                }
+                None if self.interest.may_be_stale_for(n) => concern = Some(Concern::Firewall),
+                None => self.ignored += 1,
+            }
         }
-        let concern = notices.iter().filter_map(|n| self.interest.concern(n)).max();
-        if concern.is_none() {
-            self.ignored += notices.len() as u64;
-            log::trace!("{} notification(s) concern no record ({} so far)", notices.len(), self.ignored);
-        }
+        concern
+    }
+
+    /// Whether some notices wait for the records to be read again.
+    pub fn has_unsure(&self) -> bool {
+        !self.unsure.is_empty()
+    }
+
+    /// Read the records again and judge the notices that waited for it.
+    pub fn recheck(&mut self) -> Result<Option<Concern>> {
+        self.refresh()?;
+        let unsure = std::mem::take(&mut self.unsure);
+        let concern = unsure.iter().filter_map(|n| self.interest.concern(n)).max();
+        log::trace!("{} notification(s) judged after the records were read again: {concern:?}", unsure.len());
         Ok(concern)
     }
 
