@@ -97,9 +97,9 @@ for _ in $(seq 50); do grep -q "node agent started" "$work/bridge-nat.log" 2>/de
 
 step "ADD (bridge -> host-local -> bridge-nat): the seed's rules, plus a runtime port mapping 8443 -> 8080"
 cni add --port-mappings '[{"hostPort":8443,"containerPort":8080,"protocol":"tcp"}]' >/dev/null && echo "ADD done"
-nsx "$pod" socat TCP4-LISTEN:8080,reuseaddr,fork SYSTEM:'echo hello from the pod - you are \$SOCAT_PEERADDR' &
-nsx "$pod" socat TCP6-LISTEN:8080,ipv6only=1,reuseaddr,fork SYSTEM:'echo hello from the pod - you are \$SOCAT_PEERADDR' &
-nsx "$pod" socat TCP-LISTEN:2376,reuseaddr,fork SYSTEM:'echo docker-tls answers \$SOCAT_PEERADDR' &
+ip netns exec "$pod" socat TCP4-LISTEN:8080,reuseaddr,fork SYSTEM:'echo hello from the pod - you are \$SOCAT_PEERADDR' &
+ip netns exec "$pod" socat TCP6-LISTEN:8080,ipv6only=1,reuseaddr,fork SYSTEM:'echo hello from the pod - you are \$SOCAT_PEERADDR' &
+ip netns exec "$pod" socat TCP-LISTEN:2376,reuseaddr,fork SYSTEM:'echo docker-tls answers \$SOCAT_PEERADDR' &
 disown -a   # the cleanup kills them with the namespaces; no job notices
 for _ in $(seq 50); do nsx "$pod" ss -ltn | grep -q ':2376' && break; sleep 0.1; done
 
@@ -138,8 +138,8 @@ grep "repaired:" "$work/bridge-nat.log" | sed 's/^/    /' | tail -4
 tool check | sed 's/^/  /'
 
 step "the pod's own traffic leaves by eth5; then eth5's provider goes dark (link up, nothing carried)"
-nsx "$ra" socat TCP-LISTEN:80,bind=100.64.100.1,reuseaddr,fork SYSTEM:'echo provider A sees \$SOCAT_PEERADDR' &
-nsx "$rb" socat TCP-LISTEN:80,bind=100.64.100.1,reuseaddr,fork SYSTEM:'echo provider B sees \$SOCAT_PEERADDR' &
+ip netns exec "$ra" socat TCP-LISTEN:80,bind=100.64.100.1,reuseaddr,fork SYSTEM:'echo provider A sees \$SOCAT_PEERADDR' &
+ip netns exec "$rb" socat TCP-LISTEN:80,bind=100.64.100.1,reuseaddr,fork SYSTEM:'echo provider B sees \$SOCAT_PEERADDR' &
 disown -a
 egress() { # expected-substring what
   local reply start=$(date +%s%N)
