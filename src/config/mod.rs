@@ -21,6 +21,7 @@ mod failover;
 mod raw;
 mod runtime;
 mod salvage;
+mod unique;
 mod unknown;
 
 pub use salvage::salvage;
