@@ -384,7 +384,7 @@ fn del_of_a_running_pod_ignores_a_runtime_config_it_cannot_use() {
         return;
     }
     let rule = json!({ "name": "web", "hostPort": 30090, "destPort": 8080, "protocol": "tcp", "pod": "default/web-*" });
-    let mut site = Site::build(None, &[rule.clone()], false);
+    let mut site = Site::build(None, std::slice::from_ref(&rule), false);
     let web = site.run(&pod("web-1", &[("TCP", 8080, 70000)]));
     site.expect_reply("tcp", 30090, "web-1 tcp");
     site.ctrd.set_conflist(&conflist(&site.node, &[rule], true));

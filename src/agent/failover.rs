@@ -130,8 +130,9 @@ impl Failover {
 
     /// Replies arrived: read them; the round ends early once every uplink has answered.
     pub fn read_replies(&mut self) {
-        let all = self.uplinks.values_mut().fold(true, |all, u| u.probe.read_replies() && all);
-        if all && self.round_ends.is_some() {
+        // Every socket is read, whatever the others say: replies must not wait for the next wake.
+        let answered: Vec<bool> = self.uplinks.values_mut().map(|u| u.probe.read_replies()).collect();
+        if answered.iter().all(|a| *a) && self.round_ends.is_some() {
             self.round_ends = Some(Instant::now());
         }
     }

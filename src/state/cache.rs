@@ -30,8 +30,8 @@ impl RecordCache {
     /// Bring the cache up to date; true when any record came, changed or went.
     pub fn refresh(&mut self, store: &Store) -> Result<bool> {
         let root = store.dir().join("records");
-        let unchanged = !self.dirs.is_empty() && self.dirs.iter().all(|(d, t)| mtime(d) == *t);
-        if unchanged && mtime(&root) == self.dirs[0].1 {
+        // dirs[0] is records/ itself: a network directory that came or went changes its time.
+        if !self.dirs.is_empty() && self.dirs.iter().all(|(d, t)| mtime(d) == *t) {
             return Ok(false);
         }
         let mut dirs = vec![(root.clone(), mtime(&root))];
@@ -45,7 +45,7 @@ impl RecordCache {
             let listing = std::fs::read_dir(&net).map_err(|e| Error::io(format!("read {}", net.display()), e))?;
             for entry in listing.flatten() {
                 let file = entry.path();
-                if !file.extension().is_some_and(|e| e == "json") {
+                if file.extension().is_none_or(|e| e != "json") {
                     continue;
                 }
                 let ino = entry.ino();
