@@ -35,6 +35,7 @@ pub fn problems_of(settings: &Settings, records: &[&Record]) -> Result<Vec<(Atta
     let mut out = Vec::new();
     // One backend of each kind for the whole pass: what they read of the node, they read once.
     let mut backends = backend::every(settings);
+    let healthy = healthy_in(&settings.state_dir);
     for rec in records {
         let mut problems = Vec::new();
         if rec.status != Status::Applied {
@@ -43,7 +44,7 @@ pub fn problems_of(settings: &Settings, records: &[&Record]) -> Result<Vec<(Atta
         let fw = backends.iter_mut().find(|f| f.kind() == rec.backend).expect("every backend kind is open");
         problems.extend(fw.verify(&rec.id, &rec.firewall)?);
         problems.extend(kernel::check_sysctls(&rec.sysctls));
-        problems.extend(check_routing(rec, healthy_in(&settings.state_dir))?);
+        problems.extend(check_routing(rec, &healthy)?);
         out.push((rec.id.clone(), problems));
     }
     Ok(out)

@@ -83,9 +83,10 @@ impl View {
 }
 
 /// Health as every path that resolves routes must see it: the live agent's, or everything healthy.
-pub fn healthy_in(state_dir: &Path) -> impl Fn(&str) -> bool {
-    let view = View::load(state_dir);
-    move |uplink| view.as_ref().is_none_or(|v| v.is_healthy(uplink))
+/// The file is read at the first question, so a call whose network has no fallback never reads it.
+pub fn healthy_in(state_dir: &Path) -> impl Fn(&str) -> bool + '_ {
+    let view = std::cell::OnceCell::new();
+    move |uplink| view.get_or_init(|| View::load(state_dir)).as_ref().is_none_or(|v| v.is_healthy(uplink))
 }
 
 #[cfg(test)]
