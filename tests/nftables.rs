@@ -238,8 +238,8 @@ fn nft_listings_are_normalised_and_parsed() {
         \t\telements = { udp . 53 : 10.20.0.5 . 53,\n\
         \t\t\t     tcp . 8080 : 10.20.0.5 . 80 }\n\
         \t}\n\
-        \tset fwd4 {\n\
-        \t\ttype ipv4_addr . inet_proto . inet_service\n\
+        \tset own4 {\n\
+        \t\ttype ipv4_addr . ifname\n\
         \t}\n\
         \tset bridges {\n\
         \t\ttype ifname\n\
@@ -261,7 +261,7 @@ fn nft_listings_are_normalised_and_parsed() {
     assert!(norm.contains("\t\tfib daddr type local jump to-pod\n"), "rules must stay:\n{norm}");
     let sets = nft_sets(&norm);
     assert_eq!(sets["dnat4-any"], ["tcp . 8080 : 10.20.0.5 . 80", "udp . 53 : 10.20.0.5 . 53"]);
-    assert_eq!(sets["fwd4"], Vec::<String>::new());
+    assert_eq!(sets["own4"], Vec::<String>::new());
     assert_eq!(sets["bridges"], ["\"dind-br0\""]);
     assert_eq!(sets.len(), 3, "chains are not sets: {sets:?}");
 }
@@ -310,8 +310,6 @@ fn no_iptables_rule_is_ever_created() {
         ("dnat4-any", format!("udp . 30053 : {ip4} . 53")),
         ("dnat4-addr", format!("{UPLINK} . tcp . 30081 : {ip4} . 8080")),
         ("dnat6-any", format!("tcp . 30080 : {ip6} . 8080")),
-        ("fwd4", format!("{ip4} . tcp . 8080")),
-        ("fwd6", format!("{ip6} . tcp . 8080")),
         ("masq4", format!("10.20.0.0/24 . \"{}\"", common::BRIDGE)),
         ("mark4-any", "tcp . 30080 : jump mark-0x65-0x1fff".to_string()),
     ] {
@@ -368,7 +366,6 @@ fn the_table_lives_exactly_as_long_as_an_attachment() {
     assert_eq!(get("dnat4-any"), [format!("tcp . 30081 : {b4} . 8080")], "dnat4-any after DEL a");
     assert_eq!(get("dnat6-any"), [format!("tcp . 30081 : {b6} . 8080")], "dnat6-any after DEL a");
     assert_eq!(get("dnat4-addr"), [format!("{UPLINK} . udp . 30054 : {b4} . 53")], "dnat4-addr after DEL a");
-    assert_eq!(get("fwd4"), [format!("{b4} . tcp . 8080"), format!("{b4} . udp . 53")], "fwd4 after DEL a");
     // What b shares with any pod of the network stays.
     assert_eq!(get("bridges"), [format!("\"{}\"", common::BRIDGE)], "bridges after DEL a");
     assert_eq!(get("masq4"), [format!("10.20.0.0/24 . \"{}\"", common::BRIDGE)], "masq4 after DEL a");
@@ -454,15 +451,13 @@ fn fifty_attachments_each_hold_their_elements_and_the_last_del_removes_the_table
 
     let all = node.nft_all_elements();
     let get = |set: &str| all.get(set).cloned().unwrap_or_default();
-    let (dnat4, dnat6, fwd4, fwd6) = (get("dnat4-any"), get("dnat6-any"), get("fwd4"), get("fwd6"));
+    let (dnat4, dnat6) = (get("dnat4-any"), get("dnat6-any"));
     let mut problems = Vec::new();
     for (pod, port) in &pods {
         let (ip4, ip6) = (pod.ip(false), pod.ip(true));
         for (set, elements, want) in [
             ("dnat4-any", &dnat4, format!("tcp . {port} : {ip4} . 8080")),
             ("dnat6-any", &dnat6, format!("tcp . {port} : {ip6} . 8080")),
-            ("fwd4", &fwd4, format!("{ip4} . tcp . 8080")),
-            ("fwd6", &fwd6, format!("{ip6} . tcp . 8080")),
         ] {
             if !elements.contains(&want) {
                 problems.push(format!("{}: {set} lacks {want:?}", pod.id));
@@ -471,7 +466,7 @@ fn fifty_attachments_each_hold_their_elements_and_the_last_del_removes_the_table
     }
     let distinct: BTreeSet<String> = pods.iter().map(|(p, _)| p.ip(false)).collect();
     assert_eq!(distinct.len(), PODS, "host-local handed out duplicate addresses");
-    for (set, elements) in [("dnat4-any", &dnat4), ("dnat6-any", &dnat6), ("fwd4", &fwd4), ("fwd6", &fwd6)] {
+    for (set, elements) in [("dnat4-any", &dnat4), ("dnat6-any", &dnat6)] {
         if elements.len() != PODS {
             problems.push(format!("{set} holds {} elements for {PODS} pods", elements.len()));
         }

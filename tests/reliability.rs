@@ -560,7 +560,7 @@ fn storm_firewall_problems(
             }
         }
         Backend::Nftables => {
-            let (dnat, fwd) = (node.nft_elements("dnat4-any"), node.nft_elements("fwd4"));
+            let dnat = node.nft_elements("dnat4-any");
             for (pod, port) in live {
                 let key = format!("tcp . {port} : ");
                 let want = format!("{key}{} . 8080", pod.ipv4());
@@ -568,27 +568,17 @@ fn storm_firewall_problems(
                 if n != 1 || !dnat.contains(&want) {
                     problems.push(format!("{} (port {port}): {n} dnat4-any elements, want exactly {want:?}", pod.id));
                 }
-                let accept = format!("{} . tcp . 8080", pod.ipv4());
-                if !fwd.contains(&accept) {
-                    problems.push(format!("{}: fwd4 lacks {accept:?}", pod.id));
-                }
             }
             for (pod, port) in gone {
                 if dnat.iter().any(|e| e.starts_with(&format!("tcp . {port} : "))) {
                     problems.push(format!("deleted {} (port {port}) is still forwarded", pod.id));
                 }
             }
-            let live_ips: BTreeSet<String> = live.iter().map(|(p, _)| p.ipv4()).collect();
-            if dnat.len() != live.len() || fwd.len() != live_ips.len() {
-                problems.push(format!(
-                    "{} dnat4-any and {} fwd4 elements for {} live pods",
-                    dnat.len(),
-                    fwd.len(),
-                    live.len()
-                ));
+            if dnat.len() != live.len() {
+                problems.push(format!("{} dnat4-any elements for {} live pods", dnat.len(), live.len()));
             }
             if !problems.is_empty() {
-                problems.push(format!("dnat4-any {dnat:#?}\nfwd4 {fwd:#?}"));
+                problems.push(format!("dnat4-any {dnat:#?}"));
             }
         }
     }
@@ -985,7 +975,7 @@ fn expect_exact_check_problems(node: &Node, pod: &Pod, conf: &Path, expected: &B
 /// 5. Someone flushes the DNAT and FORWARD chains and deletes the ip rules: CHECK lists exactly
 ///    what is gone; a repeated ADD restores it all. Then the chains are deleted outright (jumps
 ///    first): CHECK lists every rule, and ADD restores them. Under nftables: the attachment's
-///    set and map elements and the ip rules are deleted, then the chains nat-pre and filter-fwd
+///    set and map elements and the ip rules are deleted, then the chains nat-pre and pick-mark
 ///    flushed, then the whole table deleted; each time CHECK names what is gone and ADD puts
 ///    the node back exactly.
 fn check_names_exactly_what_was_flushed_and_readd_restores_it(backend: Backend) {
@@ -1048,10 +1038,10 @@ fn check_names_exactly_what_was_flushed_and_readd_restores_it(backend: Backend) 
             let own: Vec<(String, String)> = node
                 .nft_all_elements()
                 .into_iter()
-                .filter(|(set, _)| ["dnat", "fwd", "mark"].iter().any(|p| set.starts_with(p)))
+                .filter(|(set, _)| ["dnat", "mark"].iter().any(|p| set.starts_with(p)))
                 .flat_map(|(set, elements)| elements.into_iter().map(move |e| (set.clone(), e)))
                 .collect();
-            for want in ["dnat4-any", "fwd4", "mark4-any"] {
+            for want in ["dnat4-any", "mark4-any"] {
                 assert!(own.iter().any(|(set, _)| set == want), "a has no element in {want}: {own:?}");
             }
             for (set, element) in &own {
@@ -1068,13 +1058,13 @@ fn check_names_exactly_what_was_flushed_and_readd_restores_it(backend: Backend) 
 
             // Flushed chains: CHECK names each rule that went, in its chain.
             let table = node.nft_table().expect("the table exists");
-            let flushed = ["nat-pre", "filter-fwd"];
+            let flushed = ["nat-pre", "pick-mark"];
             let rules: Vec<(&str, usize)> = flushed.iter().map(|&c| (c, nft_chain_rules(&table, c).len())).collect();
             assert!(rules.iter().all(|&(_, n)| n > 0), "chains without rules to flush: {rules:?}\n{table}");
             for chain in flushed {
                 node.ns.sh_ok(&format!("nft flush chain inet {NFT_TABLE} {chain}"));
             }
-            let problems = check_failure(node, &a, &conf, "after flushing nat-pre and filter-fwd");
+            let problems = check_failure(node, &a, &conf, "after flushing nat-pre and pick-mark");
             for &(chain, n) in &rules {
                 let suffix = format!(" in chain {chain}");
                 let named =

@@ -171,13 +171,8 @@ pub fn render(plan: &Plan) -> Contents {
             Some(ip) => (format!("dnat{fam}-addr"), vec![Value::Ip(ip)]),
             None => (format!("dnat{fam}-any"), vec![]),
         };
-        key.extend([proto.clone(), Value::Port(f.host.port)]);
+        key.extend([proto, Value::Port(f.host.port)]);
         c.own.insert(Element::new(&set, key.clone(), vec![Value::Ip(f.pod_ip), Value::Port(f.pod_port)]));
-        c.own.insert(Element::new(
-            &format!("fwd{fam}"),
-            vec![Value::Ip(f.pod_ip), proto, Value::Port(f.pod_port)],
-            vec![],
-        ));
         if let Some(value) = f.mark {
             let mark = Mark { value, mask: plan.mark_mask };
             c.own.insert(Element::new(&set.replace("dnat", "mark"), key.clone(), vec![Value::Jump(mark.chain())]));
@@ -239,7 +234,7 @@ mod tests {
     }
 
     #[test]
-    fn forwards_become_dnat_and_forward_elements() {
+    fn forwards_become_dnat_elements() {
         let (_, own, shared) = contents(
             serde_json::json!({ "runtimeConfig": { "portMappings": [
                 { "hostPort": 8080, "containerPort": 80, "protocol": "tcp" },
@@ -252,8 +247,6 @@ mod tests {
             vec![
                 "dnat4-addr { 192.168.1.2 . udp . 5353 : 10.20.0.5 . 53 }",
                 "dnat4-any { tcp . 8080 : 10.20.0.5 . 80 }",
-                "fwd4 { 10.20.0.5 . tcp . 80 }",
-                "fwd4 { 10.20.0.5 . udp . 53 }",
             ]
         );
         assert_eq!(
@@ -275,7 +268,6 @@ mod tests {
             &["10.20.0.5/24", "fd00:20::5/64"],
         );
         assert!(own.contains(&"dnat6-any { tcp . 8080 : fd00:20::5 . 80 }".to_string()));
-        assert!(own.contains(&"fwd6 { fd00:20::5 . tcp . 80 }".to_string()));
         assert!(shared.contains(&"own6 { fd00:20::/64 . \"dind-br0\" }".to_string()));
         assert!(shared.iter().all(|e| !e.starts_with("masq")), "{shared:?}");
     }

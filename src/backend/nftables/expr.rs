@@ -41,26 +41,23 @@ pub enum Base {
 
 #[derive(Debug, Clone)]
 pub enum Verdict {
-    Accept,
-    Return,
     Jump(String),
+    Goto(String),
 }
 
 impl Verdict {
     fn code(&self) -> i32 {
         match self {
-            Verdict::Accept => 1,
             Verdict::Jump(_) => -3,
-            Verdict::Return => -5,
+            Verdict::Goto(_) => -4,
         }
     }
 
     pub fn encode(&self, a: &mut Attrs) {
         a.nest(NFTA_DATA_VERDICT, |a| {
             a.be32(NFTA_VERDICT_CODE, self.code() as u32);
-            if let Verdict::Jump(chain) = self {
-                a.str(NFTA_VERDICT_CHAIN, chain);
-            }
+            let (Verdict::Jump(chain) | Verdict::Goto(chain)) = self;
+            a.str(NFTA_VERDICT_CHAIN, chain);
         });
     }
 }
@@ -187,7 +184,6 @@ pub const NFPROTO_IPV4: u8 = 2;
 pub const NFPROTO_IPV6: u8 = 10;
 const RTN_LOCAL: u32 = 2;
 pub const CT_STATE_ESTABLISHED_RELATED: u32 = 0x2 | 0x4;
-pub const CT_STATE_NEW: u32 = 0x8;
 pub const CT_STATUS_DNAT: u32 = 0x20;
 
 fn ne32(v: u32) -> Vec<u8> {
@@ -258,12 +254,12 @@ mod tests {
     #[test]
     fn expression_is_a_named_list_element() {
         let mut a = Attrs::new();
-        Expr::Lookup { set: "fwd4".into(), sreg: reg(0), dreg: None }.encode(&mut a);
+        Expr::Lookup { set: "dnat4-any".into(), sreg: reg(0), dreg: None }.encode(&mut a);
         let (ty, elem) = attrs(&a.buf).next().unwrap();
         assert_eq!(ty, NFTA_LIST_ELEM);
         assert_eq!(str_of(find_attr(elem, NFTA_EXPR_NAME).unwrap()), "lookup");
         let data = find_attr(elem, NFTA_EXPR_DATA).unwrap();
-        assert_eq!(str_of(find_attr(data, 1).unwrap()), "fwd4");
+        assert_eq!(str_of(find_attr(data, 1).unwrap()), "dnat4-any");
         assert_eq!(find_attr(data, 2).unwrap(), &8u32.to_be_bytes());
         assert_eq!(find_attr(data, 3), None);
     }

@@ -4,16 +4,20 @@
 //!
 //! In nft syntax (`nft list table inet bridge-nat` prints it):
 //!   to-pod:      dnat ip to ip daddr . meta l4proto . th dport map @dnat4-addr   (and -any, and ip6)
-//!   nat-pre/out: fib daddr type local jump to-pod                 (never traffic the node forwards)
-//!   nat-post:    hairpin and localhost masquerade, traffic staying on its own bridge returns,
-//!                then ip saddr . iifname @masq4 masquerade
-//!   filter-fwd:  from a bridge, established to a bridge, DNAT'd to a forwarded pod port: accept
-//!   mangle-pre:  established: jump restore; new to a local port: vmap @mark4-addr / @mark4-any,
-//!                then iifname . port: vmap @arrive4-addr / @arrive4-any (the arrival uplink wins);
-//!                the same for IPv6 with @mark6-* and @arrive6-*
-//!   mangle-post: new: jump save
-//! Per routing mark M with mask K: chain mark-M-K sets the mark, and one rule each in restore and
-//! save copies it between packet and connection (masked, as CONNMARK --nfmask/--ctmask does).
+//!   nat-pre:     fib daddr type local jump local-in                (never traffic the node forwards)
+//!   local-in:    [jump pick-mark], jump to-pod
+//!   nat-out:     fib daddr type local jump to-pod
+//!   nat-post:    ip saddr . oifname @own4 goto own-bridge (stays on its bridge: masquerade only if
+//!                DNAT'd there, the hairpin), localhost masquerade, ip saddr . iifname @masq4 masquerade
+//! While some attachment routes by mark (and only then, so that a network without routing adds no
+//! hook that sees every packet):
+//!   pick-mark:   vmap @mark4-addr / @mark4-any, then iifname . port: vmap @arrive4-addr /
+//!                @arrive4-any (the arrival uplink wins); the same for IPv6 with @mark6-* and @arrive6-*
+//!   mangle-pre:  established or related: jump restore
+//! Per routing mark M with mask K: chain mark-M-K sets the packet's and the connection's mark, and
+//! one rule in restore copies it back to the packet (masked, as CONNMARK --nfmask/--ctmask does).
+//! Marks are picked in a nat chain, which sees only a connection's first packet; the routing
+//! decision follows every prerouting hook, so the mark set there routes that packet.
 
 use super::expr::*;
 use crate::netlink::nfnetlink::Attrs;
@@ -76,8 +80,6 @@ pub const SETS: &[SetSpec] = &[
     SetSpec { name: "dnat4-any", key: &[Proto, Port], data: DataType::Nat(Ipv4), interval: false },
     SetSpec { name: "dnat6-addr", key: &[Ipv6, Proto, Port], data: DataType::Nat(Ipv6), interval: false },
     SetSpec { name: "dnat6-any", key: &[Proto, Port], data: DataType::Nat(Ipv6), interval: false },
-    SetSpec { name: "fwd4", key: &[Ipv4, Proto, Port], data: DataType::None, interval: false },
-    SetSpec { name: "fwd6", key: &[Ipv6, Proto, Port], data: DataType::None, interval: false },
     SetSpec { name: "bridges", key: &[Ifname], data: DataType::None, interval: false },
     SetSpec { name: "own4", key: &[Ipv4, Ifname], data: DataType::None, interval: true },
     SetSpec { name: "own6", key: &[Ipv6, Ifname], data: DataType::None, interval: true },
@@ -170,20 +172,32 @@ pub struct ChainSpec {
 }
 
 const PREROUTING: u32 = 0;
-const FORWARD: u32 = 2;
 const OUTPUT: u32 = 3;
 const POSTROUTING: u32 = 4;
+
+/// The regular chain a new connection to a local address jumps to from outside the node: its
+/// routing mark (while marks exist), then its DNAT. Its presence tells the layout is this one.
+pub const LOCAL_IN: &str = "local-in";
+/// Where postrouting goes for traffic that stays on its own bridge: masqueraded only if DNAT'd.
+pub const OWN_BRIDGE: &str = "own-bridge";
 
 pub const CHAINS: &[ChainSpec] = &[
     ChainSpec { name: "to-pod", hook: None },
     ChainSpec { name: "restore", hook: None },
-    ChainSpec { name: "save", hook: None },
+    ChainSpec { name: LOCAL_IN, hook: None },
+    ChainSpec { name: OWN_BRIDGE, hook: None },
     ChainSpec { name: "nat-pre", hook: Some(Hook { kind: "nat", hooknum: PREROUTING, priority: -100 }) },
     ChainSpec { name: "nat-out", hook: Some(Hook { kind: "nat", hooknum: OUTPUT, priority: -100 }) },
     ChainSpec { name: "nat-post", hook: Some(Hook { kind: "nat", hooknum: POSTROUTING, priority: 100 }) },
-    ChainSpec { name: "filter-fwd", hook: Some(Hook { kind: "filter", hooknum: FORWARD, priority: 0 }) },
+];
+
+/// The regular chain that picks a new connection's routing mark.
+pub const PICK_MARK: &str = "pick-mark";
+
+/// The chains that exist only while some attachment routes by mark.
+pub const ROUTING_CHAINS: &[ChainSpec] = &[
+    ChainSpec { name: PICK_MARK, hook: None },
     ChainSpec { name: "mangle-pre", hook: Some(Hook { kind: "filter", hooknum: PREROUTING, priority: -150 }) },
-    ChainSpec { name: "mangle-post", hook: Some(Hook { kind: "filter", hooknum: POSTROUTING, priority: -150 }) },
 ];
 
 /// NFTA_CHAIN_* attributes of NEWCHAIN.
@@ -256,16 +270,13 @@ impl Mark {
     pub fn rules(&self) -> Vec<RuleSpec> {
         let c = self.chain();
         vec![
-            RuleSpec::new(&c, &c, vec![set_mark(true, self.mask, self.value)]),
+            // The connection's mark is set with the packet's, so no hook after routing is needed
+            // to save it (the only place a mark of ours is set is this chain).
+            RuleSpec::new(&c, &c, vec![set_mark(true, self.mask, self.value), set_mark(false, self.mask, self.value)]),
             RuleSpec::new(
                 "restore",
                 &c,
                 vec![mark_is(false, self.mask, self.value), set_mark(true, self.mask, self.value)],
-            ),
-            RuleSpec::new(
-                "save",
-                &c,
-                vec![mark_is(true, self.mask, self.value), set_mark(false, self.mask, self.value)],
             ),
         ]
     }
@@ -306,6 +317,6 @@ mod tests {
     fn mark_chain_names_carry_value_and_mask() {
         let m = Mark { value: 0x10, mask: 0x1fff };
         assert_eq!(m.chain(), "mark-0x10-0x1fff");
-        assert_eq!(m.rules().len(), 3);
+        assert_eq!(m.rules().len(), 2);
     }
 }

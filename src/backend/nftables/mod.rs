@@ -10,6 +10,7 @@ mod expr;
 mod layout;
 mod rules;
 mod socket;
+mod verify;
 
 pub use accepts::CHAIN as ACCEPT_CHAIN;
 pub use elements::Element;
@@ -25,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use socket::{family_name, Tx};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
+use verify::Layout;
 
 /// What one attachment put into the table.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +45,8 @@ impl NftRecord {
 }
 
 const TABLE_KEY: &str = "table";
+/// Held by every attachment with a mark: the routing chains go with the last of them.
+const ROUTING_KEY: &str = "routing";
 
 fn element_key(e: &Element) -> String {
     format!("elem:{e}")
@@ -52,8 +56,13 @@ fn mark_key(m: &Mark) -> String {
     format!("mark:{}", m.chain())
 }
 
+/// What the record holds, less elements of sets this layout no longer has (a record written by an
+/// earlier bridge-nat, whose table a rebuild replaces).
 fn contents(objects: &Objects) -> NftRecord {
-    objects.nft.clone().unwrap_or_default()
+    let mut n = objects.nft.clone().unwrap_or_default();
+    n.own.retain(|e| layout::set_spec(&e.set).is_some());
+    n.shared.retain(|e| layout::set_spec(&e.set).is_some());
+    n
 }
 
 pub struct NftablesBackend {
@@ -99,6 +108,9 @@ impl Firewall for NftablesBackend {
         let n = contents(objects);
         let mut keys: BTreeSet<String> = n.shared.iter().map(element_key).collect();
         keys.extend(n.marks().iter().map(mark_key));
+        if !n.marks.is_empty() {
+            keys.insert(ROUTING_KEY.to_string());
+        }
         keys.insert(TABLE_KEY.to_string());
         keys.extend(objects.rules.iter().map(accepts::key));
         keys
@@ -107,16 +119,23 @@ impl Firewall for NftablesBackend {
     fn install(&mut self, _id: &AttachmentId, objects: &Objects, first: &BTreeSet<String>) -> Result<()> {
         let n = contents(objects);
         let nft = self.nft()?;
-        let exists = nft.table_exists()?;
-        if !exists && !first.contains(TABLE_KEY) {
-            return Err(Error::new(
-                crate::error::code::FIREWALL,
-                format!("table inet {TABLE} vanished while attachments need it"),
-            ));
-        }
+        let exists = match verify::layout(nft)? {
+            Layout::Current => true,
+            Layout::Absent if first.contains(TABLE_KEY) => false,
+            Layout::Absent => {
+                return Err(firewall_error(format!("table inet {TABLE} vanished while attachments need it")))
+            }
+            // The caller rebuilds the table from every record.
+            Layout::Earlier => {
+                return Err(firewall_error(format!("table inet {TABLE} has an earlier bridge-nat's layout")))
+            }
+        };
         let mut tx = Tx::default();
         if !exists {
             tx.create_table();
+        }
+        if !n.marks.is_empty() && (!exists || first.contains(ROUTING_KEY)) {
+            tx.add_routing();
         }
         tx.add_elements(n.shared.iter().filter(|e| !exists || first.contains(&element_key(e))));
         for m in n.marks().iter().filter(|m| !exists || first.contains(&mark_key(m))) {
@@ -139,8 +158,12 @@ impl Firewall for NftablesBackend {
             tx.delete_elements(&n.own);
             tx.delete_elements(n.shared.iter().filter(|e| last.contains(&element_key(e))));
             let gone_marks: Vec<Mark> = n.marks().into_iter().filter(|m| last.contains(&mark_key(m))).collect();
-            if !gone_marks.is_empty() {
+            let routing_gone = last.contains(ROUTING_KEY);
+            if !gone_marks.is_empty() || routing_gone {
                 let live = nft.rules()?;
+                if routing_gone {
+                    tx.delete_routing(&live);
+                }
                 for m in &gone_marks {
                     tx.delete_mark(m, &live);
                 }
@@ -157,7 +180,7 @@ impl Firewall for NftablesBackend {
     fn verify(&mut self, _id: &AttachmentId, objects: &Objects) -> Result<Vec<String>> {
         let n = contents(objects);
         let elems: Vec<&Element> = n.own.iter().chain(&n.shared).collect();
-        let mut problems = socket::check(self.nft()?, &elems, &n.marks())?;
+        let mut problems = verify::check(self.nft()?, &elems, &n.marks())?;
         problems.extend(self.verify_accepts(&objects.rules)?);
         Ok(problems)
     }
@@ -209,7 +232,7 @@ impl NftablesBackend {
                 let n = contents(objects);
                 let elems: Vec<&Element> = n.own.iter().chain(&n.shared).collect();
                 repairs.extend(
-                    socket::check(nft, &elems, &n.marks())?.into_iter().map(|p| format!("{}: {p}", id.describe())),
+                    verify::check(nft, &elems, &n.marks())?.into_iter().map(|p| format!("{}: {p}", id.describe())),
                 );
             }
             let stray_table = all.is_empty() && nft.table_exists()?;
@@ -341,6 +364,10 @@ impl NftablesBackend {
     }
 }
 
+fn firewall_error(msg: String) -> Error {
+    Error::new(crate::error::code::FIREWALL, msg)
+}
+
 /// Replace the table with exactly what `all` need (no table when none), in one batch.
 fn rebuild(nft: &mut Nft, all: &[(&AttachmentId, &Objects)]) -> Result<()> {
     let mut tx = Tx::default();
@@ -348,7 +375,7 @@ fn rebuild(nft: &mut Nft, all: &[(&AttachmentId, &Objects)]) -> Result<()> {
         tx.delete_table();
     }
     let (mut own, mut shared, mut marks) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
-    let records: Vec<NftRecord> = all.iter().filter_map(|(_, o)| o.nft.clone()).collect();
+    let records: Vec<NftRecord> = all.iter().filter(|(_, o)| o.nft.is_some()).map(|(_, o)| contents(o)).collect();
     for n in &records {
         own.extend(n.own.iter());
         shared.extend(n.shared.iter());
@@ -356,6 +383,9 @@ fn rebuild(nft: &mut Nft, all: &[(&AttachmentId, &Objects)]) -> Result<()> {
     }
     if !records.is_empty() {
         tx.create_table();
+        if !marks.is_empty() {
+            tx.add_routing();
+        }
         tx.add_elements(shared);
         for m in &marks {
             tx.add_mark(m);

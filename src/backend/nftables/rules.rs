@@ -1,12 +1,13 @@
-//! The table's static rules: they never change with attachments, only the sets they look up do.
-//! Each is checked against what `nft --debug=netlink` prints for the same rule in nft syntax.
+//! The table's rules: they never change with attachments, only the sets they look up do (the
+//! routing ones come and go with the first and last mark). Each is checked against what
+//! `nft --debug=netlink` prints for the same rule in nft syntax.
 //!
-//! Within a rule the cheap tests come first (conntrack state or status, the address family), then
-//! the set and FIB lookups: the filter and mangle chains see every packet the node routes, most of
-//! them not bridge-nat's, and such a packet should leave a rule at its first cheap test.
+//! Every packet the node routes costs as little as the table can make it: the nat chains see only
+//! a connection's first packet, each family's rules leave at their first test (the address family),
+//! and the one hook that sees every packet (mangle-pre, restoring marks) exists only while marks do.
 
 use super::expr::*;
-use super::layout::RuleSpec;
+use super::layout::{RuleSpec, LOCAL_IN, OWN_BRIDGE, PICK_MARK};
 
 fn one(e: Expr) -> Vec<Expr> {
     vec![e]
@@ -62,18 +63,22 @@ pub fn static_rules() -> Vec<RuleSpec> {
             "dnat6-any",
             vec![v6.clone(), proto_port(reg(0)), lookup("dnat6-any", reg(0), Some(reg(0))), dnat(true, reg(4))],
         ),
-        RuleSpec::new("nat-pre", "local", vec![daddr_is_local(), verdict(Verdict::Jump("to-pod".into()))]),
+        // One FIB lookup per new connection: the arrival's mark, then the DNAT. A mark set in
+        // this chain routes the packet (routing follows the prerouting hooks), and a nat chain
+        // sees only a connection's first packet, which is the only one whose mark is picked.
+        RuleSpec::new("nat-pre", "local", vec![daddr_is_local(), verdict(Verdict::Jump(LOCAL_IN.into()))]),
         RuleSpec::new("nat-out", "local", vec![daddr_is_local(), verdict(Verdict::Jump("to-pod".into()))]),
+        // Traffic that stays on its own bridge is not masqueraded, unless it was DNAT'd there
+        // (hairpin): one lookup decides both.
         RuleSpec::new(
             "nat-post",
-            "hairpin4",
+            "own4",
             vec![
                 v4.clone(),
-                dnat_status.clone(),
                 one(address(false, true, reg(0))),
                 oifname(reg(1)),
                 lookup("own4", reg(0), None),
-                one(Expr::Masquerade),
+                verdict(Verdict::Goto(OWN_BRIDGE.into())),
             ],
         ),
         RuleSpec::new(
@@ -91,17 +96,6 @@ pub fn static_rules() -> Vec<RuleSpec> {
         ),
         RuleSpec::new(
             "nat-post",
-            "own4",
-            vec![
-                v4.clone(),
-                one(address(false, true, reg(0))),
-                oifname(reg(1)),
-                lookup("own4", reg(0), None),
-                verdict(Verdict::Return),
-            ],
-        ),
-        RuleSpec::new(
-            "nat-post",
             "masq4",
             vec![
                 v4.clone(),
@@ -113,25 +107,13 @@ pub fn static_rules() -> Vec<RuleSpec> {
         ),
         RuleSpec::new(
             "nat-post",
-            "hairpin6",
-            vec![
-                v6.clone(),
-                dnat_status.clone(),
-                one(address(true, true, reg(0))),
-                oifname(reg(4)),
-                lookup("own6", reg(0), None),
-                one(Expr::Masquerade),
-            ],
-        ),
-        RuleSpec::new(
-            "nat-post",
             "own6",
             vec![
                 v6.clone(),
                 one(address(true, true, reg(0))),
                 oifname(reg(4)),
                 lookup("own6", reg(0), None),
-                verdict(Verdict::Return),
+                verdict(Verdict::Goto(OWN_BRIDGE.into())),
             ],
         ),
         RuleSpec::new(
@@ -145,88 +127,42 @@ pub fn static_rules() -> Vec<RuleSpec> {
                 one(Expr::Masquerade),
             ],
         ),
-        RuleSpec::new(
-            "filter-fwd",
-            "from-bridge",
-            vec![
-                one(Expr::MetaLoad(MetaKey::IifName, reg(0))),
-                lookup("bridges", reg(0), None),
-                verdict(Verdict::Accept),
-            ],
-        ),
-        RuleSpec::new(
-            "filter-fwd",
-            "to-bridge-established",
-            vec![
-                ct_has(CtKey::State, CT_STATE_ESTABLISHED_RELATED),
-                oifname(reg(0)),
-                lookup("bridges", reg(0), None),
-                verdict(Verdict::Accept),
-            ],
-        ),
-        RuleSpec::new(
-            "filter-fwd",
-            "forward4",
-            vec![
-                dnat_status.clone(),
-                v4.clone(),
-                oifname(reg(0)),
-                lookup("bridges", reg(0), None),
-                one(address(false, false, reg(0))),
-                proto_port(reg(1)),
-                lookup("fwd4", reg(0), None),
-                verdict(Verdict::Accept),
-            ],
-        ),
-        RuleSpec::new(
-            "filter-fwd",
-            "forward6",
-            vec![
-                dnat_status,
-                v6.clone(),
-                oifname(reg(0)),
-                lookup("bridges", reg(0), None),
-                one(address(true, false, reg(0))),
-                proto_port(reg(4)),
-                lookup("fwd6", reg(0), None),
-                verdict(Verdict::Accept),
-            ],
-        ),
+        RuleSpec::new(OWN_BRIDGE, "hairpin", vec![dnat_status, one(Expr::Masquerade)]),
+        RuleSpec::new(LOCAL_IN, "to-pod", vec![verdict(Verdict::Jump("to-pod".into()))]),
+    ]
+}
+
+/// The rules that exist only while some attachment routes by mark (layout::ROUTING_CHAINS), in
+/// chain order; `routing_jump` joins them to the table.
+pub fn routing_rules() -> Vec<RuleSpec> {
+    let (v4, v6) = (nfproto_is(NFPROTO_IPV4), nfproto_is(NFPROTO_IPV6));
+    vec![
+        // Every packet of a connection after its first: only the restore of its mark.
         RuleSpec::new(
             "mangle-pre",
             "restore",
             vec![ct_has(CtKey::State, CT_STATE_ESTABLISHED_RELATED), verdict(Verdict::Jump("restore".into()))],
         ),
         RuleSpec::new(
-            "mangle-pre",
+            PICK_MARK,
             "mark4-addr",
             vec![
-                ct_has(CtKey::State, CT_STATE_NEW),
                 v4.clone(),
-                daddr_is_local(),
                 one(address(false, false, reg(0))),
                 proto_port(reg(1)),
                 lookup("mark4-addr", reg(0), Some(REG_VERDICT)),
             ],
         ),
         RuleSpec::new(
-            "mangle-pre",
+            PICK_MARK,
             "mark4-any",
-            vec![
-                ct_has(CtKey::State, CT_STATE_NEW),
-                v4.clone(),
-                daddr_is_local(),
-                proto_port(reg(0)),
-                lookup("mark4-any", reg(0), Some(REG_VERDICT)),
-            ],
+            vec![v4.clone(), proto_port(reg(0)), lookup("mark4-any", reg(0), Some(REG_VERDICT))],
         ),
         RuleSpec::new(
-            "mangle-pre",
+            PICK_MARK,
             "arrive4-addr",
             vec![
-                ct_has(CtKey::State, CT_STATE_NEW),
                 v4.clone(),
-                daddr_is_local(),
                 one(address(false, false, reg(0))),
                 one(Expr::MetaLoad(MetaKey::IifName, reg(1))),
                 proto_port(reg(5)),
@@ -234,47 +170,35 @@ pub fn static_rules() -> Vec<RuleSpec> {
             ],
         ),
         RuleSpec::new(
-            "mangle-pre",
+            PICK_MARK,
             "arrive4-any",
             vec![
-                ct_has(CtKey::State, CT_STATE_NEW),
                 v4,
-                daddr_is_local(),
                 one(Expr::MetaLoad(MetaKey::IifName, reg(0))),
                 proto_port(reg(4)),
                 lookup("arrive4-any", reg(0), Some(REG_VERDICT)),
             ],
         ),
         RuleSpec::new(
-            "mangle-pre",
+            PICK_MARK,
             "mark6-addr",
             vec![
-                ct_has(CtKey::State, CT_STATE_NEW),
                 v6.clone(),
-                daddr_is_local(),
                 one(address(true, false, reg(0))),
                 proto_port(reg(4)),
                 lookup("mark6-addr", reg(0), Some(REG_VERDICT)),
             ],
         ),
         RuleSpec::new(
-            "mangle-pre",
+            PICK_MARK,
             "mark6-any",
-            vec![
-                ct_has(CtKey::State, CT_STATE_NEW),
-                v6.clone(),
-                daddr_is_local(),
-                proto_port(reg(0)),
-                lookup("mark6-any", reg(0), Some(REG_VERDICT)),
-            ],
+            vec![v6.clone(), proto_port(reg(0)), lookup("mark6-any", reg(0), Some(REG_VERDICT))],
         ),
         RuleSpec::new(
-            "mangle-pre",
+            PICK_MARK,
             "arrive6-addr",
             vec![
-                ct_has(CtKey::State, CT_STATE_NEW),
                 v6.clone(),
-                daddr_is_local(),
                 one(address(true, false, reg(0))),
                 one(Expr::MetaLoad(MetaKey::IifName, reg(4))),
                 proto_port(reg(8)),
@@ -282,21 +206,19 @@ pub fn static_rules() -> Vec<RuleSpec> {
             ],
         ),
         RuleSpec::new(
-            "mangle-pre",
+            PICK_MARK,
             "arrive6-any",
             vec![
-                ct_has(CtKey::State, CT_STATE_NEW),
                 v6,
-                daddr_is_local(),
                 one(Expr::MetaLoad(MetaKey::IifName, reg(0))),
                 proto_port(reg(4)),
                 lookup("arrive6-any", reg(0), Some(REG_VERDICT)),
             ],
         ),
-        RuleSpec::new(
-            "mangle-post",
-            "save",
-            vec![ct_has(CtKey::State, CT_STATE_NEW), verdict(Verdict::Jump("save".into()))],
-        ),
     ]
+}
+
+/// local-in's first rule while marks exist: a new connection's mark before its DNAT.
+pub fn routing_jump() -> RuleSpec {
+    RuleSpec::new(LOCAL_IN, PICK_MARK, vec![verdict(Verdict::Jump(PICK_MARK.into()))])
 }

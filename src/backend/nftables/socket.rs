@@ -2,7 +2,7 @@
 //! each: all of it applies or none), and the look-ups CHECK needs.
 
 use super::elements::Element;
-use super::{elements, expr, layout};
+use super::{expr, layout};
 use crate::error::{code, Result};
 use crate::netlink::nfnetlink::{
     self as nl, errno_error, find_attr, str_of, Attrs, Reply, Socket, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE,
@@ -62,12 +62,16 @@ impl Tx {
             s.encode(i as u32 + 1, &mut a);
             self.push(NEWSET, NLM_F_CREATE, a, format!("create set {}", s.name));
         }
-        for c in layout::CHAINS {
+        self.add_chains(layout::CHAINS, super::rules::static_rules());
+    }
+
+    fn add_chains(&mut self, chains: &[layout::ChainSpec], rules: Vec<layout::RuleSpec>) {
+        for c in chains {
             let mut a = Attrs::new();
             layout::encode_chain(c.name, c.hook, &mut a);
             self.push(NEWCHAIN, NLM_F_CREATE, a, format!("create chain {}", c.name));
         }
-        for r in super::rules::static_rules() {
+        for r in rules {
             self.add_rule(&r);
         }
     }
@@ -76,6 +80,40 @@ impl Tx {
         let mut a = Attrs::new();
         r.encode(&mut a);
         self.push(NEWRULE, NLM_F_CREATE | NLM_F_APPEND, a, format!("add rule {} in chain {}", r.comment, r.chain));
+    }
+
+    /// What routing by mark adds to the table (layout::ROUTING_CHAINS): its chains and rules, and
+    /// the jump to pick-mark at the head of local-in.
+    pub fn add_routing(&mut self) {
+        self.add_chains(layout::ROUTING_CHAINS, super::rules::routing_rules());
+        let jump = super::rules::routing_jump();
+        let mut a = Attrs::new();
+        jump.encode(&mut a);
+        // Without NLM_F_APPEND the rule goes first: the mark before the DNAT.
+        self.push(NEWRULE, NLM_F_CREATE, a, format!("insert rule {} in chain {}", jump.comment, jump.chain));
+    }
+
+    /// Take routing by mark out of the table: the jumps to pick-mark `live` shows, then each
+    /// routing chain, flushed first (a chain holding rules cannot be deleted).
+    pub fn delete_routing(&mut self, live: &[LiveRule]) {
+        let jump = super::rules::routing_jump();
+        for r in live.iter().filter(|r| r.chain == jump.chain && r.comment == jump.comment) {
+            self.delete_rule(r);
+        }
+        for c in layout::ROUTING_CHAINS {
+            let mut a = Attrs::new();
+            a.str(1, TABLE).str(2, c.name);
+            self.push(DELRULE, 0, a, format!("flush chain {}", c.name));
+            let mut a = Attrs::new();
+            a.str(1, TABLE).str(3, c.name);
+            self.push(DELCHAIN, 0, a, format!("delete chain {}", c.name));
+        }
+    }
+
+    fn delete_rule(&mut self, r: &LiveRule) {
+        let mut a = Attrs::new();
+        a.str(1, TABLE).str(2, &r.chain).bytes(3, &r.handle.to_be_bytes());
+        self.push(DELRULE, 0, a, format!("delete rule {} in chain {}", r.comment, r.chain));
     }
 
     pub fn delete_table(&mut self) {
@@ -97,9 +135,7 @@ impl Tx {
     pub fn delete_mark(&mut self, mark: &Mark, live: &[LiveRule]) {
         let name = mark.chain();
         for r in live.iter().filter(|r| r.comment == name) {
-            let mut a = Attrs::new();
-            a.str(1, TABLE).str(2, &r.chain).bytes(3, &r.handle.to_be_bytes());
-            self.push(DELRULE, 0, a, format!("delete rule {} in chain {}", r.comment, r.chain));
+            self.delete_rule(r);
         }
         let mut a = Attrs::new();
         a.str(1, TABLE).str(3, &name);
@@ -224,6 +260,17 @@ impl Nft {
         }
     }
 
+    /// Whether the table holds `chain` (false also when there is no table).
+    pub fn chain_exists(&mut self, chain: &str) -> Result<bool> {
+        let mut a = Attrs::new();
+        a.str(1, TABLE).str(3, chain);
+        match self.request(GETCHAIN, 0, &a, |_| {}) {
+            Ok(()) => Ok(true),
+            Err(e) if e.details == "ENOENT" => Ok(false),
+            Err(e) => Err(e.context(format!("look up chain {chain} of table inet {TABLE}"))),
+        }
+    }
+
     pub fn table_exists(&mut self) -> Result<bool> {
         let mut a = Attrs::new();
         a.str(1, TABLE);
@@ -318,63 +365,6 @@ impl Nft {
     }
 }
 
-/// What CHECK finds wrong with the table for one attachment's elements and marks.
-pub fn check(nft: &mut Nft, elements: &[&Element], marks: &[Mark]) -> Result<Vec<String>> {
-    if !nft.table_exists()? {
-        return Ok(vec![format!("nftables table inet {TABLE} is missing")]);
-    }
-    let mut problems = Vec::new();
-    let live = nft.rules()?;
-    let mut expected: Vec<(String, String)> =
-        super::rules::static_rules().into_iter().map(|r| (r.chain, r.comment)).collect();
-    for m in marks {
-        expected.extend(m.rules().into_iter().map(|r| (r.chain, r.comment)));
-    }
-    for (chain, comment) in expected {
-        if !live.iter().any(|r| r.chain == chain && r.comment == comment) {
-            problems.push(format!("missing nftables rule {comment} in chain {chain}"));
-        }
-    }
-    for e in elements {
-        match nft.element(e)? {
-            None => problems.push(format!("missing nftables element {e}")),
-            Some(data) => {
-                let want = match &e.data[..] {
-                    [elements::Value::Jump(chain)] => chain.clone().into_bytes(),
-                    _ => e.data_bytes(),
-                };
-                if data != want {
-                    problems.push(format!("nftables element {e} has other data"));
-                }
-            }
-        }
-    }
-    Ok(problems)
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn table_creation_has_every_set_chain_and_rule() {
-        let mut tx = Tx::default();
-        tx.create_table();
-        let count = |k: u16| tx.msgs.iter().filter(|m| m.0 == k).count();
-        assert_eq!(count(NEWTABLE), 1);
-        assert_eq!(count(NEWSET), layout::SETS.len());
-        assert_eq!(count(NEWCHAIN), layout::CHAINS.len());
-        assert_eq!(count(NEWRULE), super::super::rules::static_rules().len());
-    }
-
-    #[test]
-    fn elements_are_grouped_per_set() {
-        use elements::Value;
-        let e = |set: &str, port| Element { set: set.into(), key: vec![Value::Port(port)], data: vec![] };
-        let (a, b, c) = (e("fwd4", 1), e("fwd4", 2), e("bridges", 3));
-        let mut tx = Tx::default();
-        tx.delete_elements([&a, &b, &c]);
-        assert_eq!(tx.msgs.len(), 2);
-        assert!(tx.msgs.iter().all(|m| m.0 == DELSETELEM));
-    }
-}
+#[path = "socket_tests.rs"]
+mod tests;
