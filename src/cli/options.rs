@@ -13,7 +13,7 @@ pub const HELP: &str = "options:\n  \
     --iptables TOOL   iptables, iptables-nft, iptables-legacy or a path (default iptables)\n  \
     --json            machine-readable output\n  \
     --interval SECS   watch: the safety reconcile's period (default 300)\n  \
-    --metrics ADDR:PORT  watch: serve /metrics (Prometheus) and /healthz there (default: off)\n  \
+    --metrics ADDR:PORT  watch: serve /metrics (Prometheus) and /healthz there (default: off;\n                         an IPv6 ADDR with or without brackets)\n  \
     --yes             uninstall: really remove";
 
 #[derive(Debug, Clone)]
@@ -69,9 +69,9 @@ impl Options {
                 }
                 "--metrics" => {
                     let v = value(flag)?;
-                    let addr = v
-                        .parse()
-                        .map_err(|_| format!("--metrics: {v:?} is not an address and port (e.g. 127.0.0.1:9469)"))?;
+                    let addr = parse_listen(&v).ok_or_else(|| {
+                        format!("--metrics: {v:?} is not an address and port (e.g. 127.0.0.1:9469 or [fd00::1]:9469)")
+                    })?;
                     opts.metrics = Some(addr);
                 }
                 "--json" => opts.json = true,
@@ -96,6 +96,18 @@ fn absolute(v: &str, flag: &str) -> Result<PathBuf, String> {
     } else {
         Err(format!("{flag}: {v:?} must be an absolute path"))
     }
+}
+
+/// `ADDR:PORT`, where an IPv6 ADDR may also come without brackets (the port is after the last
+/// colon): the DaemonSet writes `$(NODE_IP):9469`, and Kubernetes gives an IPv6-only node's
+/// address bare.
+fn parse_listen(v: &str) -> Option<SocketAddr> {
+    if let Ok(addr) = v.parse() {
+        return Some(addr);
+    }
+    let (host, port) = v.rsplit_once(':')?;
+    let ip: std::net::Ipv6Addr = host.parse().ok()?;
+    Some(SocketAddr::new(ip.into(), port.parse().ok()?))
 }
 
 #[cfg(test)]
@@ -133,5 +145,15 @@ mod tests {
         assert!(Options::parse(&args(&["--frobnicate"])).unwrap_err().contains("--frobnicate"));
         assert!(Options::parse(&args(&["--interval", "0"])).unwrap_err().contains("--interval"));
         assert!(Options::parse(&args(&["--metrics", "9469"])).unwrap_err().contains("--metrics: \"9469\""));
+        assert!(Options::parse(&args(&["--metrics", "fd00::1"])).is_err(), "an address without a port");
+        assert!(Options::parse(&args(&["--metrics", "10.0.0.1:99999"])).is_err());
+    }
+
+    #[test]
+    fn metrics_take_an_ipv6_address_with_or_without_brackets() {
+        for v in ["[fd00::1]:9469", "fd00::1:9469"] {
+            let o = Options::parse(&args(&["--metrics", v])).unwrap();
+            assert_eq!(o.metrics, Some("[fd00::1]:9469".parse().unwrap()), "{v}");
+        }
     }
 }
