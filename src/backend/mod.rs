@@ -12,9 +12,11 @@ pub mod nftables;
 
 use crate::config::{AttachmentId, Backend, BackendChoice, Settings};
 use crate::error::Result;
+use crate::plan::snat6::Snat6;
 use crate::plan::Plan;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
+use std::net::Ipv6Addr;
 
 /// What a backend installed for one attachment, as recorded (the record's fields `rules` and `nft`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,6 +68,17 @@ pub trait Firewall {
 
     /// STATUS: can this backend change the kernel at all?
     fn usable(&mut self) -> Result<()>;
+
+    /// IPv6 source NAT of the pods' egress to an uplink's stable address (commands/snat6.rs): the
+    /// address each of `wanted` translates to in the kernel now, None where it does not.
+    fn snat6_current(&mut self, wanted: &[Snat6]) -> Result<Vec<Option<Ipv6Addr>>>;
+
+    /// Translate each of `set` to its address from now on, replacing another address; stop
+    /// translating `clear` (already gone is fine). One transaction.
+    fn snat6_change(&mut self, set: &[(Snat6, Ipv6Addr)], clear: &[Snat6]) -> Result<()>;
+
+    /// The index key attachments hold `s` under: the last holder's DEL clears it.
+    fn snat6_key(&self, s: &Snat6) -> String;
 
     /// Things on the node, outside our objects, that defeat `objects` (logged after ADD and CHECK).
     fn node_warnings(&mut self, _objects: &Objects) -> Vec<String> {

@@ -59,17 +59,21 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<serde_json::Value> {
         // Before the forwards exist, so that their first packet finds no entry with an old MAC.
         .inspect(|()| kernel::refresh_neighbours(&att, &env.netns, &env.ifname))
         .and_then(|()| node.install(&mut *fw, &rec, &first))
-        .inspect(|()| crashpoint::reached("add:after-firewall"))
-        .and_then(|()| kernel::apply_routing(&planned, healthy_in(&conf.settings.state_dir), &mut applied))
+        .and_then(|()| super::snat6::apply(&mut *fw, &rec.snat6))
+        .inspect(|_| crashpoint::reached("add:after-firewall"))
+        .and_then(|nats| {
+            Ok((nats, kernel::apply_routing(&planned, healthy_in(&conf.settings.state_dir), &mut applied)?))
+        })
         .inspect(|_| crashpoint::reached("add:after-routing"));
-    let my_routes = match result {
-        Ok(routes) => routes,
+    let (nats, my_routes) = match result {
+        Ok(done) => done,
         Err(e) => {
             node.roll_back_add(&mut *fw, &rec, &applied);
             return Err(e.context(format!("add {}", id.describe())));
         }
     };
     rec.routes = my_routes.into_iter().collect();
+    rec.snat6 = nats;
     if !rec.tables.is_empty() {
         node.sync_table_names();
     }
@@ -129,5 +133,6 @@ fn record_for(conf: &NetConf, planned: &Plan, fw: &dyn Firewall) -> Record {
     rec.ip_rules = planned.routing.ip_rules.iter().cloned().collect();
     rec.tables = planned.routing.tables.iter().cloned().collect();
     rec.egress = planned.routing.egress.clone();
+    rec.snat6 = plan::snat6::plan(planned);
     rec
 }

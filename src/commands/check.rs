@@ -38,6 +38,7 @@ pub fn check(conf: &NetConf, env: &Env) -> Result<()> {
         problems.extend(fw.compare(&fw.render(&planned), &rec.firewall));
     }
     problems.extend(fw.verify(&id, &rec.firewall)?);
+    problems.extend(super::snat6::problems(&mut *fw, &rec.snat6)?);
     problems.extend(kernel::check_sysctls(&rec.sysctls));
     problems.extend(check_routing(&rec, healthy_in(&conf.settings.state_dir))?);
     // What defeats the objects from outside them, and how it gets repaired, for the log.

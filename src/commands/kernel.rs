@@ -93,10 +93,9 @@ pub fn apply_routing(planned: &Plan, healthy: impl Fn(&str) -> bool, applied: &m
     Ok(resolved)
 }
 
-/// What of an IPv6 uplink's own settings defeats its table or the pods' masquerade (logged).
+/// What of an IPv6 uplink's own settings defeats its table (logged).
 fn warn_ipv6_uplinks(planned: &Plan, resolved: &BTreeSet<Route>) {
     use crate::routing::uplink6::{read_ipv6_conf, uplink_warnings};
-    let masquerade = planned.subnets.iter().any(|s| s.family == crate::plan::Family::Ipv6 && s.masquerade);
     let uplinks: BTreeSet<&str> = planned
         .routing
         .tables
@@ -110,7 +109,7 @@ fn warn_ipv6_uplinks(planned: &Plan, resolved: &BTreeSet<Route>) {
                 && r.dst.prefix() == 0
                 && matches!(r.gateway, Some(std::net::IpAddr::V6(g)) if g.is_unicast_link_local())
         });
-        for w in uplink_warnings(uplink, advertised, masquerade, read_ipv6_conf) {
+        for w in uplink_warnings(uplink, advertised, read_ipv6_conf) {
             log::warn!("{w}");
         }
     }

@@ -18,6 +18,7 @@ mod kernel;
 mod list;
 mod node;
 mod reconcile;
+mod snat6;
 mod status;
 mod uninstall;
 mod uplinks;

@@ -6,6 +6,7 @@ use super::kernel;
 use crate::backend::{Converge, Firewall, Objects};
 use crate::config::{AttachmentId, Backend, Settings};
 use crate::error::{Context, Result};
+use crate::plan::snat6::Snat6;
 use crate::plan::{self, HostPort};
 use crate::routing::apply::Applied;
 use crate::routing::IpRule;
@@ -24,6 +25,8 @@ pub struct Keys {
     pub firewall: BTreeSet<String>,
     pub ip_rules: BTreeSet<IpRule>,
     pub tables: BTreeSet<u32>,
+    /// IPv6 source NATs (commands/snat6.rs) nobody else holds.
+    pub snat6: Vec<Snat6>,
 }
 
 fn ip_rule_key(r: &IpRule) -> String {
@@ -86,6 +89,9 @@ impl Node {
         for &i in &rec.bound_rules {
             self.index.hold(&rule_key(&rec.id.network, i), &rec.id)?;
         }
+        for s in &rec.snat6 {
+            self.index.hold(&fw.snat6_key(s), &rec.id)?;
+        }
         Ok(first)
     }
 
@@ -112,6 +118,11 @@ impl Node {
         }
         for &i in &rec.bound_rules {
             self.index.release(&rule_key(&rec.id.network, i), &rec.id)?;
+        }
+        for s in &rec.snat6 {
+            if self.index.release(&fw.snat6_key(s), &rec.id)? {
+                last.snat6.push(s.spec());
+            }
         }
         self.index.unclaim(&rec.id, &rec.host_ports)?;
         Ok(last)
@@ -203,6 +214,8 @@ impl Node {
             &last.tables,
         )?;
         crate::crashpoint::reached("del:after-routing");
+        // Before the firewall objects: the last one out deletes the nftables table with the map.
+        super::snat6::clear(fw, &last.snat6)?;
         if let Err(e) = fw.remove(&rec.id, &rec.firewall, &last.firewall) {
             log::warn!(
                 "node differs from the records ({e}); rebuilding the {} firewall without {}",

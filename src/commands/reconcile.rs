@@ -5,6 +5,7 @@
 use super::check::check_routing;
 use super::kernel;
 use super::node::Node;
+use super::snat6;
 use crate::backend::{self, Converge, Objects};
 use crate::config::{AttachmentId, Settings};
 use crate::error::{Context, Result};
@@ -43,6 +44,7 @@ pub fn problems_of(settings: &Settings, records: &[&Record]) -> Result<Vec<(Atta
         }
         let fw = backends.iter_mut().find(|f| f.kind() == rec.backend).expect("every backend kind is open");
         problems.extend(fw.verify(&rec.id, &rec.firewall)?);
+        problems.extend(snat6::problems(&mut **fw, &rec.snat6)?);
         problems.extend(kernel::check_sysctls(&rec.sysctls));
         problems.extend(check_routing(rec, &healthy)?);
         out.push((rec.id.clone(), problems));
@@ -58,6 +60,11 @@ pub fn routing_problems(settings: &Settings, records: &[&Record]) -> Result<Vec<
     let tables: BTreeSet<TableSpec> = records.iter().flat_map(|r| r.tables.iter().cloned()).collect();
     let sysctls: BTreeSet<_> = records.iter().flat_map(|r| r.sysctls.iter().cloned()).collect();
     let mut problems = kernel::check_sysctls(&sysctls.into_iter().collect::<Vec<_>>());
+    // An uplink renumbered is an address notice, which brings the agent here.
+    for mut fw in backend::every(settings) {
+        let nats: Vec<_> = records.iter().filter(|r| r.backend == fw.kind()).flat_map(|r| r.snat6.clone()).collect();
+        problems.extend(snat6::problems(&mut *fw, &nats)?);
+    }
     if ip_rules.is_empty() && tables.is_empty() {
         return Ok(problems);
     }
@@ -88,6 +95,12 @@ pub fn reconcile(settings: &Settings) -> Result<Report> {
         let mine: Vec<(&AttachmentId, &Objects)> =
             records.iter().filter(|r| r.backend == fw.kind()).map(|r| (&r.id, &r.firewall)).collect();
         match fw.converge(&mine, Converge::Repair) {
+            Ok(lines) => report.repairs.extend(lines),
+            Err(e) => report.unresolved.push(format!("{} firewall: {e}", fw.kind().name())),
+        }
+        // After the converge: a rebuilt nftables table starts without its map's elements.
+        let nats: Vec<_> = records.iter().filter(|r| r.backend == fw.kind()).flat_map(|r| r.snat6.clone()).collect();
+        match snat6::repair(&mut *fw, &nats) {
             Ok(lines) => report.repairs.extend(lines),
             Err(e) => report.unresolved.push(format!("{} firewall: {e}", fw.kind().name())),
         }

@@ -3,6 +3,7 @@
 //! each backend renders a plan into its own kernel objects (backend/*/render.rs).
 
 mod routing;
+pub mod snat6;
 
 use crate::cni::prev_result::{Attachment, PodAddress};
 use crate::cni::Pod;

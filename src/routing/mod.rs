@@ -10,6 +10,7 @@ mod messages;
 pub mod neighbour;
 pub mod netlink;
 pub mod rt_tables;
+pub mod stable6;
 pub mod uplink6;
 
 use crate::config::Outbound;

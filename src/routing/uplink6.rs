@@ -1,14 +1,11 @@
 //! IPv6 settings of an uplink that defeat what bridge-nat sets up without being its own to change:
-//! said at ADD (logged), since nothing in the tables or the firewall shows them.
+//! said at ADD (logged), since nothing in the tables or the firewall shows them. (Temporary
+//! addresses no longer are: the pods' IPv6 egress is translated to a stable address, see
+//! commands/snat6.rs, which warns of an uplink that has none.)
 
 /// `sysctl(key)` reads `net/ipv6/conf/<uplink>/<key>` (or `all`'s when `uplink` is "all");
 /// `advertised`: the uplink's IPv6 gateway is link-local, as router advertisements install it.
-pub fn uplink_warnings(
-    uplink: &str,
-    advertised: bool,
-    masquerade: bool,
-    sysctl: impl Fn(&str, &str) -> Option<i64>,
-) -> Vec<String> {
+pub fn uplink_warnings(uplink: &str, advertised: bool, sysctl: impl Fn(&str, &str) -> Option<i64>) -> Vec<String> {
     let mut out = Vec::new();
     let forwarding = sysctl("all", "forwarding").unwrap_or(0) == 1 || sysctl(uplink, "forwarding").unwrap_or(0) == 1;
     // With forwarding on, the kernel takes router advertisements only where accept_ra is 2: the
@@ -17,14 +14,6 @@ pub fn uplink_warnings(
         out.push(format!(
             "uplink {uplink} ignores router advertisements (IPv6 forwarding is on and its accept_ra is 1): a \
              router-advertised default expires and is not renewed; set net.ipv6.conf.{uplink}.accept_ra=2"
-        ));
-    }
-    // IPv6 masquerade takes the source address the kernel would choose, which is a temporary one
-    // where use_tempaddr is 2: flows through it end when it expires.
-    if masquerade && sysctl(uplink, "use_tempaddr").unwrap_or(0) >= 2 {
-        out.push(format!(
-            "uplink {uplink} prefers temporary IPv6 addresses (use_tempaddr=2): the pods' IPv6 traffic is \
-             masqueraded to one and its flows end when it expires; set net.ipv6.conf.{uplink}.use_tempaddr=0 or 1"
         ));
     }
     out
@@ -46,23 +35,12 @@ mod tests {
     #[test]
     fn a_forwarding_node_that_ignores_advertisements_is_told_to_accept_them() {
         let ignoring = [("all", "forwarding", 1), ("wan1", "accept_ra", 1)];
-        let w = uplink_warnings("wan1", true, false, conf(&ignoring));
+        let w = uplink_warnings("wan1", true, conf(&ignoring));
         assert_eq!(w.len(), 1);
         assert!(w[0].contains("net.ipv6.conf.wan1.accept_ra=2"), "{w:?}");
-        assert!(uplink_warnings("wan1", true, false, conf(&[("all", "forwarding", 1), ("wan1", "accept_ra", 2)]))
-            .is_empty());
-        assert!(uplink_warnings("wan1", true, false, conf(&[("all", "forwarding", 0), ("wan1", "accept_ra", 1)]))
-            .is_empty());
+        assert!(uplink_warnings("wan1", true, conf(&[("all", "forwarding", 1), ("wan1", "accept_ra", 2)])).is_empty());
+        assert!(uplink_warnings("wan1", true, conf(&[("all", "forwarding", 0), ("wan1", "accept_ra", 1)])).is_empty());
         // A static gateway needs no advertisements.
-        assert!(uplink_warnings("wan1", false, false, conf(&ignoring)).is_empty());
-    }
-
-    #[test]
-    fn temporary_addresses_matter_only_under_masquerade() {
-        let temp = [("wan1", "use_tempaddr", 2)];
-        assert!(uplink_warnings("wan1", false, true, conf(&temp))[0].contains("use_tempaddr=2"));
-        assert!(uplink_warnings("wan1", false, false, conf(&temp)).is_empty());
-        assert!(uplink_warnings("wan1", false, true, conf(&[("wan1", "use_tempaddr", 1)])).is_empty());
-        assert!(uplink_warnings("wwan0", false, true, conf(&[])).is_empty());
+        assert!(uplink_warnings("wan1", false, conf(&ignoring)).is_empty());
     }
 }

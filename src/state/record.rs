@@ -2,6 +2,7 @@
 
 use crate::backend::Objects;
 use crate::config::{AttachmentId, Backend};
+use crate::plan::snat6::Snat6;
 use crate::plan::{Forward, HostPort, Sysctl};
 use crate::routing::egress::Egress;
 use crate::routing::{IpRule, Route, TableSpec};
@@ -61,6 +62,10 @@ pub struct Record {
     /// that every path resolving the source rule (ADD, CHECK, reconcile, the agent) agrees.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress: Option<Egress>,
+    /// The pods' IPv6 egress translated to each uplink's stable address (commands/snat6.rs), with
+    /// the address set at ADD. Records of earlier versions load with none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snat6: Vec<Snat6>,
 }
 impl Record {
     pub fn new(id: AttachmentId, cni_version: &str) -> Record {
@@ -83,6 +88,7 @@ impl Record {
             reply_via: None,
             bound_rules: Vec::new(),
             egress: None,
+            snat6: Vec::new(),
         }
     }
 

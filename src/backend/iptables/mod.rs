@@ -8,6 +8,7 @@
 mod render;
 mod restore;
 mod rules;
+mod snat6;
 
 pub use render::attachment_tag;
 pub use restore::{is_legacy, nft_variant, Iptables};
@@ -18,8 +19,10 @@ pub use rules::{diff, Current, Family, Rule, Transaction, NFT_ACCEPT_CHAIN};
 use super::{Converge, Firewall, Objects};
 use crate::config::{AttachmentId, Backend};
 use crate::error::{Context, Result};
+use crate::plan::snat6::Snat6;
 use crate::plan::Plan;
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv6Addr;
 use std::time::Duration;
 
 pub struct IptablesBackend {
@@ -141,8 +144,12 @@ impl Firewall for IptablesBackend {
         let desired: BTreeSet<Rule> = all.iter().flat_map(|(_, o)| o.rules.iter().cloned()).collect();
         let families = [Family::Ipv4, Family::Ipv6];
         let mut actual = self.ipt.read(&families).context("read firewall")?;
-        // The nftables backend's accepts beside a dropping FORWARD are its own to converge.
+        // The nftables backend's accepts beside a dropping FORWARD are its own to converge; the
+        // IPv6 source NATs are node state no record lists (snat6.rs), and go with the last record.
         actual.take_chain(NFT_ACCEPT_CHAIN);
+        if !all.is_empty() {
+            actual.take_chain(snat6::CHAIN);
+        }
         let tx = diff(&actual, &desired);
         let repairs: Vec<String> = tx
             .tables
@@ -155,5 +162,27 @@ impl Firewall for IptablesBackend {
 
     fn usable(&mut self) -> Result<()> {
         self.ipt.usable()
+    }
+
+    fn snat6_current(&mut self, wanted: &[Snat6]) -> Result<Vec<Option<Ipv6Addr>>> {
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let cur = self.ipt.read(&[Family::Ipv6]).context("read ip6tables' nat table")?;
+        Ok(wanted.iter().map(|s| snat6::current(&cur, s)).collect())
+    }
+
+    fn snat6_change(&mut self, set: &[(Snat6, Ipv6Addr)], clear: &[Snat6]) -> Result<()> {
+        if set.is_empty() && clear.is_empty() {
+            return Ok(());
+        }
+        let cur = self.ipt.read(&[Family::Ipv6]).context("read ip6tables' nat table")?;
+        self.ipt
+            .apply(&snat6::change(&cur, set, clear), &[Family::Ipv6])
+            .context(format!("apply chain {}", snat6::CHAIN))
+    }
+
+    fn snat6_key(&self, s: &Snat6) -> String {
+        format!("snat6:ipt:{}:{}:{}", s.subnet, s.bridge, s.uplink)
     }
 }

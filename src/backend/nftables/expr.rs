@@ -98,6 +98,11 @@ pub enum Expr {
         addr: u32,
         port: u32,
     },
+    /// snat to the address in `addr`
+    Snat {
+        v6: bool,
+        addr: u32,
+    },
     Masquerade,
     Verdict(Verdict),
 }
@@ -112,7 +117,7 @@ impl Expr {
             Expr::Cmp { .. } => "cmp",
             Expr::Lookup { .. } => "lookup",
             Expr::FibDaddrType(_) => "fib",
-            Expr::Dnat { .. } => "nat",
+            Expr::Dnat { .. } | Expr::Snat { .. } => "nat",
             Expr::Masquerade => "masq",
             Expr::Verdict(_) => "immediate",
         }
@@ -164,6 +169,8 @@ impl Expr {
                 .be32(5, *port)
                 .be32(6, *port)
                 .be32(7, 0x3),
+            // NFT_NAT_SNAT 0; the kernel maps the address alone when only REG_ADDR_* is given.
+            Expr::Snat { v6, addr } => a.be32(1, 0).be32(2, if *v6 { 10 } else { 2 }).be32(3, *addr).be32(4, *addr),
             Expr::Masquerade => a,
             // NFTA_IMMEDIATE_DREG 1, DATA 2
             Expr::Verdict(v) => a.be32(1, REG_VERDICT).nest(2, |a| v.encode(a)),

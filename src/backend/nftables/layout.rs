@@ -62,6 +62,8 @@ pub enum DataType {
     None,
     /// address . port
     Nat(FieldType),
+    /// An address alone: what a source NAT translates to.
+    Addr(FieldType),
     Verdict,
 }
 
@@ -95,6 +97,8 @@ pub const SETS: &[SetSpec] = &[
     SetSpec { name: "mark6-any", key: &[Proto, Port], data: DataType::Verdict, interval: false },
     SetSpec { name: "arrive6-addr", key: &[Ipv6, Ifname, Proto, Port], data: DataType::Verdict, interval: false },
     SetSpec { name: "arrive6-any", key: &[Ifname, Proto, Port], data: DataType::Verdict, interval: false },
+    // Uplink → its stable IPv6 address, for the pods' IPv6 egress (snat6.rs).
+    SetSpec { name: "snat6-src", key: &[Ifname], data: DataType::Addr(Ipv6), interval: false },
 ];
 
 pub fn set_spec(name: &str) -> Option<&'static SetSpec> {
@@ -133,6 +137,9 @@ impl SetSpec {
             DataType::None => {}
             DataType::Nat(addr) => {
                 a.be32(6, concat_type(&[addr, Port])).be32(7, key_len(&[addr, Port]));
+            }
+            DataType::Addr(addr) => {
+                a.be32(6, addr.type_id()).be32(7, addr.len());
             }
             DataType::Verdict => {
                 a.be32(6, NFT_DATA_VERDICT);

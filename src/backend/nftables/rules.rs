@@ -116,6 +116,21 @@ pub fn static_rules() -> Vec<RuleSpec> {
                 verdict(Verdict::Goto(OWN_BRIDGE.into())),
             ],
         ),
+        // Before the masquerade: where the uplink has a stable address (snat6.rs), the pods' IPv6
+        // egress is translated to it; a failed lookup falls through to the masquerade.
+        RuleSpec::new(
+            "nat-post",
+            "snat6",
+            vec![
+                v6.clone(),
+                one(address(true, true, reg(0))),
+                one(Expr::MetaLoad(MetaKey::IifName, reg(4))),
+                lookup("masq6", reg(0), None),
+                oifname(reg(0)),
+                lookup("snat6-src", reg(0), Some(reg(0))),
+                one(Expr::Snat { v6: true, addr: reg(0) }),
+            ],
+        ),
         RuleSpec::new(
             "nat-post",
             "masq6",
