@@ -9,6 +9,7 @@ use common::agent::Agent;
 use common::dual_stack::*;
 use common::uplinks::Pod;
 use common::{both_backends, require_root, wait_for, Backend};
+use serde_json::json;
 use std::time::Duration;
 
 /// wan1's global addresses that are temporary and no longer tentative.
@@ -81,17 +82,35 @@ fn pods_ipv6_egress_is_seen_from_the_stable_address_and_follows_renumbering(back
     seen_from(&site, &pod, "2001:db8:b::3");
     pod.cni(&site.node, "check", &conf).assert_ok("CHECK after the agent followed");
 
-    // A deprecated address is never taken: wan1's stable one goes deprecated, another is there.
+    // A deprecated address is never taken: wan1's goes deprecated (the lower one, which would
+    // otherwise win), and another, with a lifetime of its own, is there.
     site.node.ns.sh_ok(
         "ip -6 addr change 2001:db8:b::3/64 dev wan1 preferred_lft 0 && \
-         ip -6 addr add 2001:db8:b::4/64 dev wan1 nodad",
+         ip -6 addr add 2001:db8:b::4/64 dev wan1 nodad preferred_lft 3600 valid_lft 7200",
     );
     seen_from(&site, &pod, "2001:db8:b::4");
 
     drop(_agent);
-    pod.cni(&site.node, "del", &conf).assert_ok("DEL");
+    // A second pod of the network, not masqueraded, keeps the firewall's shared objects (the
+    // nftables table among them) after the first one's DEL, which takes its source nat along.
+    let mut bare = site.entry();
+    bare["portForwarding"] = json!({ "rules": [] });
+    bare["masquerade"] = json!(false);
+    let bare = site.conflist(bare, true, true);
+    let b = Pod::add(&site.node, &bare, "b");
+    assert!(snat_objects(&site).contains("2001:db8:b::4"), "{}", snat_objects(&site));
+    pod.cni(&site.node, "del", &conf).assert_ok("DEL a");
+    let left = snat_objects(&site);
+    assert!(!left.contains("2001:db8:b::"), "a's source nat outlived its DEL:\n{left}");
+    b.cni(&site.node, "del", &bare).assert_ok("DEL b");
     let after = routing_state(&site.node);
     assert_eq!(before, after, "the node differs after DEL\n{}", site.node.log());
+}
+
+/// What translates the pods' IPv6 traffic in either backend: ip6tables' nat table and the
+/// nftables map (absent: nothing).
+fn snat_objects(site: &Site) -> String {
+    site.node.ns.sh_ok("ip6tables-save -t nat | grep -i snat; nft list map inet bridge-nat snat6-src 2>/dev/null; true")
 }
 
 both_backends!(pods_ipv6_egress_is_seen_from_the_stable_address_and_follows_renumbering);

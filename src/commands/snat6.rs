@@ -55,9 +55,14 @@ fn states(fw: &mut dyn Firewall, nats: &[Snat6]) -> Result<Vec<State>> {
 fn problem(s: &State) -> Option<String> {
     let (nat, uplink) = (&s.nat, &s.nat.uplink);
     let has = |a: Ipv6Addr| s.addresses.iter().any(|x| x.ip == a);
+    let stable = |a: Ipv6Addr| s.addresses.iter().any(|x| x.ip == a && stable6::choose(&[*x]).is_some());
     Some(match (s.current, s.wanted) {
         (a, b) if a == b => return None,
         (None, Some(b)) => format!("missing {nat} to {b}"),
+        // Still there, but deprecated (or temporary): the prefix is being retired.
+        (Some(a), Some(b)) if has(a) && !stable(a) => {
+            format!("{nat} is to {a}, which is no longer a stable address of {uplink} (its stable address is {b})")
+        }
         (Some(a), Some(b)) if has(a) => {
             format!("{nat} is to {a}, which is no longer the best stable address of {uplink} ({b} is)")
         }
