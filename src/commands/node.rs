@@ -186,7 +186,14 @@ impl Node {
     /// Bring the backend's kernel objects to exactly `records`.
     pub fn rebuild(&self, fw: &mut dyn Firewall, records: &[Record]) -> Result<Vec<String>> {
         let all: Vec<(&AttachmentId, &Objects)> = records.iter().map(|r| (&r.id, &r.firewall)).collect();
-        fw.converge(&all, Converge::Rebuild)
+        let mut repairs = fw.converge(&all, Converge::Rebuild)?;
+        // A rebuilt nftables table starts with an empty map of IPv6 source addresses.
+        let nats: Vec<Snat6> = records.iter().flat_map(|r| r.snat6.iter().cloned()).collect();
+        match super::snat6::repair(fw, &nats) {
+            Ok(lines) => repairs.extend(lines),
+            Err(e) => log::warn!("{e}; the next reconcile sets them"),
+        }
+        Ok(repairs)
     }
 
     /// Install one attachment; when the kernel differs from the records, rebuild from them all.

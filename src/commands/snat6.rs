@@ -81,26 +81,35 @@ pub fn problems(fw: &mut dyn Firewall, nats: &[Snat6]) -> Result<Vec<String>> {
 
 /// Make the kernel translate `nats` as they should be now; one line per repair.
 pub fn repair(fw: &mut dyn Firewall, nats: &[Snat6]) -> Result<Vec<String>> {
-    let states = states(fw, nats)?;
+    Ok(fix(fw, nats)?.1)
+}
+
+/// [`repair`], returning the states as they are afterwards too.
+fn fix(fw: &mut dyn Firewall, nats: &[Snat6]) -> Result<(Vec<State>, Vec<String>)> {
+    let mut states = states(fw, nats)?;
     let wrong: Vec<&State> = states.iter().filter(|s| s.current != s.wanted).collect();
     let set: Vec<(Snat6, Ipv6Addr)> = wrong.iter().filter_map(|s| s.wanted.map(|a| (s.nat.clone(), a))).collect();
     let clear: Vec<Snat6> = wrong.iter().filter(|s| s.wanted.is_none()).map(|s| s.nat.clone()).collect();
     fw.snat6_change(&set, &clear).context("change the ipv6 source nats")?;
-    Ok(wrong
+    let lines = wrong
         .iter()
         .map(|s| match s.wanted {
             Some(b) => format!("{} now translates to {b}", s.nat),
             None => format!("{} cleared: {} has no stable global ipv6 address", s.nat, s.nat.uplink),
         })
-        .collect())
+        .collect();
+    for s in &mut states {
+        s.current = s.wanted;
+    }
+    Ok((states, lines))
 }
 
 /// ADD: set this attachment's NATs; returns them with the addresses they translate to, as recorded.
 pub fn apply(fw: &mut dyn Firewall, nats: &[Snat6]) -> Result<Vec<Snat6>> {
-    for line in repair(fw, nats)? {
+    let (states, lines) = fix(fw, nats)?;
+    for line in lines {
         log::debug!("{line}");
     }
-    let states = states(fw, nats)?;
     for s in states.iter().filter(|s| s.wanted.is_none() && s.addresses.iter().any(|a| a.global)) {
         // The plain masquerade then takes the source the kernel picks, perhaps a temporary one.
         log::warn!(

@@ -58,3 +58,33 @@ pub fn plan(plan: &Plan) -> Vec<Snat6> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{att, conf, id};
+    use serde_json::json;
+
+    fn nats(extra: serde_json::Value, addrs: &[&str]) -> Vec<String> {
+        let c = conf(extra);
+        let p = super::super::plan(&c, &id(), &att(&c, addrs), None).unwrap();
+        super::plan(&p).iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn every_uplink_the_network_routes_ipv6_by_translates_its_masqueraded_range() {
+        let routed = json!({
+            "routing": { "tableId": 100, "fwmark": "0x64", "outbound": { "interface": "wan1", "fallback": ["wan2"] } },
+            "portForwarding": { "rules": [ { "hostPort": 30081, "destPort": 8080,
+                "routing": { "fwmark": "0x65", "tableId": 110, "outbound": { "interface": "wan0" } } } ] }
+        });
+        let want: Vec<String> =
+            ["wan0", "wan1", "wan2"].iter().map(|u| format!("ipv6 snat of fd00::/64 leaving by {u}")).collect();
+        assert_eq!(nats(routed.clone(), &["10.20.0.10/24", "fd00::10/64"]), want);
+        // IPv4 alone, no masquerade (a delegated prefix), or no routing: none.
+        assert!(nats(routed.clone(), &["10.20.0.10/24"]).is_empty());
+        let mut unmasqueraded = routed;
+        unmasqueraded["masquerade"] = json!(false);
+        assert!(nats(unmasqueraded, &["fd00::10/64"]).is_empty());
+        assert!(nats(json!({}), &["fd00::10/64"]).is_empty());
+    }
+}
