@@ -113,4 +113,45 @@ fn snat_objects(site: &Site) -> String {
     site.node.ns.sh_ok("ip6tables-save -t nat | grep -i snat; nft list map inet bridge-nat snat6-src 2>/dev/null; true")
 }
 
+/// A table made by an earlier version has no map of source addresses and no rule looking it up:
+/// an ADD still succeeds (the masquerade carries the pods' traffic), CHECK names what is missing,
+/// and reconcile rebuilds the table and sets the translation.
+#[test]
+fn an_nftables_table_from_before_the_translation_does_not_fail_an_add() {
+    if !require_root() {
+        return;
+    }
+    let site = Site::new(Backend::Nftables);
+    let conf = site.conflist(site.entry(), true, true);
+    let a = Pod::add(&site.node, &conf, "a");
+    let listed = site.node.ns.sh_ok("nft -a list chain inet bridge-nat nat-post");
+    let handle = listed
+        .lines()
+        .find(|l| l.contains("comment \"snat6\""))
+        .and_then(|l| l.rsplit("# handle ").next())
+        .unwrap_or_else(|| panic!("no snat6 rule in nat-post:\n{listed}"))
+        .trim()
+        .to_string();
+    site.node.ns.sh_ok(&format!(
+        "nft delete rule inet bridge-nat nat-post handle {handle} && nft delete map inet bridge-nat snat6-src"
+    ));
+    let mut bare = site.entry();
+    bare["portForwarding"] = json!({ "rules": [] });
+    let bare = site.conflist(bare, true, true);
+    let b = Pod::add(&site.node, &bare, "b");
+    let _peer = serve_peer_address(&site.inet);
+    seen_from(&site, &b, WAN1);
+    let msg = common::error_msg(&b.cni(&site.node, "check", &bare));
+    for needle in ["missing nftables rule snat6 in chain nat-post", "missing ipv6 snat of fd00:20::/64 leaving by wan1"]
+    {
+        assert!(msg.contains(needle), "CHECK lacks {needle:?}: {msg}");
+    }
+    let out = common::agent::tool(&site.node, "reconcile");
+    assert!(out.status.success(), "reconcile: {}", common::agent::text(&out));
+    b.cni(&site.node, "check", &bare).assert_ok("CHECK b after reconcile");
+    a.cni(&site.node, "check", &conf).assert_ok("CHECK a after reconcile");
+    let map = site.node.ns.sh_ok("nft list map inet bridge-nat snat6-src");
+    assert!(map.contains(&format!("\"wan1\" : {WAN1}")), "{map}");
+}
+
 both_backends!(pods_ipv6_egress_is_seen_from_the_stable_address_and_follows_renumbering);

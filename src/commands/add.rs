@@ -59,7 +59,7 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<serde_json::Value> {
         // Before the forwards exist, so that their first packet finds no entry with an old MAC.
         .inspect(|()| kernel::refresh_neighbours(&att, &env.netns, &env.ifname))
         .and_then(|()| node.install(&mut *fw, &rec, &first))
-        .and_then(|()| super::snat6::apply(&mut *fw, &rec.snat6))
+        .map(|()| super::snat6::apply(&mut *fw, &rec.snat6))
         .inspect(|_| crashpoint::reached("add:after-firewall"))
         .and_then(|nats| {
             Ok((nats, kernel::apply_routing(&planned, healthy_in(&conf.settings.state_dir), &mut applied)?))

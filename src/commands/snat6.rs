@@ -105,8 +105,20 @@ fn fix(fw: &mut dyn Firewall, nats: &[Snat6]) -> Result<(Vec<State>, Vec<String>
 }
 
 /// ADD: set this attachment's NATs; returns them with the addresses they translate to, as recorded.
-pub fn apply(fw: &mut dyn Firewall, nats: &[Snat6]) -> Result<Vec<Snat6>> {
-    let (states, lines) = fix(fw, nats)?;
+/// A failure does not fail the ADD (the plain masquerade still carries the pods' traffic, as for
+/// an uplink without a stable address): it is logged, CHECK reports it, reconcile and the agent
+/// complete it. An nftables table made by an earlier version, without the map, is such a case.
+pub fn apply(fw: &mut dyn Firewall, nats: &[Snat6]) -> Vec<Snat6> {
+    match fix(fw, nats) {
+        Ok((states, lines)) => applied(states, lines),
+        Err(e) => {
+            log::warn!("{e}; CHECK will report it until reconcile or the agent sets them");
+            nats.to_vec()
+        }
+    }
+}
+
+fn applied(states: Vec<State>, lines: Vec<String>) -> Vec<Snat6> {
     for line in lines {
         log::debug!("{line}");
     }
@@ -119,7 +131,7 @@ pub fn apply(fw: &mut dyn Firewall, nats: &[Snat6]) -> Result<Vec<Snat6>> {
             s.nat.uplink
         );
     }
-    Ok(states.into_iter().map(|s| Snat6 { address: s.current, ..s.nat }).collect())
+    states.into_iter().map(|s| Snat6 { address: s.current, ..s.nat }).collect()
 }
 
 /// DEL: stop translating the NATs whose last holder is gone.
