@@ -16,13 +16,11 @@ pub use restore::{is_legacy, nft_variant, Iptables};
 pub use rules::parse_save;
 pub use rules::{diff, Current, Family, Rule, Transaction, NFT_ACCEPT_CHAIN};
 
-use super::{Converge, Firewall, Objects};
+use super::{Converge, Firewall, Ipv6Addr, Objects, Snat6};
 use crate::config::{AttachmentId, Backend};
 use crate::error::{Context, Result};
-use crate::plan::snat6::Snat6;
 use crate::plan::Plan;
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv6Addr;
 use std::time::Duration;
 
 pub struct IptablesBackend {

@@ -8,7 +8,9 @@
 //!   local-in:    [jump pick-mark], jump to-pod
 //!   nat-out:     fib daddr type local jump to-pod
 //!   nat-post:    ip saddr . oifname @own4 goto own-bridge (stays on its bridge: masquerade only if
-//!                DNAT'd there, the hairpin), localhost masquerade, ip saddr . iifname @masq4 masquerade
+//!                DNAT'd there, the hairpin), localhost masquerade, ip saddr . iifname @masq4 masquerade;
+//!                for IPv6 first ip6 saddr . iifname @masq6 snat ip6 to oifname map @snat6-src (the
+//!                uplink's stable address, see snat6.rs; a failed lookup falls through), then masquerade
 //! While some attachment routes by mark (and only then, so that a network without routing adds no
 //! hook that sees every packet):
 //!   pick-mark:   vmap @mark4-addr / @mark4-any, then iifname . port: vmap @arrive4-addr /

@@ -19,15 +19,13 @@ pub use layout::{Mark, TABLE};
 pub use socket::Nft;
 
 use super::iptables::{nft_variant, Current, Family, Iptables, Rule};
-use super::{Converge, Firewall, Objects};
+use super::{Converge, Firewall, Ipv6Addr, Objects, Snat6};
 use crate::config::{AttachmentId, Backend};
 use crate::error::{Context, Error, Result};
-use crate::plan::snat6::Snat6;
 use crate::plan::Plan;
 use serde::{Deserialize, Serialize};
 use socket::{family_name, Tx};
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv6Addr;
 use std::time::Duration;
 use verify::Layout;
 
@@ -212,22 +210,15 @@ impl Firewall for NftablesBackend {
     }
 
     fn snat6_current(&mut self, wanted: &[Snat6]) -> Result<Vec<Option<Ipv6Addr>>> {
-        if wanted.is_empty() {
-            return Ok(Vec::new());
-        }
-        snat6::current(self.nft()?, wanted)
+        snat6::current(self, wanted)
     }
 
     fn snat6_change(&mut self, set: &[(Snat6, Ipv6Addr)], clear: &[Snat6]) -> Result<()> {
-        if set.is_empty() && clear.is_empty() {
-            return Ok(());
-        }
-        snat6::change(self.nft()?, set, clear)
+        snat6::change(self, set, clear)
     }
 
-    /// One element per uplink, whichever networks leave by it.
     fn snat6_key(&self, s: &Snat6) -> String {
-        format!("snat6:nft:{}", s.uplink)
+        snat6::key(s)
     }
 
     fn node_warnings(&mut self, objects: &Objects) -> Vec<String> {

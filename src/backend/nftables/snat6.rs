@@ -5,6 +5,7 @@
 
 use super::elements::{Element, Value};
 use super::socket::{Nft, Tx};
+use super::NftablesBackend;
 use crate::error::Result;
 use crate::plan::snat6::Snat6;
 use std::collections::BTreeMap;
@@ -25,14 +26,27 @@ fn read(nft: &mut Nft, uplink: &str) -> Result<Option<Ipv6Addr>> {
     Ok(nft.element(&element(uplink, None))?.and_then(|d| <[u8; 16]>::try_from(d.as_slice()).ok()).map(Ipv6Addr::from))
 }
 
-pub fn current(nft: &mut Nft, wanted: &[Snat6]) -> Result<Vec<Option<Ipv6Addr>>> {
+/// One element per uplink, whichever networks leave by it: held under the uplink's name.
+pub fn key(s: &Snat6) -> String {
+    format!("snat6:nft:{}", s.uplink)
+}
+
+pub fn current(b: &mut NftablesBackend, wanted: &[Snat6]) -> Result<Vec<Option<Ipv6Addr>>> {
+    if wanted.is_empty() {
+        return Ok(Vec::new());
+    }
+    let nft = b.nft()?;
     if !nft.table_exists()? {
         return Ok(vec![None; wanted.len()]);
     }
     wanted.iter().map(|s| read(nft, &s.uplink)).collect()
 }
 
-pub fn change(nft: &mut Nft, set: &[(Snat6, Ipv6Addr)], clear: &[Snat6]) -> Result<()> {
+pub fn change(b: &mut NftablesBackend, set: &[(Snat6, Ipv6Addr)], clear: &[Snat6]) -> Result<()> {
+    if set.is_empty() && clear.is_empty() {
+        return Ok(());
+    }
+    let nft = b.nft()?;
     if !nft.table_exists()? {
         // Nothing to clear; nothing can be set before an attachment has created the table.
         return match set.first() {
