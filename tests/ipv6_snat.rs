@@ -90,6 +90,17 @@ fn pods_ipv6_egress_is_seen_from_the_stable_address_and_follows_renumbering(back
     );
     seen_from(&site, &pod, "2001:db8:b::4");
 
+    // A firewall reload empties the nat chain the translation hangs off: the agent puts it back,
+    // ahead of the masquerade again (else the pod would be seen from the temporary address).
+    let reload = match backend {
+        Backend::Iptables => "ip6tables -t nat -F POSTROUTING",
+        Backend::Nftables => "nft flush chain inet bridge-nat nat-post",
+    };
+    site.node.ns.sh_ok(reload);
+    let back = wait_for(|| pod.cni(&site.node, "check", &conf).status_ok, Duration::from_secs(10));
+    assert!(back, "the agent did not repair the reload\n{}", site.diagnostics());
+    seen_from(&site, &pod, "2001:db8:b::4");
+
     drop(_agent);
     // A second pod of the network, not masqueraded, keeps the firewall's shared objects (the
     // nftables table among them) after the first one's DEL, which takes its source nat along.

@@ -39,9 +39,24 @@ fn address_of(r: &Rule) -> Option<Ipv6Addr> {
     arg(&r.spec, "--to-source")?.parse().ok()
 }
 
-/// What `current` (ip6tables' own chains as read) translates `s` to.
+/// What `current` (ip6tables' own chains as read) translates `s` to: nothing where the jump is
+/// gone or behind the masquerade's (a firewall reload, a converge that re-inserted that one).
 pub fn current(current: &Current, s: &Snat6) -> Option<Ipv6Addr> {
+    if !jump_first(current) {
+        return None;
+    }
     current.rules.iter().find(|r| is_of(r, s)).and_then(address_of)
+}
+
+/// Whether POSTROUTING jumps here before it jumps to the masquerade.
+fn jump_first(current: &Current) -> bool {
+    let jumps = positions(current, &format!("-j {CHAIN}"));
+    let masquerade = positions(current, &format!("-j {CHAIN_POSTROUTING}"));
+    match (jumps.first(), masquerade.first()) {
+        (Some(j), Some(m)) => j < m,
+        (Some(_), None) => true,
+        (None, _) => false,
+    }
 }
 
 /// The transaction that makes `current` translate `set` and no longer `clear`; the chain and its
@@ -68,9 +83,7 @@ pub fn change(current: &Current, set: &[(Snat6, Ipv6Addr)], clear: &[Snat6]) -> 
     kept.retain(|r| !going.contains(r));
     let needed = !kept.is_empty() || !added.is_empty();
     let jumps: Vec<usize> = positions(current, &format!("-j {CHAIN}"));
-    let masquerade: Vec<usize> = positions(current, &format!("-j {CHAIN_POSTROUTING}"));
-    let jump_first = matches!((jumps.first(), masquerade.first()), (Some(j), Some(m)) if j < m)
-        || (!jumps.is_empty() && masquerade.is_empty());
+    let jump_first = jump_first(current);
     if needed && !chain_exists {
         lines.push(format!(":{CHAIN} - [0:0]"));
     }
@@ -160,6 +173,23 @@ mod tests {
         assert!(lines[0].starts_with("-D BRIDGE-NAT-SNAT6 ") && lines[0].ends_with("2001:db8::10"), "{lines:?}");
         assert!(lines[1].starts_with("-A BRIDGE-NAT-SNAT6 ") && lines[1].ends_with("2001:db8::20"), "{lines:?}");
         assert_eq!(lines.len(), 2);
+        // The masquerade's jump re-inserted at the top: nothing is translated, and a change
+        // that adds no rule moves the jump back ahead of it.
+        let behind = save(concat!(
+            ":BRIDGE-NAT-SNAT6 - [0:0]\n:BRIDGE-NAT-POSTRT - [0:0]\n",
+            "-A POSTROUTING -m comment --comment bridge-nat -j BRIDGE-NAT-POSTRT\n",
+            "-A POSTROUTING -m comment --comment bridge-nat -j BRIDGE-NAT-SNAT6\n",
+            "-A BRIDGE-NAT-SNAT6 -s fd00:20::/64 -o wan1 -m comment --comment bridge-nat:snat6 -j SNAT --to-source 2001:db8::10\n",
+        ));
+        assert_eq!(current(&behind, &s("wan1")), None);
+        let moved = change(&behind, &[(s("wan1"), a("2001:db8::10"))], &[]);
+        assert_eq!(
+            moved.tables[&(Family::Ipv6, "nat".to_string())],
+            vec![
+                "-D POSTROUTING -m comment --comment bridge-nat -j BRIDGE-NAT-SNAT6".to_string(),
+                "-I POSTROUTING 1 -m comment --comment bridge-nat -j BRIDGE-NAT-SNAT6".to_string(),
+            ]
+        );
         let gone = change(&cur, &[], &[s("wan1")]);
         let lines = &gone.tables[&(Family::Ipv6, "nat".to_string())];
         assert_eq!(lines[0], "-D POSTROUTING -m comment --comment bridge-nat -j BRIDGE-NAT-SNAT6");
