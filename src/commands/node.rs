@@ -222,7 +222,10 @@ impl Node {
         )?;
         crate::crashpoint::reached("del:after-routing");
         // Before the firewall objects: the last one out deletes the nftables table with the map.
-        super::snat6::clear(fw, &last.snat6)?;
+        // A failure does not fail the DEL (the runtime must be able to remove the pod); it is said.
+        if let Err(e) = super::snat6::clear(fw, &last.snat6) {
+            log::warn!("{e}; `bridge-nat uninstall` or a rebuild with no attachment left removes them");
+        }
         if let Err(e) = fw.remove(&rec.id, &rec.firewall, &last.firewall) {
             log::warn!(
                 "node differs from the records ({e}); rebuilding the {} firewall without {}",
