@@ -24,7 +24,7 @@ use crate::config::{AttachmentId, Backend};
 use crate::error::{Context, Error, Result};
 use crate::plan::Plan;
 use serde::{Deserialize, Serialize};
-use socket::{family_name, Tx};
+use socket::Tx;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 use verify::Layout;
@@ -261,119 +261,6 @@ impl NftablesBackend {
             repairs.push(format!("rebuilt table inet {TABLE} for {} attachment(s)", all.len()));
         }
         Ok(repairs)
-    }
-
-    /// Install the accepts first held here, in the families whose FORWARD drops; nothing to do
-    /// (no lookup, no process) for a network's later attachments.
-    fn install_accepts(&mut self, first: &[&Rule]) -> Result<()> {
-        if first.is_empty() {
-            return Ok(());
-        }
-        let nft = self.nft()?;
-        let families = accepts::families(first.iter().copied());
-        let drops: Vec<Family> = nft.forward_drops()?.into_iter().filter(|f| families.contains(f)).collect();
-        let mut has_chain = BTreeSet::new();
-        for &f in &drops {
-            if nft.iptables_chain_exists(f, ACCEPT_CHAIN)? {
-                has_chain.insert(f);
-            }
-        }
-        self.apply_accepts(accepts::install_tx(first, &drops, |f| has_chain.contains(&f)))
-    }
-
-    /// Remove the accepts last held here, where the chain exists (read first: they may never have
-    /// been installed).
-    fn remove_accepts(&mut self, last: &[&Rule]) -> Result<()> {
-        if last.is_empty() {
-            return Ok(());
-        }
-        let mut there = Vec::new();
-        for f in accepts::families(last.iter().copied()) {
-            if self.nft()?.iptables_chain_exists(f, ACCEPT_CHAIN)? {
-                there.push(f);
-            }
-        }
-        if there.is_empty() {
-            return Ok(());
-        }
-        self.accepts_read.clear();
-        let current = self.read_accepts(&there)?;
-        self.apply_accepts(accepts::remove_tx(&current, last))
-    }
-
-    /// What of a record's accepts is missing in the families whose FORWARD drops.
-    fn verify_accepts(&mut self, rules: &[Rule]) -> Result<Vec<String>> {
-        if rules.is_empty() {
-            return Ok(Vec::new());
-        }
-        let drops = self.nft()?.forward_drops()?;
-        let needed: Vec<&Rule> = rules.iter().filter(|r| drops.contains(&r.family)).collect();
-        if needed.is_empty() {
-            return Ok(Vec::new());
-        }
-        let current = self.read_accepts(&accepts::families(needed.iter().copied()))?;
-        Ok(accepts::missing(&current, &needed))
-    }
-
-    /// Bring the accept chains to what `wanted` needs; reads nothing on a node where no FORWARD
-    /// drops and no chain of ours is left.
-    fn converge_accepts(&mut self, wanted: &BTreeSet<&Rule>) -> Result<Vec<String>> {
-        let nft = self.nft()?;
-        let drops = nft.forward_drops()?;
-        let mut families = Vec::new();
-        for f in [Family::Ipv4, Family::Ipv6] {
-            if drops.contains(&f) || nft.iptables_chain_exists(f, ACCEPT_CHAIN)? {
-                families.push(f);
-            }
-        }
-        if families.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.accepts_read.clear();
-        let current = self.read_accepts(&families)?;
-        let tx = accepts::converge_tx(&current, wanted, &drops);
-        let repairs = tx
-            .tables
-            .iter()
-            .flat_map(|((f, t), lines)| lines.iter().map(move |l| format!("iptables-nft {} {t}: {l}", family_name(*f))))
-            .collect();
-        self.apply_accepts(tx)?;
-        Ok(repairs)
-    }
-
-    /// The families of `families` whose FORWARD drops while our chain is absent there.
-    fn forward_drops_without_accepts(&mut self, families: &[Family]) -> Result<Vec<String>> {
-        if families.is_empty() {
-            return Ok(Vec::new());
-        }
-        let nft = self.nft()?;
-        let mut out = Vec::new();
-        for f in nft.forward_drops()?.into_iter().filter(|f| families.contains(f)) {
-            if !nft.iptables_chain_exists(f, ACCEPT_CHAIN)? {
-                out.push(format!("{} filter FORWARD", family_name(f)));
-            }
-        }
-        Ok(out)
-    }
-
-    /// The accept chain (and jumps to it) in `families`, read once per backend until changed.
-    fn read_accepts(&mut self, families: &[Family]) -> Result<Current> {
-        let mut all = Current::default();
-        for &f in families {
-            if !self.accepts_read.contains_key(&f) {
-                let mut cur = self.ipt.read(&[f]).context("read iptables' filter table")?;
-                self.accepts_read.insert(f, cur.take_chain(ACCEPT_CHAIN));
-            }
-            let cur = &self.accepts_read[&f];
-            all.rules.extend(cur.rules.iter().cloned());
-            all.chains.extend(cur.chains.iter().cloned());
-        }
-        Ok(all)
-    }
-
-    fn apply_accepts(&mut self, tx: super::iptables::Transaction) -> Result<()> {
-        self.accepts_read.clear();
-        self.ipt.apply(&tx, &[Family::Ipv4, Family::Ipv6]).context(format!("apply chain {ACCEPT_CHAIN}"))
     }
 }
 
