@@ -88,7 +88,31 @@ pub(super) fn validate_health(raw: Option<&RawHealth>, has_fallback: bool) -> Re
             Ok(ip @ IpAddr::V4(v4)) if !v4.is_unspecified() && !v4.is_broadcast() && !v4.is_multicast() => {
                 h.targets.push(ip)
             }
+            // One list per family, as gateway and gateway6: say where an IPv6 target belongs.
+            Ok(IpAddr::V6(_)) => {
+                return Err(invalid(format!(
+                    "routing.health.targets[{i}]: {t:?} is an IPv6 address; IPv6 targets go in routing.health.targets6"
+                )))
+            }
             _ => return Err(invalid(format!("routing.health.targets[{i}]: {t:?} is not a unicast IPv4 address"))),
+        }
+    }
+    for (i, t) in raw.targets6.iter().enumerate() {
+        match t.parse::<IpAddr>() {
+            Ok(ip @ IpAddr::V6(v6)) if is_probe_target6(v6) => h.targets.push(ip),
+            Ok(IpAddr::V6(_)) => {
+                return Err(invalid(format!(
+                    "routing.health.targets6[{i}]: {t:?} is not a global unicast IPv6 address (a probe goes beyond the uplink's router, which link-local, multicast and loopback addresses never do)"
+                )))
+            }
+            Ok(IpAddr::V4(_)) => {
+                return Err(invalid(format!(
+                    "routing.health.targets6[{i}]: {t:?} is an IPv4 address; IPv4 targets go in routing.health.targets"
+                )))
+            }
+            Err(_) => {
+                return Err(invalid(format!("routing.health.targets6[{i}]: {t:?} is not a unicast IPv6 address")))
+            }
         }
     }
     let within = |field: &str, v: Option<i64>, lo: i64, hi: i64, default: u32| -> Result<u32> {
@@ -109,6 +133,12 @@ pub(super) fn validate_health(raw: Option<&RawHealth>, has_fallback: bool) -> Re
         )));
     }
     Ok(h)
+}
+
+/// An IPv6 probe is sent from the uplink's global address through its router: a target it can
+/// reach that way is neither unspecified, loopback, multicast nor link-local.
+fn is_probe_target6(ip: std::net::Ipv6Addr) -> bool {
+    !ip.is_unspecified() && !ip.is_loopback() && !ip.is_multicast() && !ip.is_unicast_link_local()
 }
 
 /// A forward's replies leave by the uplink its connection arrived on (or its rule's): failing them
@@ -158,6 +188,14 @@ mod tests {
     }
 
     #[test]
+    fn targets6_join_the_ipv4_targets_in_one_list_of_both_families() {
+        let health = json!({"targets": ["192.0.2.9"], "targets6": ["2001:db8::9", "2606:4700:4700::1111"]});
+        let c = conf(routing(json!({"interface": "wan1", "fallback": ["wan0"]}), Some(health)), json!([])).unwrap();
+        let targets: Vec<String> = c.routing.unwrap().health.targets.iter().map(|t| t.to_string()).collect();
+        assert_eq!(targets, ["192.0.2.9", "2001:db8::9", "2606:4700:4700::1111"]);
+    }
+
+    #[test]
     fn refusals_name_the_field() {
         let cases = [
             (routing(json!({"interface": "wan1", "fallback": ["wan1"]}), None), "routing.outbound.fallback[0]"),
@@ -173,6 +211,29 @@ mod tests {
             (
                 routing(json!({"interface": "wan1", "fallback": ["wan0"]}), Some(json!({"targets": ["example.com"]}))),
                 "routing.health.targets[0]",
+            ),
+            (
+                routing(json!({"interface": "wan1", "fallback": ["wan0"]}), Some(json!({"targets": ["2001:db8::9"]}))),
+                "routing.health.targets[0]: \"2001:db8::9\" is an IPv6 address; IPv6 targets go in routing.health.targets6",
+            ),
+            (
+                routing(json!({"interface": "wan1", "fallback": ["wan0"]}), Some(json!({"targets6": ["192.0.2.9"]}))),
+                "routing.health.targets6[0]: \"192.0.2.9\" is an IPv4 address; IPv4 targets go in routing.health.targets",
+            ),
+            (
+                routing(
+                    json!({"interface": "wan1", "fallback": ["wan0"]}),
+                    Some(json!({"targets6": ["2001:db8::9", "fe80::1"]})),
+                ),
+                "routing.health.targets6[1]: \"fe80::1\" is not a global unicast IPv6 address",
+            ),
+            (
+                routing(json!({"interface": "wan1", "fallback": ["wan0"]}), Some(json!({"targets6": ["ff02::1"]}))),
+                "routing.health.targets6[0]",
+            ),
+            (
+                routing(json!({"interface": "wan1", "fallback": ["wan0"]}), Some(json!({"targets6": ["dns.google"]}))),
+                "routing.health.targets6[0]: \"dns.google\" is not a unicast IPv6 address",
             ),
             (
                 routing(json!({"interface": "wan1", "fallback": ["wan0"]}), Some(json!({"failAfter": 0}))),

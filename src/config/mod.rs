@@ -106,7 +106,9 @@ pub struct FallbackUplink {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HealthConfig {
-    /// ICMP echo targets, asked through each uplink every interval; none: link state alone.
+    /// Echo targets of both families (`targets` IPv4, `targets6` IPv6), asked through each uplink
+    /// every interval in their own family; one list, so records written before IPv6 was probed
+    /// read the same.
     pub targets: Vec<IpAddr>,
     pub interval_ms: u32,
     pub timeout_ms: u32,

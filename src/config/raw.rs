@@ -111,6 +111,8 @@ pub(super) struct RawOutbound {
 pub(super) struct RawHealth {
     #[serde(default)]
     pub(super) targets: Vec<String>,
+    #[serde(default)]
+    pub(super) targets6: Vec<String>,
     pub(super) interval_ms: Option<i64>,
     pub(super) timeout_ms: Option<i64>,
     pub(super) fail_after: Option<i64>,
