@@ -1,48 +1,94 @@
 //! Egress failover in the agent: a probe round through each uplink of every outbound list with a
-//! fallback, every `intervalMs`; each uplink judged with hysteresis; the pods' source rule moved
-//! to the first healthy uplink; the decision shared through `<stateDir>/health.json` so that CNI
-//! calls made meanwhile agree. The loop stays event-driven: rounds are deadlines, replies are fds.
+//! fallback, every `intervalMs`, in each family the uplink has an address of; each uplink judged
+//! per family with hysteresis; each family's source rule of the pods moved to the first uplink
+//! healthy in that family; the decision shared through `<stateDir>/health.json` so that CNI calls
+//! made meanwhile agree. The loop stays event-driven: rounds are deadlines, replies are fds.
 
 use crate::config::HealthConfig;
-use crate::health::probe::Probe;
+use crate::family::{family_of, Family};
+use crate::health::probe::{name as family_name, Probe};
 use crate::health::tracker::{Round, Tracker};
+use crate::health::verdict::{verdict, Judged};
 use crate::health::view::{now_ms, UplinkHealth, View};
 use crate::metrics::Metrics;
 use crate::routing::egress::Egress;
 use crate::state::Record;
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-struct Uplink {
+const FAMILIES: [Family; 2] = [Family::Ipv4, Family::Ipv6];
+
+/// One uplink's probe and judgement in one family.
+struct Lane {
     probe: Probe,
     /// This round's verdict is in already (the link could not carry a probe).
     judged: bool,
     tracker: Tracker,
-    targets: Vec<std::net::IpAddr>,
-    /// The address pods were masqueraded to while they left by this uplink.
-    last_address: Option<Ipv4Addr>,
 }
 
-/// The pods of these networks now leave by another uplink.
+struct Uplink {
+    /// IPv4's, then IPv6's.
+    lanes: [Lane; 2],
+    targets: Vec<IpAddr>,
+    /// The IPv4 address pods were masqueraded to while they left by this uplink.
+    last_address: Option<IpAddr>,
+}
+
+impl Uplink {
+    fn new(name: &str, cfg: &HealthConfig) -> Uplink {
+        let lane = |family| Lane { probe: Probe::new(name, family), judged: false, tracker: Tracker::new(cfg) };
+        Uplink { lanes: FAMILIES.map(lane), targets: Vec::new(), last_address: None }
+    }
+
+    fn judged(&self, at: usize) -> Judged<'_> {
+        let family = FAMILIES[at];
+        let has_targets = self.targets.iter().any(|t| family_of(*t) == family);
+        Judged { family, tracker: &self.lanes[at].tracker, has_targets }
+    }
+
+    /// What the uplink is worth to each family now (see health/verdict.rs).
+    fn health(&self) -> UplinkHealth {
+        let (v4, v6) = (self.judged(0), self.judged(1));
+        UplinkHealth { ipv4: verdict(&v4, &v6), ipv6: Some(verdict(&v6, &v4)) }
+    }
+}
+
+/// The pods of these networks now leave by another uplink, in one family or both.
 pub struct Switch {
-    /// (network, from, to) for the log.
-    pub moves: Vec<(String, String, String)>,
-    /// Pod subnets whose flows were masqueraded to `left`.
+    /// (network, family, from, to) for the log.
+    pub moves: Vec<(String, Family, String, String)>,
+    /// The pod subnets, of the families that moved, whose flows were masqueraded to the uplinks left.
     pub subnets: Vec<ipnetwork::IpNetwork>,
-    pub left: Vec<Ipv4Addr>,
+    /// The IPv4 addresses of the uplinks left by IPv4 moves (IPv6's are read at the switch).
+    pub left: Vec<IpAddr>,
 }
 
-fn record(name: &str, tracker: &mut Tracker, round: Round, metrics: Option<&crate::metrics::Metrics>) -> bool {
-    let changed = tracker.record(round);
-    if changed {
-        let state = if tracker.healthy { "healthy" } else { "unhealthy" };
-        log::warn!("uplink {name} is {state}: {}", tracker.reason);
+/// Say what changed between two judgements of an uplink; true when its health in a family did.
+fn report(name: &str, before: &UplinkHealth, after: &UplinkHealth, metrics: Option<&Metrics>) -> bool {
+    let mut changed = false;
+    for family in FAMILIES {
+        let (was, now) = (before.family(family), after.family(family));
+        if let Some(m) = metrics {
+            m.set_uplink_family_health(name, family, now.healthy);
+        }
+        if was.healthy == now.healthy && was.addressed == now.addressed {
+            continue;
+        }
+        changed |= was.healthy != now.healthy;
+        let family = family_name(family);
+        if !now.addressed {
+            // A family the uplink does not carry is no fault to warn of.
+            log::info!("uplink {name} carries no {family} ({}): not probed in it", now.reason);
+        } else if was.healthy != now.healthy {
+            let state = if now.healthy { "healthy" } else { "unhealthy" };
+            log::warn!("uplink {name} is {state} for {family}: {}", now.reason);
+        }
     }
     if let Some(m) = metrics {
-        m.set_uplink_health(name, tracker.healthy);
+        m.set_uplink_health(name, after.healthy());
     }
     changed
 }
@@ -52,7 +98,8 @@ pub struct Failover {
     state_dir: PathBuf,
     uplinks: BTreeMap<String, Uplink>,
     egress: Vec<Egress>,
-    chosen: BTreeMap<String, String>,
+    /// The uplink each network's pods leave by now, per family.
+    chosen: BTreeMap<(String, Family), String>,
     interval: Duration,
     timeout: Duration,
     next_round: Option<Instant>,
@@ -83,20 +130,14 @@ impl Failover {
         let gone: Vec<String> = self.uplinks.keys().filter(|n| !wanted.contains_key(*n)).cloned().collect();
         self.uplinks.retain(|name, _| wanted.contains_key(name));
         for (name, cfg) in &wanted {
-            let u = self.uplinks.entry(name.clone()).or_insert_with(|| Uplink {
-                probe: Probe::new(name),
-                judged: false,
-                tracker: Tracker::new(cfg),
-                targets: Vec::new(),
-                last_address: None,
-            });
+            let u = self.uplinks.entry(name.clone()).or_insert_with(|| Uplink::new(name, cfg));
             u.targets = cfg.targets.clone();
         }
         // One rhythm for every uplink: the quickest any network asks for.
         let cfg = egress.iter().map(|e| &e.health).min_by_key(|h| h.interval_ms);
         self.interval = Duration::from_millis(cfg.map_or(1000, |h| u64::from(h.interval_ms)));
         self.timeout = Duration::from_millis(cfg.map_or(800, |h| u64::from(h.timeout_ms)));
-        self.chosen.retain(|net, _| egress.iter().any(|e| &e.network == net));
+        self.chosen.retain(|(net, _), _| egress.iter().any(|e| &e.network == net));
         if let Some(m) = &self.metrics {
             // An uplink no longer probed has no health to report, a network without fallback no egress.
             m.forget_failover(&gone, &egress.iter().map(|e| e.network.as_str()).collect::<Vec<_>>());
@@ -125,13 +166,18 @@ impl Failover {
         if self.round_ends.is_none() {
             return Vec::new();
         }
-        self.uplinks.values().filter_map(|u| u.probe.fd()).collect()
+        self.uplinks.values().flat_map(|u| u.lanes.iter().filter_map(|l| l.probe.fd())).collect()
     }
 
     /// Replies arrived: read them; the round ends early once every uplink has answered.
     pub fn read_replies(&mut self) {
         // Every socket is read, whatever the others say: replies must not wait for the next wake.
-        let answered: Vec<bool> = self.uplinks.values_mut().map(|u| u.probe.read_replies()).collect();
+        // A lane judged at the round's start (no address of its family, link down) waits for nothing.
+        let answered: Vec<bool> = self
+            .uplinks
+            .values_mut()
+            .flat_map(|u| u.lanes.iter_mut().map(|l| l.probe.read_replies() || l.judged))
+            .collect();
         if answered.iter().all(|a| *a) && self.round_ends.is_some() {
             self.round_ends = Some(Instant::now());
         }
@@ -146,13 +192,18 @@ impl Failover {
         if self.round_ends.is_none() && self.next_round.is_some_and(|t| now >= t) {
             let mut changed = false;
             for (name, u) in &mut self.uplinks {
-                u.probe.send_round(&u.targets);
-                u.judged = false;
-                // A link that cannot carry anything is judged now, not after the timeout.
-                if let Some(round) = u.probe.take_unusable() {
-                    u.judged = true;
-                    changed |= record(name, &mut u.tracker, round, self.metrics.as_ref());
+                let before = u.health();
+                for lane in &mut u.lanes {
+                    lane.probe.send_round(&u.targets);
+                    lane.judged = false;
+                    // A link that cannot carry anything (or anything of this family) is judged
+                    // now, not after the timeout.
+                    if let Some(round) = lane.probe.take_unusable() {
+                        lane.judged = true;
+                        lane.tracker.record(round);
+                    }
                 }
+                changed |= report(name, &before, &u.health(), self.metrics.as_ref());
             }
             self.round_ends = Some(now + self.timeout);
             self.next_round = Some(now + self.interval);
@@ -179,40 +230,53 @@ impl Failover {
     fn close_round(&mut self) -> Option<Switch> {
         let mut changed = false;
         for (name, u) in &mut self.uplinks {
-            let round = u.probe.finish_round();
-            if std::mem::take(&mut u.judged) {
-                continue;
-            }
-            if let Some(m) = &self.metrics {
-                // A round of link state alone (no targets) is no probe answered or lost.
-                if !u.targets.is_empty() {
-                    m.observe_probe(name, u.probe.rtt.filter(|_| round == Round::Answered));
+            let before = u.health();
+            for lane in &mut u.lanes {
+                let round = lane.probe.finish_round();
+                if std::mem::take(&mut lane.judged) {
+                    continue;
                 }
+                if let Some(m) = &self.metrics {
+                    // A round of link state alone (no targets of the family) is no probe answered
+                    // or lost.
+                    if u.targets.iter().any(|t| family_of(*t) == lane.probe.family) {
+                        m.observe_probe(name, lane.probe.rtt.filter(|_| round == Round::Answered));
+                    }
+                }
+                lane.tracker.record(round);
             }
-            changed |= record(name, &mut u.tracker, round, self.metrics.as_ref());
+            changed |= report(name, &before, &u.health(), self.metrics.as_ref());
         }
         self.decide(changed)
     }
 
-    /// Which uplink each network's pods leave by now; the health is shared when it changed.
+    /// Which uplink each network's pods leave by now, per family; the health is shared when it
+    /// changed.
     fn decide(&mut self, changed: bool) -> Option<Switch> {
-        let healthy = |name: &str| self.uplinks.get(name).is_none_or(|u| u.tracker.healthy);
+        let health: BTreeMap<&str, UplinkHealth> = self.uplinks.iter().map(|(n, u)| (n.as_str(), u.health())).collect();
+        let healthy = |name: &str, family| health.get(name).is_none_or(|h| h.family(family).healthy);
         let mut switch = Switch { moves: Vec::new(), subnets: Vec::new(), left: Vec::new() };
         for e in &self.egress {
-            let to = e.chosen(healthy).interface.clone();
-            let from = self.chosen.get(&e.network).cloned().unwrap_or_else(|| e.primary().interface.clone());
-            if to != from {
-                switch.subnets.extend(e.subnets.iter().copied());
-                switch.left.extend(self.uplinks.get(&from).and_then(|u| u.last_address));
-                switch.moves.push((e.network.clone(), from, to.clone()));
+            for (i, family) in e.families().into_iter().enumerate() {
+                let to = e.chosen(family, healthy).interface.clone();
+                let key = (e.network.clone(), family);
+                let from = self.chosen.get(&key).cloned().unwrap_or_else(|| e.primary().interface.clone());
+                if to != from {
+                    switch.subnets.extend(e.subnets.iter().filter(|s| family_of(s.ip()) == family));
+                    if family == Family::Ipv4 {
+                        switch.left.extend(self.uplinks.get(&from).and_then(|u| u.last_address));
+                    }
+                    switch.moves.push((e.network.clone(), family, from, to.clone()));
+                }
+                // One series per network: its first family's (IPv4 where it has both).
+                if let Some(m) = self.metrics.as_ref().filter(|_| i == 0) {
+                    m.set_egress(&e.network, &to);
+                }
+                self.chosen.insert(key, to);
             }
-            if let Some(m) = &self.metrics {
-                m.set_egress(&e.network, &to);
-            }
-            self.chosen.insert(e.network.clone(), to);
         }
         for u in self.uplinks.values_mut() {
-            u.last_address = u.probe.address.or(u.last_address);
+            u.last_address = u.lanes[0].probe.address.or(u.last_address);
         }
         // Written before the switch is applied: the reconcile that applies it reads it.
         let stale = self.last_write.is_none_or(|t| t.elapsed() * 3 >= self.lease());
@@ -231,17 +295,20 @@ impl Failover {
     }
 
     pub fn view(&self) -> View {
-        let uplinks = self
-            .uplinks
-            .iter()
-            .map(|(n, u)| (n.clone(), UplinkHealth { healthy: u.tracker.healthy, reason: u.tracker.reason.clone() }))
-            .collect();
+        let uplinks = self.uplinks.iter().map(|(n, u)| (n.clone(), u.health())).collect();
+        let of = |family: Family| -> BTreeMap<String, String> {
+            self.chosen.iter().filter(|((_, f), _)| *f == family).map(|((n, _), u)| (n.clone(), u.clone())).collect()
+        };
+        // `egress` is each network's first family's, as before IPv6 was judged on its own.
+        let mut egress = of(Family::Ipv6);
+        egress.extend(of(Family::Ipv4));
         View {
             pid: std::process::id(),
             written_ms: now_ms(),
             lease_ms: self.lease().as_millis() as u64,
             uplinks,
-            egress: self.chosen.clone(),
+            egress,
+            egress6: of(Family::Ipv6),
         }
     }
 }

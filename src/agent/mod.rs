@@ -146,13 +146,14 @@ fn reconcile(settings: &Settings) -> Result<Vec<String>> {
 /// written), then forget their flows masqueraded to the uplinks they left: a UDP session's next
 /// datagram is then translated to the new uplink's address instead of leaving with the old one.
 fn switch_egress(settings: &Settings, switch: &failover::Switch) {
-    for (network, from, to) in &switch.moves {
-        log::warn!("network {network}: the pods' own traffic now leaves by {to} instead of {from}");
+    for (network, family, from, to) in &switch.moves {
+        let family = crate::health::probe::name(*family);
+        log::warn!("network {network}: the pods' own {family} traffic now leaves by {to} instead of {from}");
     }
     if let Err(e) = reconcile(settings) {
         log::error!("move the pods' egress: {e}");
     }
-    let mut left: Vec<std::net::IpAddr> = switch.left.iter().map(|a| (*a).into()).collect();
+    let mut left = switch.left.clone();
     left.extend(left_ipv6_addresses(switch));
     match crate::netlink::conntrack::clear_masqueraded(&switch.subnets, &left) {
         Ok(n) => log::info!("forgot {n} connection(s) masqueraded to {left:?}"),
@@ -160,12 +161,13 @@ fn switch_egress(settings: &Settings, switch: &failover::Switch) {
     }
 }
 
-/// The global IPv6 addresses of the uplinks left, read now: a provider gone dark keeps its link
-/// and so its addresses (a link that went down lost them, and the kernel forgot their flows then).
+/// The global IPv6 addresses of the uplinks IPv6 traffic left, read now: a provider gone dark
+/// keeps its link and so its addresses (a link that went down lost them, and the kernel forgot
+/// their flows then).
 fn left_ipv6_addresses(switch: &failover::Switch) -> Vec<std::net::IpAddr> {
     let mut out = Vec::new();
     let Ok(mut nl) = crate::routing::netlink::Netlink::open() else { return out };
-    for (_, from, _) in &switch.moves {
+    for (_, _, from, _) in switch.moves.iter().filter(|m| m.1 == crate::family::Family::Ipv6) {
         let Some(index) = crate::routing::netlink::link_index(from) else { continue };
         let addresses = nl.addresses6(index).unwrap_or_default();
         out.extend(addresses.iter().map(|a| a.ip()).filter(|ip| match ip {

@@ -56,7 +56,10 @@ pub fn check(conf: &NetConf, env: &Env) -> Result<()> {
 
 /// ip rules, table routes as they should be resolved now, and registered table names.
 /// A failed-over source rule is no problem: `healthy` says where the pods leave by now.
-pub(super) fn check_routing(rec: &Record, healthy: impl Fn(&str) -> bool) -> Result<Vec<String>> {
+pub(super) fn check_routing(
+    rec: &Record,
+    healthy: impl Fn(&str, crate::family::Family) -> bool,
+) -> Result<Vec<String>> {
     let mut nl = Netlink::open()?;
     let recorded: BTreeSet<IpRule> = rec.ip_rules.iter().cloned().collect();
     let ip_rules = egress::resolve_rules(&recorded, rec.egress.iter(), healthy);

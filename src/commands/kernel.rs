@@ -69,7 +69,11 @@ pub fn check_sysctls(sysctls: &[Sysctl]) -> Vec<String> {
 /// Gateway on the bridge, then this attachment's ip rules and tables. Returns the routes of its
 /// tables as installed.
 /// The pods' source rule (with a fallback) points at the uplink `healthy` leaves them by.
-pub fn apply_routing(planned: &Plan, healthy: impl Fn(&str) -> bool, applied: &mut Applied) -> Result<BTreeSet<Route>> {
+pub fn apply_routing(
+    planned: &Plan,
+    healthy: impl Fn(&str, crate::family::Family) -> bool,
+    applied: &mut Applied,
+) -> Result<BTreeSet<Route>> {
     let mut nl = Netlink::open()?;
     if let Some(gw) = planned.gateway {
         routes::ensure_gateway(&mut nl, &planned.bridge, gw).context("bridge gateway")?;

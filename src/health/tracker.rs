@@ -1,6 +1,7 @@
-//! One uplink's health with hysteresis: unhealthy after `failAfter` rounds in a row without an
-//! answer, or at once when its link is down, has no carrier or no address; healthy again after
-//! `recoverAfter` rounds in a row with one. Pure: rounds come in as results.
+//! One uplink's health in one family with hysteresis: unhealthy after `failAfter` rounds in a row
+//! without an answer, or at once when its link is down, has no carrier or no address of the
+//! family; healthy again after `recoverAfter` rounds in a row with one. Pure: rounds come in as
+//! results.
 
 use crate::config::HealthConfig;
 
@@ -8,6 +9,9 @@ use crate::config::HealthConfig;
 pub struct Tracker {
     pub healthy: bool,
     pub reason: String,
+    /// The uplink has an address of this family (as far as the last round saw): a family it
+    /// does not carry is unhealthy, but no fault of the uplink's.
+    pub addressed: bool,
     fails: u32,
     oks: u32,
     fail_after: u32,
@@ -21,8 +25,10 @@ pub enum Round {
     Answered,
     /// The link is usable but no target answered.
     Silent(String),
-    /// Down, no carrier, no address: no probe can tell more.
+    /// Down, no carrier: no probe can tell more.
     Unusable(String),
+    /// No address of the family: the uplink cannot carry it, and is not probed in it.
+    NoAddress(String),
 }
 
 impl Tracker {
@@ -31,6 +37,7 @@ impl Tracker {
         Tracker {
             healthy: true,
             reason: "not probed yet".into(),
+            addressed: true,
             fails: 0,
             oks: 0,
             fail_after: cfg.fail_after,
@@ -41,6 +48,7 @@ impl Tracker {
     /// Count a round; true when the judgement changed.
     pub fn record(&mut self, round: Round) -> bool {
         let was = self.healthy;
+        self.addressed = !matches!(round, Round::NoAddress(_));
         match round {
             Round::Answered => {
                 self.fails = 0;
@@ -60,7 +68,7 @@ impl Tracker {
                     self.reason = format!("{why} for {} rounds", self.fails);
                 }
             }
-            Round::Unusable(why) => {
+            Round::Unusable(why) | Round::NoAddress(why) => {
                 self.oks = 0;
                 self.fails = self.fails.max(self.fail_after);
                 self.healthy = false;
@@ -109,6 +117,17 @@ mod tests {
         assert!(t.record(Round::Unusable("link down".into())));
         assert_eq!(t.reason, "link down");
         assert!(!t.record(Round::Answered));
+        assert!(t.record(Round::Answered));
+    }
+
+    #[test]
+    fn an_uplink_without_an_address_of_the_family_is_unhealthy_in_it_at_once_and_not_addressed() {
+        let mut t = tracker();
+        assert!(t.record(Round::NoAddress("no IPv6 address".into())));
+        assert!(!t.healthy && !t.addressed);
+        assert_eq!(t.reason, "no IPv6 address");
+        assert!(!t.record(Round::Answered));
+        assert!(t.addressed, "an address came: probed again");
         assert!(t.record(Round::Answered));
     }
 }

@@ -3,6 +3,7 @@
 //! killed or hung agent's last word must not keep the pods on a fallback for ever.
 
 use crate::error::{code, Error, Result};
+use crate::family::Family;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -17,17 +18,67 @@ pub struct View {
     pub written_ms: u64,
     pub lease_ms: u64,
     pub uplinks: BTreeMap<String, UplinkHealth>,
-    /// Which uplink each network's pods leave by now.
+    /// Which uplink each network's pods leave by now: their IPv4 traffic (a network without an
+    /// IPv4 range: their IPv6 traffic).
     #[serde(default)]
     pub egress: BTreeMap<String, String>,
+    /// Which uplink the pods' IPv6 traffic of each network with an IPv6 range leaves by now.
+    #[serde(default)]
+    pub egress6: BTreeMap<String, String>,
 }
 
+/// An uplink judged per family. IPv4's verdict sits where the one verdict of an agent that
+/// judged both families as one sat, so a file of either age reads: an older reader takes it for
+/// both families, as its writer meant, and a file without `ipv6` (an older writer's) judges IPv6
+/// by it too.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct UplinkHealth {
+    #[serde(flatten)]
+    pub ipv4: FamilyHealth,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<FamilyHealth>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FamilyHealth {
     pub healthy: bool,
-    /// Why it is what it is: "answering", "no answer from 192.0.2.9 for 3 rounds", "link down".
+    /// Why it is what it is: "answering", "no answer from the targets for 3 rounds", "link down",
+    /// "no IPv6 address".
     pub reason: String,
+    /// The uplink has an address of the family; without one it is unhealthy in it, but that says
+    /// nothing of its provider. Files of older agents did not say: they judged only uplinks they
+    /// could probe.
+    #[serde(default = "yes")]
+    pub addressed: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for FamilyHealth {
+    fn default() -> Self {
+        FamilyHealth { healthy: true, reason: String::new(), addressed: true }
+    }
+}
+
+impl UplinkHealth {
+    pub fn family(&self, family: Family) -> &FamilyHealth {
+        match family {
+            Family::Ipv4 => &self.ipv4,
+            Family::Ipv6 => self.ipv6.as_ref().unwrap_or(&self.ipv4),
+        }
+    }
+
+    /// One word for the uplink: healthy when every family it has an address of answers (none:
+    /// unhealthy, it carries nothing).
+    pub fn healthy(&self) -> bool {
+        let addressed: Vec<&FamilyHealth> =
+            [Some(&self.ipv4), self.ipv6.as_ref()].into_iter().flatten().filter(|f| f.addressed).collect();
+        !addressed.is_empty() && addressed.iter().all(|f| f.healthy)
+    }
 }
 
 pub fn now_ms() -> u64 {
@@ -56,9 +107,10 @@ impl View {
         Some(view)
     }
 
-    /// Whether the pods may leave by `uplink`: an uplink nobody probes counts as healthy.
-    pub fn is_healthy(&self, uplink: &str) -> bool {
-        self.uplinks.get(uplink).is_none_or(|u| u.healthy)
+    /// Whether the pods' traffic of `family` may leave by `uplink`: an uplink nobody probes counts
+    /// as healthy.
+    pub fn is_healthy(&self, uplink: &str, family: Family) -> bool {
+        self.uplinks.get(uplink).is_none_or(|u| u.family(family).healthy)
     }
 
     /// Written atomically (temp file, rename), 0600, in the state directory.
@@ -84,9 +136,11 @@ impl View {
 
 /// Health as every path that resolves routes must see it: the live agent's, or everything healthy.
 /// The file is read at the first question, so a call whose network has no fallback never reads it.
-pub fn healthy_in(state_dir: &Path) -> impl Fn(&str) -> bool + '_ {
+pub fn healthy_in(state_dir: &Path) -> impl Fn(&str, Family) -> bool + '_ {
     let view = std::cell::OnceCell::new();
-    move |uplink| view.get_or_init(|| View::load(state_dir)).as_ref().is_none_or(|v| v.is_healthy(uplink))
+    move |uplink, family| {
+        view.get_or_init(|| View::load(state_dir)).as_ref().is_none_or(|v| v.is_healthy(uplink, family))
+    }
 }
 
 #[cfg(test)]
@@ -101,7 +155,8 @@ mod tests {
 
     fn view(pid: u32, written_ms: u64) -> View {
         let mut v = View { pid, written_ms, lease_ms: 5_000, ..View::default() };
-        v.uplinks.insert("wan1".into(), UplinkHealth { healthy: false, reason: "link down".into() });
+        let down = FamilyHealth { healthy: false, reason: "link down".into(), addressed: true };
+        v.uplinks.insert("wan1".into(), UplinkHealth { ipv4: down, ipv6: None });
         v
     }
 
@@ -110,10 +165,38 @@ mod tests {
         let d = dir();
         view(std::process::id(), now_ms()).save(&d).unwrap();
         let v = View::load(&d).expect("trusted");
-        assert!(!v.is_healthy("wan1"));
-        assert!(v.is_healthy("wan0"));
-        assert!(!healthy_in(&d)("wan1"));
+        assert!(!v.is_healthy("wan1", Family::Ipv4));
+        assert!(v.is_healthy("wan0", Family::Ipv4));
+        assert!(!healthy_in(&d)("wan1", Family::Ipv4));
         std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn an_old_file_judges_both_families_by_its_one_verdict_and_a_new_one_each_by_its_own() {
+        let old = r#"{"pid": 1, "writtenMs": 2, "leaseMs": 3, "egress": {"dind": "wan0"},
+                      "uplinks": {"wan1": {"healthy": false, "reason": "no answer"}}}"#;
+        let v: View = serde_json::from_str(old).unwrap();
+        assert!(!v.is_healthy("wan1", Family::Ipv4) && !v.is_healthy("wan1", Family::Ipv6));
+        assert!(!v.uplinks["wan1"].healthy());
+        // wan1 carries IPv6 only: unhealthy for IPv4 (no address), healthy for IPv6, healthy.
+        let u = UplinkHealth {
+            ipv4: FamilyHealth { healthy: false, reason: "no IPv4 address".into(), addressed: false },
+            ipv6: Some(FamilyHealth { healthy: true, reason: "answering".into(), addressed: true }),
+        };
+        let mut v = View { pid: 1, ..View::default() };
+        v.uplinks.insert("wan1".into(), u);
+        let text = serde_json::to_string(&v).unwrap();
+        assert!(
+            text.contains(r#""wan1":{"healthy":false,"reason":"no IPv4 address","addressed":false,"ipv6":{"#),
+            "{text}"
+        );
+        let back: View = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, v);
+        assert!(!back.is_healthy("wan1", Family::Ipv4) && back.is_healthy("wan1", Family::Ipv6));
+        assert!(back.uplinks["wan1"].healthy());
+        // Without an address of either family it carries nothing.
+        let none = FamilyHealth { healthy: false, reason: "no address".into(), addressed: false };
+        assert!(!UplinkHealth { ipv4: none.clone(), ipv6: Some(none) }.healthy());
     }
 
     #[test]
@@ -124,7 +207,7 @@ mod tests {
         // pid_max is at most 2^22: this pid cannot be alive.
         view(4_194_304 + 7, now_ms()).save(&d).unwrap();
         assert!(View::load(&d).is_none(), "dead writer");
-        assert!(healthy_in(&d)("wan1"));
+        assert!(healthy_in(&d)("wan1", Family::Ipv4));
         std::fs::remove_dir_all(&d).unwrap();
         assert!(View::load(&d).is_none(), "no file");
     }

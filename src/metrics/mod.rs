@@ -192,6 +192,12 @@ impl Metrics {
         self.inner.uplinks.set_health(uplink, healthy);
     }
 
+    /// Whether the uplink's probes of `family` say the pods' traffic of that family may leave by it.
+    pub fn set_uplink_family_health(&self, uplink: &str, family: crate::family::Family, healthy: bool) {
+        let family = if family.is_ipv4() { "ipv4" } else { "ipv6" };
+        self.inner.uplinks.set_family_health(uplink, family, healthy);
+    }
+
     /// One probe of an uplink: its round-trip time, or None when it got no answer.
     pub fn observe_probe(&self, uplink: &str, rtt: Option<Duration>) {
         self.inner.uplinks.observe_probe(uplink, rtt);

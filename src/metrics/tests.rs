@@ -53,7 +53,11 @@ fn uplink_health_counts_transitions_and_egress_names_one_uplink() {
     m.observe_probe("wwan0", None);
     m.set_egress("dind", "eth0");
     m.set_egress("dind", "wwan0");
+    m.set_uplink_family_health("wwan0", crate::family::Family::Ipv4, false);
+    m.set_uplink_family_health("wwan0", crate::family::Family::Ipv6, true);
     let text = m.encode_text();
+    let family = |f: &str| format!("bridge_nat_uplink_family_healthy{{uplink=\"wwan0\",family=\"{f}\"}}");
+    assert_eq!((sample(&text, &family("ipv4")), sample(&text, &family("ipv6"))), (Some(0.0), Some(1.0)), "{text}");
     assert_eq!(sample(&text, "bridge_nat_uplink_healthy{uplink=\"wwan0\"}"), Some(1.0), "{text}");
     assert_eq!(sample(&text, "bridge_nat_uplink_transitions_total{uplink=\"wwan0\",to=\"unhealthy\"}"), Some(1.0));
     assert_eq!(sample(&text, "bridge_nat_uplink_transitions_total{uplink=\"wwan0\",to=\"healthy\"}"), Some(1.0));

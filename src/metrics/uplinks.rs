@@ -20,6 +20,14 @@ struct UplinkLabels {
     uplink: String,
 }
 
+/// An uplink's health in one family: a label of its own metric, so that the series of
+/// `uplink_healthy` keep the labels they had before IPv6 was judged on its own.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FamilyLabels {
+    uplink: String,
+    family: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TransitionLabels {
     uplink: String,
@@ -44,6 +52,7 @@ fn rtt_histogram() -> Histogram {
 
 pub struct Uplinks {
     healthy: Family<UplinkLabels, Gauge>,
+    family_healthy: Family<FamilyLabels, Gauge>,
     transitions: Family<TransitionLabels, Counter>,
     rtt: Family<UplinkLabels, Histogram, fn() -> Histogram>,
     probes: Family<ProbeLabels, Counter>,
@@ -56,6 +65,7 @@ impl Uplinks {
     pub fn register(registry: &mut Registry) -> Uplinks {
         let u = Uplinks {
             healthy: Family::default(),
+            family_healthy: Family::default(),
             transitions: Family::default(),
             rtt: Family::new_with_constructor(rtt_histogram),
             probes: Family::default(),
@@ -66,6 +76,11 @@ impl Uplinks {
             "uplink_healthy",
             "1 when the uplink's probes answer, 0 when it is failed over",
             u.healthy.clone(),
+        );
+        registry.register(
+            "uplink_family_healthy",
+            "1 when the uplink's probes of the family (ipv4, ipv6) answer, 0 when the pods' traffic of that family is failed over from it or it has no address of the family",
+            u.family_healthy.clone(),
         );
         registry.register(
             "uplink_transitions",
@@ -96,6 +111,10 @@ impl Uplinks {
         }
     }
 
+    pub fn set_family_health(&self, uplink: &str, family: &'static str, healthy: bool) {
+        self.family_healthy.get_or_create(&FamilyLabels { uplink: uplink.to_string(), family }).set(i64::from(healthy));
+    }
+
     pub fn observe_probe(&self, uplink: &str, rtt: Option<Duration>) {
         let result = if rtt.is_some() { "answered" } else { "lost" };
         self.probes.get_or_create(&ProbeLabels { uplink: uplink.to_string(), result }).inc();
@@ -109,6 +128,9 @@ impl Uplinks {
             let labels = UplinkLabels { uplink: uplink.clone() };
             self.healthy.remove(&labels);
             self.rtt.remove(&labels);
+            for family in ["ipv4", "ipv6"] {
+                self.family_healthy.remove(&FamilyLabels { uplink: uplink.clone(), family });
+            }
             for to in ["healthy", "unhealthy"] {
                 self.transitions.remove(&TransitionLabels { uplink: uplink.clone(), to });
             }

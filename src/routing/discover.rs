@@ -98,11 +98,12 @@ fn has_global_ipv6(nl: &mut Netlink, index: u32) -> Result<bool> {
     }))
 }
 
-/// The next hop an uplink's IPv4 traffic goes to, found as a table's default is (main first,
-/// then the lowest-metric default via it in another table); None for a point-to-point uplink or
+/// The next hop an uplink's traffic of `family` goes to, found as a table's default is (main
+/// first, then the lowest-metric default via it in another table): for IPv6 often a link-local
+/// router from advertisements, whose device is the uplink. None for a point-to-point uplink or
 /// none found.
-pub fn uplink_gateway(nl: &mut Netlink, uplink: &str, index: u32) -> Result<Option<IpAddr>> {
-    let all = nl.all_routes(&[Family::Ipv4])?;
+pub fn uplink_gateway(nl: &mut Netlink, uplink: &str, index: u32, family: Family) -> Result<Option<IpAddr>> {
+    let all = nl.all_routes(&[family])?;
     let main: Vec<MainRoute> = all.iter().filter(|r| r.table == MAIN_TABLE).cloned().collect();
     let elsewhere: Vec<MainRoute> =
         all.iter().filter(|r| r.table != MAIN_TABLE && r.table != LOCAL_TABLE).cloned().collect();
@@ -110,7 +111,7 @@ pub fn uplink_gateway(nl: &mut Netlink, uplink: &str, index: u32) -> Result<Opti
         id: 0,
         name: None,
         bridge: String::new(),
-        subnet: "0.0.0.0/0".parse().expect("valid network"),
+        subnet: default_destination(family),
         outbound: crate::config::Outbound {
             interface: uplink.to_string(),
             gateway: None,

@@ -1,11 +1,14 @@
 //! The pods' own traffic with a fallback: one source rule per pod subnet (`from <pod subnet> lookup
-//! T` at rulePriority+10, `ip -6 rule` for an IPv6 subnet) whose table is that of the first healthy
-//! uplink of `[outbound, ...fallback]`; both families move together.
+//! T` at rulePriority+10, `ip -6 rule` for an IPv6 subnet) whose table is that of the first uplink
+//! of `[outbound, ...fallback]` healthy in the subnet's family. The families' rules are separate
+//! kernel rules and move separately: an uplink whose IPv6 provider is dark but whose IPv4 works
+//! (or one with no IPv4 at all) keeps the family it carries.
 //! Only this rule moves; every table stays on its uplink, so forwards arriving on an uplink that is
 //! failed over from are still answered through it. Pure: health comes in as a function.
 
 use super::IpRule;
 use crate::config::HealthConfig;
+use crate::family::{family_of, Family};
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
@@ -31,7 +34,7 @@ pub struct EgressUplink {
 
 impl Egress {
     pub fn rule(&self, subnet: IpNetwork, table: u32) -> IpRule {
-        let family = crate::family::family_of(subnet.ip());
+        let family = family_of(subnet.ip());
         IpRule { family, priority: self.priority, table, fwmark: None, from: Some(subnet), suppress_default: false }
     }
 
@@ -39,9 +42,17 @@ impl Egress {
         &self.uplinks[0]
     }
 
-    /// The first healthy uplink; the primary when none is.
-    pub fn chosen(&self, healthy: impl Fn(&str) -> bool) -> &EgressUplink {
-        self.uplinks.iter().find(|u| healthy(&u.interface)).unwrap_or_else(|| self.primary())
+    /// The first uplink healthy in `family`; the primary when none is.
+    pub fn chosen(&self, family: Family, healthy: impl Fn(&str, Family) -> bool) -> &EgressUplink {
+        self.uplinks.iter().find(|u| healthy(&u.interface, family)).unwrap_or_else(|| self.primary())
+    }
+
+    /// The families of the pods' ranges, IPv4 first.
+    pub fn families(&self) -> Vec<Family> {
+        let mut out: Vec<Family> = self.subnets.iter().map(|s| family_of(s.ip())).collect();
+        out.sort();
+        out.dedup();
+        out
     }
 
     /// Every form this network's source rule can take, for removal.
@@ -55,12 +66,12 @@ impl Egress {
 pub fn resolve_rules<'a>(
     rules: &BTreeSet<IpRule>,
     egress: impl IntoIterator<Item = &'a Egress>,
-    healthy: impl Fn(&str) -> bool,
+    healthy: impl Fn(&str, Family) -> bool,
 ) -> BTreeSet<IpRule> {
     let mut out = rules.clone();
     for e in egress {
-        let chosen = e.chosen(&healthy).table;
         for subnet in &e.subnets {
+            let chosen = e.chosen(family_of(subnet.ip()), &healthy).table;
             if out.remove(&e.rule(*subnet, e.primary().table)) {
                 out.insert(e.rule(*subnet, chosen));
             }
@@ -102,21 +113,37 @@ mod tests {
     #[test]
     fn the_first_healthy_uplink_wins_and_the_primary_when_none_is() {
         let e = egress();
-        assert_eq!(e.chosen(|_| true).interface, "wan1");
-        assert_eq!(e.chosen(|u| u != "wan1").interface, "wan0");
-        assert_eq!(e.chosen(|u| u == "wwan0").interface, "wwan0");
-        assert_eq!(e.chosen(|_| false).interface, "wan1");
+        let v4 = Family::Ipv4;
+        assert_eq!(e.chosen(v4, |_, _| true).interface, "wan1");
+        assert_eq!(e.chosen(v4, |u, _| u != "wan1").interface, "wan0");
+        assert_eq!(e.chosen(v4, |u, _| u == "wwan0").interface, "wwan0");
+        assert_eq!(e.chosen(v4, |_, _| false).interface, "wan1");
     }
 
     #[test]
-    fn both_families_source_rules_move_together() {
+    fn each_familys_source_rule_moves_by_that_familys_health() {
+        let mut e = egress();
+        e.subnets.push("fd00:20::/64".parse().unwrap());
+        let (v4, v6) = (e.subnets[0], e.subnets[1]);
+        assert_eq!(e.families(), [Family::Ipv4, Family::Ipv6]);
+        let rules: BTreeSet<IpRule> = [e.rule(v4, 100), e.rule(v6, 100)].into_iter().collect();
+        // wan1 carries IPv6 only (an IPv6-only plan): IPv4 leaves by wan0, IPv6 stays on wan1.
+        let v6_only = |u: &str, f: Family| u != "wan1" || f == Family::Ipv6;
+        assert_eq!(resolve_rules(&rules, [&e], v6_only), [e.rule(v4, 101), e.rule(v6, 100)].into_iter().collect());
+        // wan1's IPv6 provider is dark, its IPv4 works: only the IPv6 rule moves.
+        let v6_dark = |u: &str, f: Family| u != "wan1" || f == Family::Ipv4;
+        assert_eq!(resolve_rules(&rules, [&e], v6_dark), [e.rule(v4, 100), e.rule(v6, 101)].into_iter().collect());
+    }
+
+    #[test]
+    fn both_families_source_rules_move_together_when_both_are_unhealthy() {
         let mut e = egress();
         e.subnets.push("fd00:20::/64".parse().unwrap());
         let (v4, v6) = (e.subnets[0], e.subnets[1]);
         assert_eq!(e.rule(v6, 100).family, crate::family::Family::Ipv6);
         assert_eq!(e.rule(v6, 100).to_string(), "ip -6 rule priority 110 from fd00:20::/64 lookup 100");
         let rules: BTreeSet<IpRule> = [e.rule(v4, 100), e.rule(v6, 100)].into_iter().collect();
-        let resolved = resolve_rules(&rules, [&e], |u| u == "wwan0");
+        let resolved = resolve_rules(&rules, [&e], |u, _| u == "wwan0");
         assert_eq!(resolved, [e.rule(v4, 102), e.rule(v6, 102)].into_iter().collect());
         // DEL removes every form of both.
         assert_eq!(with_variants(&rules, [&e]).len(), 6);
@@ -128,12 +155,12 @@ mod tests {
         let subnet = e.subnets[0];
         let mark_rule = IpRule { fwmark: Some((0x64, 0x1fff)), from: None, ..e.rule(subnet, 100) };
         let rules: BTreeSet<IpRule> = [mark_rule.clone(), e.rule(subnet, 100)].into_iter().collect();
-        let resolved = resolve_rules(&rules, [&e], |u| u != "wan1");
+        let resolved = resolve_rules(&rules, [&e], |u, _| u != "wan1");
         assert_eq!(resolved, [mark_rule.clone(), e.rule(subnet, 101)].into_iter().collect());
-        assert_eq!(resolve_rules(&rules, [&e], |_| true), rules);
+        assert_eq!(resolve_rules(&rules, [&e], |_, _| true), rules);
         // An attachment that does not hold the source rule gets none.
         let only_mark: BTreeSet<IpRule> = [mark_rule].into_iter().collect();
-        assert_eq!(resolve_rules(&only_mark, [&e], |_| false), only_mark);
+        assert_eq!(resolve_rules(&only_mark, [&e], |_, _| false), only_mark);
         assert_eq!(with_variants(&rules, [&e]).len(), 4);
         assert_eq!(with_variants(&only_mark, [&e]), only_mark);
     }
