@@ -1,7 +1,7 @@
-//! ICMP echo through one uplink in one family, below routing. A probe must say whether the uplink's provider
-//! carries traffic, whatever the node's routing says: main's default may be another uplink, the
-//! uplink's default may live only in a table, and strict rp_filter drops an answer that arrives on
-//! an uplink main would not use to reach the target. So the echo request is handed to the uplink's
+//! ICMP echo through one uplink in one family, below routing. A probe must say whether the
+//! uplink's provider carries traffic, whatever the node's routing says: main's default may be
+//! another uplink, the uplink's default may live only in a table, and strict rp_filter drops an
+//! answer that arrives on an uplink main would not use to reach the target. So the echo request is handed to the uplink's
 //! driver as a frame for its next hop (AF_PACKET), and the answer is read off the same device
 //! before IP input (and rp_filter) sees it. No table is used, in particular not the one a
 //! failover switches. IPv6 is probed the same way (ICMPv6 echo from the uplink's stable global
@@ -86,7 +86,9 @@ impl Probe {
                 Netlink::open().and_then(|mut nl| nl.stable_address6(index)).map_err(|e| e.to_string())?.map(IpAddr::V6)
             }
         };
-        let Some(src) = src else { return Err(format!("no {} address", name(self.family))) };
+        // A link-local address is no IPv6 the provider routes: the uplink does not carry IPv6.
+        let scope = if self.family.is_ipv4() { "" } else { "global " };
+        let Some(src) = src else { return Err(format!("no {scope}{} address", name(self.family))) };
         self.address = Some(src);
         let targets: Vec<IpAddr> = targets.iter().copied().filter(|t| family_of(*t) == self.family).collect();
         if targets.is_empty() {
@@ -134,7 +136,7 @@ impl Probe {
     /// for answers.
     pub fn take_unusable(&mut self) -> Option<Round> {
         let link_state = |w: &str| w.starts_with("link") || w.starts_with("no carrier");
-        let no_address = |w: &str| w.starts_with("no IPv") && w.ends_with(" address");
+        let no_address = |w: &str| w.starts_with("no ") && w.ends_with(" address");
         match self.unusable.take_if(|why| link_state(why) || no_address(why)) {
             Some(why) if no_address(&why) => Some(Round::NoAddress(why)),
             other => other.map(Round::Unusable),
