@@ -19,15 +19,42 @@ use common::uplinks::Pod;
 use common::{both_backends, require_root, wait_for, Backend, Background, Netns};
 use serde_json::{json, Value};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A TCP server in `inet` on its IPv4 address answering with the IPv4 source it sees.
 const PEER_PORT4: u16 = 9002;
 const WAN0_V4: &str = "198.51.100.1";
 /// Rounds of 300 ms, unhealthy after 2 silent ones, healthy after 2 answered ones.
 const INTERVAL_MS: u64 = 300;
-/// Long enough for a switch (2 rounds) and its reconcile, with room for a loaded machine.
+/// How long polls wait, with room for a loaded machine; the switches themselves are timed against
+/// `detection()` and `recovery()`.
 const SWITCH: Duration = Duration::from_secs(10);
+const FAIL_AFTER: u64 = 2;
+const RECOVER_AFTER: u64 = 2;
+
+/// failAfter × intervalMs + 1 s, as tests/failover.rs holds IPv4 to.
+fn detection() -> Duration {
+    Duration::from_millis(FAIL_AFTER * INTERVAL_MS + 1000)
+}
+
+/// recoverAfter × intervalMs + 1 s.
+fn recovery() -> Duration {
+    Duration::from_millis(RECOVER_AFTER * INTERVAL_MS + 1000)
+}
+
+/// The IPv6 source rule on `table` within `deadline` of `since`; the time it took.
+#[track_caller]
+fn expect_ipv6_moved_within(site: &Site, table: &str, since: Instant, deadline: Duration) -> Duration {
+    let moved = wait_for(|| source_tables(site).1 == table, SWITCH);
+    let took = since.elapsed();
+    assert!(
+        moved && took <= deadline,
+        "IPv6 source rule on {table} after {took:?} (deadline {deadline:?})\n{}",
+        report(site)
+    );
+    eprintln!("IPv6 source rule on table {table} after {took:?}");
+    took
+}
 
 fn serve_peer_address4(inet: &Netns) -> Background {
     inet.spawn(&format!(
@@ -40,7 +67,7 @@ fn health_entry(site: &Site) -> Value {
     let mut entry = site.entry();
     entry["routing"]["outbound"]["fallback"] = json!(["wan0"]);
     entry["routing"]["health"] = json!({ "targets": [INET_V4], "targets6": [INET], "intervalMs": INTERVAL_MS,
-                                         "timeoutMs": 200, "failAfter": 2, "recoverAfter": 2 });
+                                         "timeoutMs": 200, "failAfter": FAIL_AFTER, "recoverAfter": RECOVER_AFTER });
     entry
 }
 
@@ -152,6 +179,7 @@ fn an_ipv6_only_uplink_carries_the_pods_ipv6_and_fails_over_in_ipv6_alone(backen
 
     // isp1 drops everything the node sends beyond its router; wan1's link stays up.
     site.isp1.sh_ok("ip6tables -I FORWARD -i wan -j DROP");
+    expect_ipv6_moved_within(&site, "101", Instant::now(), detection());
     expect_egress(&site, &pod, ("101", WAN0_V4), ("101", WAN0));
     expect_listed(&site, "uplink wan1 unhealthy");
     let log = site.node.log();
@@ -160,6 +188,7 @@ fn an_ipv6_only_uplink_carries_the_pods_ipv6_and_fails_over_in_ipv6_alone(backen
     assert!(!log.contains("uplink wan0 is unhealthy"), "wan0 was judged unhealthy:\n{log}");
 
     site.isp1.sh_ok("ip6tables -D FORWARD 1");
+    expect_ipv6_moved_within(&site, "100", Instant::now(), recovery());
     expect_egress(&site, &pod, ("101", WAN0_V4), ("100", WAN1));
 }
 
@@ -170,6 +199,7 @@ fn a_dark_ipv6_provider_moves_only_the_pods_ipv6(backend: Backend) {
 
     // isp1's IPv6 goes dark; its IPv4 still carries everything.
     site.isp1.sh_ok("ip6tables -I FORWARD -i wan -j DROP");
+    expect_ipv6_moved_within(&site, "101", Instant::now(), detection());
     expect_egress(&site, &pod, ("100", WAN1_V4), ("101", WAN0));
     expect_listed(&site, "egress dind: pods leave by wan1 for IPv4, wan0 for IPv6");
     assert_eq!(family_healthy(&site, "wan1", "ipv6"), json!(false), "{}", report(&site));
@@ -180,6 +210,7 @@ fn a_dark_ipv6_provider_moves_only_the_pods_ipv6(backend: Backend) {
     site.expect_reply(&pod.ns, INET_V4, PEER_PORT4, WAN1_V4);
 
     site.isp1.sh_ok("ip6tables -D FORWARD 1");
+    expect_ipv6_moved_within(&site, "100", Instant::now(), recovery());
     expect_egress(&site, &pod, ("100", WAN1_V4), ("100", WAN1));
 }
 
