@@ -5,7 +5,9 @@
 //! (`targets6`) through each uplink, ICMPv6 echo as a frame for the link-local router's MAC.
 //!
 //! - wan1 without an IPv4 address (an IPv6-only plan) is judged healthy for IPv6: the pods' IPv6
-//!   traffic leaves by it, their IPv4 traffic by wan0; isp1 drops everything the node sends
+//!   traffic leaves by it, their IPv4 traffic by wan0; the router's neighbour entry, deleted, is
+//!   solicited again by the next round (sooner than an advertisement would bring it back), and
+//!   wan1 stays healthy; isp1 drops everything the node sends
 //!   beyond its router: the pods' IPv6 moves to wan0 and comes back when isp1 recovers, and their
 //!   IPv4 stays where it was throughout.
 //! - wan1 with both families, isp1's IPv6 upstream dark, its IPv4 fine: only the pods' IPv6
@@ -176,6 +178,17 @@ fn an_ipv6_only_uplink_carries_the_pods_ipv6_and_fails_over_in_ipv6_alone(backen
     expect_egress(&site, &pod, ("101", WAN0_V4), ("100", WAN1));
     assert_eq!(family_healthy(&site, "wan1", "ipv6"), json!(true), "{}", report(&site));
     assert_eq!(family_healthy(&site, "wan1", "ipv4"), json!(false), "{}", report(&site));
+
+    // The router's neighbour entry gone (expired, flushed): the next round has the kernel solicit
+    // it, well before the router's next advertisement (every 3-4 s) would bring it back. Three
+    // times, so that an advertisement cannot stand in for the solicitation each time.
+    for _ in 0..3 {
+        site.node.ns.sh_ok("ip -6 neigh del fe80::1 dev wan1");
+        let resolved = || site.node.ns.sh_ok("ip -6 neigh show fe80::1 dev wan1").contains("lladdr");
+        assert!(wait_for(resolved, Duration::from_millis(3 * INTERVAL_MS)), "fe80::1 not resolved\n{}", report(&site));
+        std::thread::sleep(Duration::from_millis(INTERVAL_MS));
+    }
+    assert!(!site.node.log().contains("uplink wan1 is unhealthy"), "wan1 failed:\n{}", site.node.log());
 
     // isp1 drops everything the node sends beyond its router; wan1's link stays up.
     site.isp1.sh_ok("ip6tables -I FORWARD -i wan -j DROP");
