@@ -150,16 +150,7 @@ fn start(backend: Backend, prepare: &str) -> Option<(Site, Pod, Agent, [Backgrou
     site.node.ns.sh_ok(prepare);
     let conf = site.conflist(health_entry(&site), true, true);
     let pod = Pod::add(&site.node, &conf, "a");
-    // Links made a moment ago still run duplicate address detection on their link-local
-    // addresses, and a namespace whose link-local address is tentative resolves its neighbours
-    // only after a retransmission (measured: the internet's first answers to the node came 1.5 s
-    // late). A real provider's routers are up long before: wait, or the first rounds are lost.
-    let settled = || {
-        [&site.node.ns, &site.inet, &site.isp0, &site.isp1]
-            .iter()
-            .all(|ns| ns.sh_ok("ip -6 addr show tentative").trim().is_empty())
-    };
-    assert!(wait_for(settled, Duration::from_secs(10)), "duplicate address detection did not end\n{}", report(&site));
+    site.settle();
     let agent = Agent::start(&site.node);
     let servers = [serve_peer_address(&site.inet), serve_peer_address4(&site.inet)];
     Some((site, pod, agent, servers))

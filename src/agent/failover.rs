@@ -32,6 +32,9 @@ struct Lane {
 struct Uplink {
     /// IPv4's, then IPv6's.
     lanes: [Lane; 2],
+    /// A network whose pods have an IPv6 range leaves by it: without one, its IPv6 verdict would
+    /// decide nothing, and an IPv4-only node would pay for IPv6 probes every round.
+    ipv6: bool,
     targets: Vec<IpAddr>,
     /// The IPv4 address pods were masqueraded to while they left by this uplink.
     last_address: Option<IpAddr>,
@@ -40,19 +43,28 @@ struct Uplink {
 impl Uplink {
     fn new(name: &str, cfg: &HealthConfig) -> Uplink {
         let lane = |family| Lane { probe: Probe::new(name, family), judged: false, tracker: Tracker::new(cfg) };
-        Uplink { lanes: FAMILIES.map(lane), targets: Vec::new(), last_address: None }
+        Uplink { lanes: FAMILIES.map(lane), ipv6: false, targets: Vec::new(), last_address: None }
+    }
+
+    /// The lanes probed: IPv4's always (its verdict is the uplink's as before IPv6 was probed),
+    /// IPv6's when pods with an IPv6 range may leave by the uplink.
+    fn lanes(&mut self) -> impl Iterator<Item = &mut Lane> {
+        let ipv6 = self.ipv6;
+        self.lanes.iter_mut().filter(move |l| ipv6 || l.probe.family.is_ipv4())
     }
 
     fn judged(&self, at: usize) -> Judged<'_> {
         let family = FAMILIES[at];
-        let has_targets = self.targets.iter().any(|t| family_of(*t) == family);
+        let probed = family.is_ipv4() || self.ipv6;
+        let has_targets = probed && self.targets.iter().any(|t| family_of(*t) == family);
         Judged { family, tracker: &self.lanes[at].tracker, has_targets }
     }
 
-    /// What the uplink is worth to each family now (see health/verdict.rs).
+    /// What the uplink is worth to each family now (see health/verdict.rs); no IPv6 verdict when
+    /// it is not probed in IPv6.
     fn health(&self) -> UplinkHealth {
         let (v4, v6) = (self.judged(0), self.judged(1));
-        UplinkHealth { ipv4: verdict(&v4, &v6), ipv6: Some(verdict(&v6, &v4)) }
+        UplinkHealth { ipv4: verdict(&v4, &v6), ipv6: self.ipv6.then(|| verdict(&v6, &v4)) }
     }
 }
 
@@ -69,7 +81,7 @@ pub struct Switch {
 /// Say what changed between two judgements of an uplink; true when its health in a family did.
 fn report(name: &str, before: &UplinkHealth, after: &UplinkHealth, metrics: Option<&Metrics>) -> bool {
     let mut changed = false;
-    for family in FAMILIES {
+    for family in FAMILIES.into_iter().filter(|f| f.is_ipv4() || after.ipv6.is_some()) {
         let (was, now) = (before.family(family), after.family(family));
         if let Some(m) = metrics {
             m.set_uplink_family_health(name, family, now.healthy);
@@ -122,9 +134,13 @@ impl Failover {
             return;
         }
         let mut wanted: BTreeMap<String, HealthConfig> = BTreeMap::new();
+        let mut ipv6: BTreeSet<&str> = BTreeSet::new();
         for e in &egress {
             for u in &e.uplinks {
                 wanted.entry(u.interface.clone()).or_insert_with(|| e.health.clone());
+                if e.families().contains(&Family::Ipv6) {
+                    ipv6.insert(&u.interface);
+                }
             }
         }
         let gone: Vec<String> = self.uplinks.keys().filter(|n| !wanted.contains_key(*n)).cloned().collect();
@@ -132,6 +148,7 @@ impl Failover {
         for (name, cfg) in &wanted {
             let u = self.uplinks.entry(name.clone()).or_insert_with(|| Uplink::new(name, cfg));
             u.targets = cfg.targets.clone();
+            u.ipv6 = ipv6.contains(name.as_str());
         }
         // One rhythm for every uplink: the quickest any network asks for.
         let cfg = egress.iter().map(|e| &e.health).min_by_key(|h| h.interval_ms);
@@ -166,18 +183,20 @@ impl Failover {
         if self.round_ends.is_none() {
             return Vec::new();
         }
-        self.uplinks.values().flat_map(|u| u.lanes.iter().filter_map(|l| l.probe.fd())).collect()
+        // Only the lanes probed: a socket nobody reads would wake the loop for ever.
+        let probed = |u: &Uplink, l: &Lane| u.ipv6 || l.probe.family.is_ipv4();
+        self.uplinks
+            .values()
+            .flat_map(|u| u.lanes.iter().filter(move |l| probed(u, l)).filter_map(|l| l.probe.fd()))
+            .collect()
     }
 
     /// Replies arrived: read them; the round ends early once every uplink has answered.
     pub fn read_replies(&mut self) {
         // Every socket is read, whatever the others say: replies must not wait for the next wake.
         // A lane judged at the round's start (no address of its family, link down) waits for nothing.
-        let answered: Vec<bool> = self
-            .uplinks
-            .values_mut()
-            .flat_map(|u| u.lanes.iter_mut().map(|l| l.probe.read_replies() || l.judged))
-            .collect();
+        let answered: Vec<bool> =
+            self.uplinks.values_mut().flat_map(|u| u.lanes().map(|l| l.probe.read_replies() || l.judged)).collect();
         if answered.iter().all(|a| *a) && self.round_ends.is_some() {
             self.round_ends = Some(Instant::now());
         }
@@ -193,8 +212,9 @@ impl Failover {
             let mut changed = false;
             for (name, u) in &mut self.uplinks {
                 let before = u.health();
-                for lane in &mut u.lanes {
-                    lane.probe.send_round(&u.targets);
+                let targets = u.targets.clone();
+                for lane in u.lanes() {
+                    lane.probe.send_round(&targets);
                     lane.judged = false;
                     // A link that cannot carry anything (or anything of this family) is judged
                     // now, not after the timeout.
@@ -231,7 +251,8 @@ impl Failover {
         let mut changed = false;
         for (name, u) in &mut self.uplinks {
             let before = u.health();
-            for lane in &mut u.lanes {
+            let targets = u.targets.clone();
+            for lane in u.lanes() {
                 let round = lane.probe.finish_round();
                 if std::mem::take(&mut lane.judged) {
                     continue;
@@ -239,7 +260,7 @@ impl Failover {
                 if let Some(m) = &self.metrics {
                     // A round of link state alone (no targets of the family) is no probe answered
                     // or lost.
-                    if u.targets.iter().any(|t| family_of(*t) == lane.probe.family) {
+                    if targets.iter().any(|t| family_of(*t) == lane.probe.family) {
                         m.observe_probe(name, lane.probe.rtt.filter(|_| round == Round::Answered));
                     }
                 }

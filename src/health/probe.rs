@@ -80,11 +80,11 @@ impl Probe {
         if !link.running {
             return Err("no carrier".into());
         }
+        // One rtnetlink socket for the round's questions, opened only when one is asked.
+        let mut nl = None;
         let src = match self.family {
             Family::Ipv4 => link.address.map(IpAddr::V4),
-            Family::Ipv6 => {
-                Netlink::open().and_then(|mut nl| nl.stable_address6(index)).map_err(|e| e.to_string())?.map(IpAddr::V6)
-            }
+            Family::Ipv6 => netlink(&mut nl)?.stable_address6(index).map_err(|e| e.to_string())?.map(IpAddr::V6),
         };
         // A link-local address is no IPv6 the provider routes: the uplink does not carry IPv6.
         let scope = if self.family.is_ipv4() { "" } else { "global " };
@@ -100,7 +100,10 @@ impl Probe {
             self.sock = Some(open_socket(index, self.family)?);
             self.ifindex = index;
         }
-        let mac = if link.noarp { None } else { Some(next_hop_mac(&self.uplink, index, self.family)?) };
+        let mac = match link.noarp {
+            true => None,
+            false => Some(next_hop_mac(netlink(&mut nl)?, &self.uplink, index, self.family)?),
+        };
         let sock = self.sock.as_ref().expect("opened above");
         for target in targets {
             let packet = match (src, target) {
@@ -203,11 +206,17 @@ pub fn name(family: Family) -> &'static str {
     }
 }
 
+fn netlink(slot: &mut Option<Netlink>) -> Result<&mut Netlink, String> {
+    if slot.is_none() {
+        *slot = Some(Netlink::open().map_err(|e| e.to_string())?);
+    }
+    Ok(slot.as_mut().expect("opened above"))
+}
+
 /// The MAC of the uplink's next hop of the family, from the node's neighbour table. When there is
 /// none yet, the kernel is made to resolve it for the next round, as it would for any packet.
-fn next_hop_mac(uplink: &str, index: u32, family: Family) -> Result<[u8; 6], String> {
-    let mut nl = Netlink::open().map_err(|e| e.to_string())?;
-    let gw = uplink_gateway(&mut nl, uplink, index, family)
+fn next_hop_mac(nl: &mut Netlink, uplink: &str, index: u32, family: Family) -> Result<[u8; 6], String> {
+    let gw = uplink_gateway(nl, uplink, index, family)
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("no {} next hop on {uplink}", name(family)))?;
     if let Some(mac) = nl.lookup_neighbour(index, gw).ok().flatten().and_then(|e| e.mac) {

@@ -137,6 +137,20 @@ impl Site {
         self.radvd = None;
     }
 
+    /// Links made a moment ago still run duplicate address detection on their link-local
+    /// addresses, and a namespace whose link-local address is tentative resolves its neighbours
+    /// only after a retransmission (measured: the internet's first answers to the node came 1.5 s
+    /// late). A real provider's routers are up long before: an agent probing IPv6 must start
+    /// after this, or its first rounds are lost.
+    pub fn settle(&self) {
+        let settled = || {
+            [&self.node.ns, &self.inet, &self.isp0, &self.isp1]
+                .iter()
+                .all(|ns| ns.sh_ok("ip -6 addr show tentative").trim().is_empty())
+        };
+        assert!(wait_for(settled, Duration::from_secs(10)), "duplicate address detection did not end");
+    }
+
     pub fn default_via_ra(&self) -> bool {
         self.node.ns.sh_ok("ip -6 route show default").contains("via fe80::1 dev wan1 proto ra")
     }
