@@ -20,7 +20,7 @@ pub struct UplinkStatus {
     /// Healthy in every family it has an address of. None: no live agent judges it.
     pub healthy: Option<bool>,
     pub reason: String,
-    /// Each family's verdict (None: no live agent judges it).
+    /// Each family's verdict (None: no live agent judges it; for IPv6 also: not probed in IPv6).
     pub ipv4: Option<FamilyHealth>,
     pub ipv6: Option<FamilyHealth>,
 }
@@ -66,8 +66,10 @@ pub fn egress_status(settings: &Settings) -> Result<(Vec<UplinkStatus>, Vec<Egre
                 uplink: name.to_string(),
                 healthy: judged.map(|h| h.healthy()),
                 reason: judged.map_or_else(|| "not probed (no live agent)".to_string(), reason),
-                ipv4: judged.map(|h| h.family(Family::Ipv4).clone()),
-                ipv6: judged.map(|h| h.family(Family::Ipv6).clone()),
+                ipv4: judged.map(|h| h.ipv4.clone()),
+                // Not probed in IPv6 (no pods of that family leave by it), or judged by an agent
+                // that judged both families as one.
+                ipv6: judged.and_then(|h| h.ipv6.clone()),
             }
         })
         .collect();
