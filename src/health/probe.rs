@@ -100,10 +100,9 @@ impl Probe {
             self.sock = Some(open_socket(index, self.family)?);
             self.ifindex = index;
         }
-        let mac = match link.noarp {
-            true => None,
-            false => Some(next_hop_mac(netlink(&mut nl)?, &self.uplink, index, self.family)?),
-        };
+        // Point-to-point links (cellular modems) have no link addresses to send to.
+        let mac =
+            if link.noarp { None } else { Some(next_hop_mac(netlink(&mut nl)?, &self.uplink, index, self.family)?) };
         let sock = self.sock.as_ref().expect("opened above");
         for target in targets {
             let packet = match (src, target) {

@@ -138,10 +138,7 @@ pub fn kick_resolution(uplink: &str, index: u32, gw: IpAddr) {
         IpAddr::V4(v4) => (([0, 0, 0, 0], 0).into(), (v4, 9).into()),
         IpAddr::V6(v6) => {
             let scope = if v6.is_unicast_link_local() { index } else { 0 };
-            (
-                ("::".parse::<IpAddr>().expect("valid address"), 0).into(),
-                std::net::SocketAddrV6::new(v6, 9, 0, scope).into(),
-            )
+            ((std::net::Ipv6Addr::UNSPECIFIED, 0).into(), std::net::SocketAddrV6::new(v6, 9, 0, scope).into())
         }
     };
     if let Ok(sock) = std::net::UdpSocket::bind(bind) {
