@@ -5,7 +5,8 @@
 //! (`targets6`) through each uplink, ICMPv6 echo as a frame for the link-local router's MAC.
 //!
 //! - wan1 without an IPv4 address (an IPv6-only plan) is judged healthy for IPv6: the pods' IPv6
-//!   traffic leaves by it, their IPv4 traffic by wan0; the router's neighbour entry, deleted, is
+//!   traffic leaves by it, their IPv4 traffic by wan0; CHECK passes (wan1's table has no IPv4
+//!   default, and needs none); the router's neighbour entry, deleted, is
 //!   solicited again by the next round (sooner than an advertisement would bring it back), and
 //!   wan1 stays healthy; isp1 drops everything the node sends
 //!   beyond its router: the pods' IPv6 moves to wan0 and comes back when isp1 recovers, and their
@@ -141,8 +142,25 @@ fn expect_listed(site: &Site, line: &str) {
     assert!(shown, "bridge-nat list has no line {line:?}:\n{list}");
 }
 
+/// What a test runs on.
+struct Running {
+    site: Site,
+    conf: std::path::PathBuf,
+    pod: Pod,
+    _agent: Agent,
+    _servers: [Background; 2],
+}
+
+impl Running {
+    /// CNI CHECK of the pod passes: a failover, in one family or both, is no defect.
+    #[track_caller]
+    fn expect_check_passes(&self, when: &str) {
+        self.pod.cni(&self.site.node, "check", &self.conf).assert_ok(&format!("CHECK {when}"));
+    }
+}
+
 /// Node, pod (both families), the servers and the agent, with `prepare` run on the node first.
-fn start(backend: Backend, prepare: &str) -> Option<(Site, Pod, Agent, [Background; 2])> {
+fn start(backend: Backend, prepare: &str) -> Option<Running> {
     if !require_root() {
         return None;
     }
@@ -153,22 +171,26 @@ fn start(backend: Backend, prepare: &str) -> Option<(Site, Pod, Agent, [Backgrou
     site.settle();
     let agent = Agent::start(&site.node);
     let servers = [serve_peer_address(&site.inet), serve_peer_address4(&site.inet)];
-    Some((site, pod, agent, servers))
+    Some(Running { site, conf, pod, _agent: agent, _servers: servers })
 }
 
 fn an_ipv6_only_uplink_carries_the_pods_ipv6_and_fails_over_in_ipv6_alone(backend: Backend) {
     // wan1 loses its IPv4 address (and so its IPv4 default); the kernel's entry for the
     // advertised router is deleted, so the first probes must have it resolved.
     let prepare = "ip -4 addr flush dev wan1 && ip -6 neigh del fe80::1 dev wan1 || true";
-    let Some((site, pod, _agent, _servers)) = start(backend, prepare) else { return };
-    assert!(site.default_via_ra(), "wan1's IPv6 gateway is the advertised link-local router\n{}", report(&site));
+    let Some(run) = start(backend, prepare) else { return };
+    let (site, pod) = (&run.site, &run.pod);
+    assert!(site.default_via_ra(), "wan1's IPv6 gateway is the advertised link-local router\n{}", report(site));
     assert!(!site.node.ns.sh_ok("ip -4 addr show dev wan1").contains("inet "), "wan1 has no IPv4 address");
 
-    expect_listed(&site, "uplink wan1 healthy IPv4: no IPv4 address; IPv6: answering");
-    expect_listed(&site, "egress dind: pods leave by wan0 for IPv4, wan1 for IPv6");
-    expect_egress(&site, &pod, ("101", WAN0_V4), ("100", WAN1));
-    assert_eq!(family_healthy(&site, "wan1", "ipv6"), json!(true), "{}", report(&site));
-    assert_eq!(family_healthy(&site, "wan1", "ipv4"), json!(false), "{}", report(&site));
+    expect_listed(site, "uplink wan1 healthy IPv4: no IPv4 address; IPv6: answering");
+    expect_listed(site, "egress dind: pods leave by wan0 for IPv4, wan1 for IPv6");
+    expect_egress(site, pod, ("101", WAN0_V4), ("100", WAN1));
+    assert_eq!(family_healthy(site, "wan1", "ipv6"), json!(true), "{}", report(site));
+    assert_eq!(family_healthy(site, "wan1", "ipv4"), json!(false), "{}", report(site));
+    // wan1 has no IPv4, so its table's missing IPv4 default is nothing missing.
+    run.expect_check_passes("with an IPv6-only primary");
+    assert!(!site.node.log().contains("uplink wan1 of table 100 has no gateway"), "{}", site.node.log());
 
     // The router's neighbour entry gone (expired, flushed): the next round has the kernel solicit
     // it, well before the router's next advertisement (every 3-4 s) would bring it back. Three
@@ -176,46 +198,49 @@ fn an_ipv6_only_uplink_carries_the_pods_ipv6_and_fails_over_in_ipv6_alone(backen
     for _ in 0..3 {
         site.node.ns.sh_ok("ip -6 neigh del fe80::1 dev wan1");
         let resolved = || site.node.ns.sh_ok("ip -6 neigh show fe80::1 dev wan1").contains("lladdr");
-        assert!(wait_for(resolved, Duration::from_millis(3 * INTERVAL_MS)), "fe80::1 not resolved\n{}", report(&site));
+        assert!(wait_for(resolved, Duration::from_millis(3 * INTERVAL_MS)), "fe80::1 not resolved\n{}", report(site));
         std::thread::sleep(Duration::from_millis(INTERVAL_MS));
     }
     assert!(!site.node.log().contains("uplink wan1 is unhealthy"), "wan1 failed:\n{}", site.node.log());
 
     // isp1 drops everything the node sends beyond its router; wan1's link stays up.
     site.isp1.sh_ok("ip6tables -I FORWARD -i wan -j DROP");
-    expect_ipv6_moved_within(&site, "101", Instant::now(), detection());
-    expect_egress(&site, &pod, ("101", WAN0_V4), ("101", WAN0));
-    expect_listed(&site, "uplink wan1 unhealthy");
+    expect_ipv6_moved_within(site, "101", Instant::now(), detection());
+    expect_egress(site, pod, ("101", WAN0_V4), ("101", WAN0));
+    expect_listed(site, "uplink wan1 unhealthy");
+    run.expect_check_passes("with the pods' IPv6 failed over");
     let log = site.node.log();
     assert!(log.contains("uplink wan1 is unhealthy for IPv6"), "switch not logged:\n{log}");
     assert!(log.contains("uplink wan1 carries no IPv4"), "wan1's missing IPv4 not said:\n{log}");
     assert!(!log.contains("uplink wan0 is unhealthy"), "wan0 was judged unhealthy:\n{log}");
 
     site.isp1.sh_ok("ip6tables -D FORWARD 1");
-    expect_ipv6_moved_within(&site, "100", Instant::now(), recovery());
-    expect_egress(&site, &pod, ("101", WAN0_V4), ("100", WAN1));
+    expect_ipv6_moved_within(site, "100", Instant::now(), recovery());
+    expect_egress(site, pod, ("101", WAN0_V4), ("100", WAN1));
 }
 
 fn a_dark_ipv6_provider_moves_only_the_pods_ipv6(backend: Backend) {
-    let Some((site, pod, _agent, _servers)) = start(backend, "true") else { return };
-    expect_listed(&site, "uplink wan1 healthy IPv4: answering; IPv6: answering");
-    expect_egress(&site, &pod, ("100", WAN1_V4), ("100", WAN1));
+    let Some(run) = start(backend, "true") else { return };
+    let (site, pod) = (&run.site, &run.pod);
+    expect_listed(site, "uplink wan1 healthy IPv4: answering; IPv6: answering");
+    expect_egress(site, pod, ("100", WAN1_V4), ("100", WAN1));
 
     // isp1's IPv6 goes dark; its IPv4 still carries everything.
     site.isp1.sh_ok("ip6tables -I FORWARD -i wan -j DROP");
-    expect_ipv6_moved_within(&site, "101", Instant::now(), detection());
-    expect_egress(&site, &pod, ("100", WAN1_V4), ("101", WAN0));
-    expect_listed(&site, "egress dind: pods leave by wan1 for IPv4, wan0 for IPv6");
-    assert_eq!(family_healthy(&site, "wan1", "ipv6"), json!(false), "{}", report(&site));
-    assert_eq!(family_healthy(&site, "wan1", "ipv4"), json!(true), "{}", report(&site));
+    expect_ipv6_moved_within(site, "101", Instant::now(), detection());
+    expect_egress(site, pod, ("100", WAN1_V4), ("101", WAN0));
+    expect_listed(site, "egress dind: pods leave by wan1 for IPv4, wan0 for IPv6");
+    assert_eq!(family_healthy(site, "wan1", "ipv6"), json!(false), "{}", report(site));
+    assert_eq!(family_healthy(site, "wan1", "ipv4"), json!(true), "{}", report(site));
+    run.expect_check_passes("with only the pods' IPv6 failed over");
     // Several rounds later, IPv4 has not moved.
     std::thread::sleep(Duration::from_millis(4 * INTERVAL_MS));
-    assert_eq!(source_tables(&site), ("100".into(), "101".into()), "{}", report(&site));
+    assert_eq!(source_tables(site), ("100".into(), "101".into()), "{}", report(site));
     site.expect_reply(&pod.ns, INET_V4, PEER_PORT4, WAN1_V4);
 
     site.isp1.sh_ok("ip6tables -D FORWARD 1");
-    expect_ipv6_moved_within(&site, "100", Instant::now(), recovery());
-    expect_egress(&site, &pod, ("100", WAN1_V4), ("100", WAN1));
+    expect_ipv6_moved_within(site, "100", Instant::now(), recovery());
+    expect_egress(site, pod, ("100", WAN1_V4), ("100", WAN1));
 }
 
 both_backends!(

@@ -52,6 +52,9 @@ pub fn resolve_tables(nl: &mut Netlink, tables: &BTreeSet<TableSpec>) -> Result<
             continue;
         }
         match family {
+            // An uplink without IPv4 (an IPv6-only 5G plan) carries none: nothing is missing, as
+            // for IPv6 below. Its pods' IPv4 leaves by a fallback (see health/), or not at all.
+            Family::Ipv4 if nl.addresses(index)?.is_empty() => {}
             Family::Ipv4 if is_point_to_point(nl, uplink, index) => {
                 routes.insert(device_default(spec));
             }
