@@ -420,6 +420,10 @@ impl Node {
     pub fn with_backend(backend: Backend) -> Node {
         let ns = Netns::new("bn-node");
         let dir = std::env::temp_dir().join(unique("bridge-nat-test"));
+        // A directory of this name is a failed run's, kept for its log by a process that had our
+        // pid before (pids wrap at 32768): its records would be read as this node's (measured:
+        // affinity.rs's reconcile found another test's wan0/wan1 records and failed).
+        let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).expect("create node temp dir");
         isolate_iproute2_config(&ns);
         Node { ns, dir, backend, named: true }
