@@ -14,6 +14,7 @@ use super::tracker::Round;
 use crate::family::{family_of, Family};
 use crate::routing::apply::uplink_gateway;
 use crate::routing::netlink::{link_index, Netlink};
+use crate::routing::stable6;
 use nix::libc;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -84,10 +85,15 @@ impl Probe {
         let mut nl = None;
         let src = match self.family {
             Family::Ipv4 => link.address.map(IpAddr::V4),
-            Family::Ipv6 => netlink(&mut nl)?.stable_address6(index).map_err(|e| e.to_string())?.map(IpAddr::V6),
+            // The address the pods' IPv6 is translated to when it leaves by this uplink.
+            Family::Ipv6 => {
+                let nl = netlink(&mut nl)?;
+                stable6::choose(&stable6::addresses(nl, index).map_err(|e| e.to_string())?).map(IpAddr::V6)
+            }
         };
-        // A link-local address is no IPv6 the provider routes: the uplink does not carry IPv6.
-        let scope = if self.family.is_ipv4() { "" } else { "global " };
+        // A link-local address is no IPv6 the provider routes, and one about to go (deprecated) or
+        // not yet usable (tentative) carries no pod: the uplink does not carry IPv6 for the pods.
+        let scope = if self.family.is_ipv4() { "" } else { "stable global " };
         let Some(src) = src else { return Err(format!("no {scope}{} address", name(self.family))) };
         self.address = Some(src);
         let targets: Vec<IpAddr> = targets.iter().copied().filter(|t| family_of(*t) == self.family).collect();

@@ -123,9 +123,9 @@ mod tests {
     #[test]
     fn an_uplink_without_an_address_of_the_family_is_unhealthy_in_it_at_once_and_not_addressed() {
         let mut t = tracker();
-        assert!(t.record(Round::NoAddress("no global IPv6 address".into())));
+        assert!(t.record(Round::NoAddress("no stable global IPv6 address".into())));
         assert!(!t.healthy && !t.addressed);
-        assert_eq!(t.reason, "no global IPv6 address");
+        assert_eq!(t.reason, "no stable global IPv6 address");
         assert!(!t.record(Round::Answered));
         assert!(t.addressed, "an address came: probed again");
         assert!(t.record(Round::Answered));

@@ -89,9 +89,9 @@ mod tests {
         assert!(!v6.healthy, "IPv6 moves with IPv4's verdict");
         assert_eq!(v6.reason, "no answer from the targets for 1 rounds (by its IPv4 probes: no IPv6 targets)");
         // ... but its own fault stands on its own.
-        let absent = tracker(&[Round::NoAddress("no global IPv6 address".into())]);
+        let absent = tracker(&[Round::NoAddress("no stable global IPv6 address".into())]);
         let (_, v6) = judge((&link_only, true), (&absent, false));
-        assert_eq!((v6.healthy, v6.reason.as_str()), (false, "no global IPv6 address"));
+        assert_eq!((v6.healthy, v6.reason.as_str()), (false, "no stable global IPv6 address"));
         // Neither has targets: link state alone.
         let (v4, v6) = judge((&link_only, false), (&link_only, false));
         assert!(v4.healthy && v6.healthy);

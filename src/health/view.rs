@@ -45,7 +45,7 @@ pub struct UplinkHealth {
 pub struct FamilyHealth {
     pub healthy: bool,
     /// Why it is what it is: "answering", "no answer from the targets for 3 rounds", "link down",
-    /// "no global IPv6 address".
+    /// "no stable global IPv6 address".
     pub reason: String,
     /// The uplink has an address of the family; without one it is unhealthy in it, but that says
     /// nothing of its provider. Files of older agents did not say: they judged only uplinks they

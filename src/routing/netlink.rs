@@ -214,44 +214,10 @@ impl Netlink {
         self.addresses_where(AddressFamily::Inet6, Some(index))
     }
 
-    /// The IPv6 address an uplink's own packets should leave from beyond its router: global (a
-    /// link-local source is never answered from beyond the link), neither tentative, failed nor
-    /// deprecated, and a stable one before a temporary one (the kernel marks temporary addresses
-    /// with IFA_F_SECONDARY's bit). None when the uplink has no such address.
-    pub fn stable_address6(&mut self, index: u32) -> Result<Option<std::net::Ipv6Addr>> {
-        use netlink_packet_route::address::AddressFlags;
-        let mut msg = AddressMessage::default();
-        msg.header.family = AddressFamily::Inet6;
-        msg.header.index = index;
-        // The agent asks every probe round, and a node's addresses grow with its pods (a
-        // link-local one per veth): with strict checking the kernel dumps only the uplink's. A
-        // kernel without it dumps them all, and they are filtered below.
-        let strict = self.socket.set_netlink_get_strict_chk(true).is_ok();
-        let replies = self.request(RouteNetlinkMessage::GetAddress(msg), NLM_F_REQUEST | NLM_F_DUMP, "dump addresses");
-        if strict {
-            let _ = self.socket.set_netlink_get_strict_chk(false);
-        }
-        let mut usable: Vec<(bool, std::net::Ipv6Addr)> = replies?
-            .into_iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewAddress(a) if a.header.index == index => {
-                    let flags = a.attributes.iter().find_map(|x| match x {
-                        AddressAttribute::Flags(f) => Some(*f),
-                        _ => None,
-                    })?;
-                    let ip = a.attributes.iter().find_map(|x| match x {
-                        AddressAttribute::Address(IpAddr::V6(ip)) => Some(*ip),
-                        _ => None,
-                    })?;
-                    let unusable = AddressFlags::Tentative | AddressFlags::Dadfailed | AddressFlags::Deprecated;
-                    let global = !ip.is_unicast_link_local() && !ip.is_loopback() && !ip.is_multicast();
-                    (global && !flags.intersects(unusable)).then_some((flags.contains(AddressFlags::Secondary), ip))
-                }
-                _ => None,
-            })
-            .collect();
-        usable.sort();
-        Ok(usable.first().map(|(_, ip)| *ip))
+    /// Strict checking of dump requests on (the kernel then filters a dump by the header's
+    /// fields, an address dump by its link index) or off; false where the kernel has none.
+    pub(super) fn set_strict(&mut self, on: bool) -> bool {
+        self.socket.set_netlink_get_strict_chk(on).is_ok()
     }
 
     /// Every address of the node, both families: what "addressed to the node" means.

@@ -49,8 +49,16 @@ pub fn choose(addrs: &[Addr6]) -> Option<Ipv6Addr> {
 pub fn addresses(nl: &mut Netlink, index: u32) -> Result<Vec<Addr6>> {
     let mut msg = AddressMessage::default();
     msg.header.family = AddressFamily::Inet6;
-    let replies = nl.request(RouteNetlinkMessage::GetAddress(msg), NLM_F_REQUEST | NLM_F_DUMP, "dump addresses")?;
-    Ok(replies
+    msg.header.index = index;
+    // The agent asks every probe round (health/probe.rs), and a node's addresses grow with its
+    // pods (a link-local one per veth): with strict checking the kernel dumps only this link's. A
+    // kernel without it dumps them all, filtered below.
+    let strict = nl.set_strict(true);
+    let replies = nl.request(RouteNetlinkMessage::GetAddress(msg), NLM_F_REQUEST | NLM_F_DUMP, "dump addresses");
+    if strict {
+        nl.set_strict(false);
+    }
+    Ok(replies?
         .into_iter()
         .filter_map(|m| match m {
             RouteNetlinkMessage::NewAddress(a) if a.header.index == index => {
