@@ -7,7 +7,7 @@
 //! and the one hook that sees every packet (mangle-pre, restoring marks) exists only while marks do.
 
 use super::expr::*;
-use super::layout::{RuleSpec, FROM_BRIDGE, LOCAL_IN, OWN_BRIDGE, PICK_MARK};
+use super::layout::{RuleSpec, LOCAL_IN, OWN_BRIDGE, PICK_MARK};
 
 fn one(e: Expr) -> Vec<Expr> {
     vec![e]
@@ -68,16 +68,17 @@ pub fn static_rules() -> Vec<RuleSpec> {
         // sees only a connection's first packet, which is the only one whose mark is picked.
         RuleSpec::new("nat-pre", "local", vec![daddr_is_local(), verdict(Verdict::Jump(LOCAL_IN.into()))]),
         RuleSpec::new("nat-out", "local", vec![daddr_is_local(), verdict(Verdict::Jump("to-pod".into()))]),
-        // Every masquerade but localhost's is of traffic that came from a bridge: one hash lookup
-        // lets every other new connection (those DNAT'd from outside above all) through, without
-        // the interval lookups below (whose AVX2 code also saves the FPU state).
+        // Traffic that stays on its own bridge is not masqueraded, unless it was DNAT'd there
+        // (hairpin): one lookup decides both.
         RuleSpec::new(
             "nat-post",
-            "from-bridge",
+            "own4",
             vec![
-                one(Expr::MetaLoad(MetaKey::IifName, reg(0))),
-                lookup("bridges", reg(0), None),
-                verdict(Verdict::Goto(FROM_BRIDGE.into())),
+                v4.clone(),
+                one(address(false, true, reg(0))),
+                oifname(reg(1)),
+                lookup("own4", reg(0), None),
+                verdict(Verdict::Goto(OWN_BRIDGE.into())),
             ],
         ),
         RuleSpec::new(
@@ -93,21 +94,8 @@ pub fn static_rules() -> Vec<RuleSpec> {
                 one(Expr::Masquerade),
             ],
         ),
-        // From a bridge: traffic that stays on its own bridge is not masqueraded, unless it was
-        // DNAT'd there (hairpin): one lookup decides both. Then the pods' egress.
         RuleSpec::new(
-            FROM_BRIDGE,
-            "own4",
-            vec![
-                v4.clone(),
-                one(address(false, true, reg(0))),
-                oifname(reg(1)),
-                lookup("own4", reg(0), None),
-                verdict(Verdict::Goto(OWN_BRIDGE.into())),
-            ],
-        ),
-        RuleSpec::new(
-            FROM_BRIDGE,
+            "nat-post",
             "masq4",
             vec![
                 v4.clone(),
@@ -118,7 +106,7 @@ pub fn static_rules() -> Vec<RuleSpec> {
             ],
         ),
         RuleSpec::new(
-            FROM_BRIDGE,
+            "nat-post",
             "own6",
             vec![
                 v6.clone(),
@@ -131,7 +119,7 @@ pub fn static_rules() -> Vec<RuleSpec> {
         // Before the masquerade: where the uplink has a stable address (snat6.rs), the pods' IPv6
         // egress is translated to it; a failed lookup falls through to the masquerade.
         RuleSpec::new(
-            FROM_BRIDGE,
+            "nat-post",
             "snat6",
             vec![
                 v6.clone(),
@@ -144,7 +132,7 @@ pub fn static_rules() -> Vec<RuleSpec> {
             ],
         ),
         RuleSpec::new(
-            FROM_BRIDGE,
+            "nat-post",
             "masq6",
             vec![
                 v6.clone(),
