@@ -45,6 +45,33 @@ fn ipv6_clients_are_answered_by_their_arrival_uplink(backend: Backend) {
     assert!(!listed.contains("main table"), "an IPv6 forward listed as unrouted:\n{listed}");
 }
 
+/// Reverse-path filtering as firewalld sets it (`fib saddr . mark . iif oif missing drop` in filter
+/// prerouting, after bridge-nat has picked or restored the connection's mark): clients through
+/// either provider are answered, and the filter drops none of their TCP packets nor the pod's
+/// replies. The same filter at raw priority, before any mark, judges by main alone, whose preferred
+/// default leaves by wan0: a client through wan1 is dropped there, as the README says.
+fn replies_by_arrival_pass_a_mark_aware_reverse_path_filter(backend: Backend) {
+    let Some((site, conf, pod, _srv)) = site_with_pod(backend, true, true) else { return };
+    let filter = |chain: &str, priority: &str| {
+        site.node.ns.sh_ok(&format!(
+            "nft add chain ip6 rpf {chain} '{{ type filter hook prerouting priority {priority}; }}' && \
+             nft add rule ip6 rpf {chain} meta l4proto tcp fib saddr . mark . iif oif missing counter drop"
+        ));
+    };
+    site.node.ns.sh_ok("nft add table ip6 rpf");
+    filter("after-marks", "filter + 10");
+    expect_arrival_marks(&site, &[PLAIN, VIA_WAN0]);
+    pod.cni(&site.node, "check", &conf).assert_ok("CHECK");
+    let dropped = |chain: &str| site.node.ns.sh_ok(&format!("nft list chain ip6 rpf {chain}"));
+    assert!(dropped("after-marks").contains("counter packets 0 "), "{}", dropped("after-marks"));
+
+    filter("before-marks", "raw");
+    site.expect_reply(&site.inet, WAN0, PLAIN, "pod");
+    let through_wan1 = site.inet.sh(&format!("socat -T3 - TCP6:[{WAN1}]:{PLAIN},connect-timeout=3 </dev/null"));
+    assert!(!through_wan1.status.success(), "a filter before the marks let a client through wan1 pass");
+    assert!(!dropped("before-marks").contains("counter packets 0 "), "{}", dropped("before-marks"));
+}
+
 fn an_ipv6_only_pod_is_routed_like_a_dual_stack_one(backend: Backend) {
     let Some((site, conf, pod, _srv)) = site_with_pod(backend, false, true) else { return };
     expect_arrival_marks(&site, &[PLAIN]);
@@ -131,6 +158,7 @@ fn del_and_uninstall_leave_ipv6_rules_tables_and_firewall_as_before(backend: Bac
 
 both_backends!(
     ipv6_clients_are_answered_by_their_arrival_uplink,
+    replies_by_arrival_pass_a_mark_aware_reverse_path_filter,
     an_ipv6_only_pod_is_routed_like_a_dual_stack_one,
     check_names_deleted_ipv6_rule_and_route_and_the_agent_restores_them,
     del_and_uninstall_leave_ipv6_rules_tables_and_firewall_as_before,

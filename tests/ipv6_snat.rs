@@ -135,16 +135,16 @@ fn an_nftables_table_from_before_the_translation_does_not_fail_an_add() {
     let site = Site::new(Backend::Nftables);
     let conf = site.conflist(site.entry(), true, true);
     let a = Pod::add(&site.node, &conf, "a");
-    let listed = site.node.ns.sh_ok("nft -a list chain inet bridge-nat nat-post");
+    let listed = site.node.ns.sh_ok("nft -a list chain inet bridge-nat from-bridge");
     let handle = listed
         .lines()
         .find(|l| l.contains("comment \"snat6\""))
         .and_then(|l| l.rsplit("# handle ").next())
-        .unwrap_or_else(|| panic!("no snat6 rule in nat-post:\n{listed}"))
+        .unwrap_or_else(|| panic!("no snat6 rule in from-bridge:\n{listed}"))
         .trim()
         .to_string();
     site.node.ns.sh_ok(&format!(
-        "nft delete rule inet bridge-nat nat-post handle {handle} && nft delete map inet bridge-nat snat6-src"
+        "nft delete rule inet bridge-nat from-bridge handle {handle} && nft delete map inet bridge-nat snat6-src"
     ));
     let mut bare = site.entry();
     bare["portForwarding"] = json!({ "rules": [] });
@@ -153,7 +153,8 @@ fn an_nftables_table_from_before_the_translation_does_not_fail_an_add() {
     let _peer = serve_peer_address(&site.inet);
     seen_from(&site, &b, WAN1);
     let msg = common::error_msg(&b.cni(&site.node, "check", &bare));
-    for needle in ["missing nftables rule snat6 in chain nat-post", "missing ipv6 snat of fd00:20::/64 leaving by wan1"]
+    for needle in
+        ["missing nftables rule snat6 in chain from-bridge", "missing ipv6 snat of fd00:20::/64 leaving by wan1"]
     {
         assert!(msg.contains(needle), "CHECK lacks {needle:?}: {msg}");
     }

@@ -91,7 +91,7 @@ fn routing_chains_exist_exactly_while_an_attachment_routes() {
 }
 
 /// 2. A table whose layout is an earlier bridge-nat's (here: today's without its rules and its
-///    chain local-in, as an upgrade of the binary finds one): CHECK says so, and the next ADD,
+///    chain from-bridge, as an upgrade of the binary finds one): CHECK says so, and the next ADD,
 ///    though it only adds elements, rebuilds it from every record, so the earlier pod's forward
 ///    answers again beside the new one.
 #[test]
@@ -108,7 +108,7 @@ fn a_table_of_an_earlier_layout_is_rebuilt_at_the_next_add() {
     let a = pod_at(&t, &conf, "a", "10.20.0.10");
     let _server_a = a.serve();
     expect_reply(&t.node, &t.client1, UP1, PORT_UP1, "pod");
-    t.node.ns.sh_ok(&format!("nft flush table inet {NFT_TABLE} && nft delete chain inet {NFT_TABLE} local-in"));
+    t.node.ns.sh_ok(&format!("nft flush table inet {NFT_TABLE} && nft delete chain inet {NFT_TABLE} from-bridge"));
     let out = a.cni(&t.node, "check", &conf);
     let text = format!("{}{}", out.stdout, out.stderr);
     assert!(!out.status_ok && text.contains("earlier bridge-nat's layout"), "CHECK said: {text}");

@@ -7,8 +7,10 @@
 //!   nat-pre:     fib daddr type local jump local-in                (never traffic the node forwards)
 //!   local-in:    [jump pick-mark], jump to-pod
 //!   nat-out:     fib daddr type local jump to-pod
-//!   nat-post:    ip saddr . oifname @own4 goto own-bridge (stays on its bridge: masquerade only if
-//!                DNAT'd there, the hairpin), localhost masquerade, ip saddr . iifname @masq4 masquerade;
+//!   nat-post:    iifname @bridges goto from-bridge; localhost masquerade; iifname "" oifname
+//!                @bridges goto from-bridge (what br_netfilter bridges, a hairpin among it)
+//!   from-bridge: ip saddr . oifname @own4 goto own-bridge (stays on its bridge: masquerade only if
+//!                DNAT'd there, the hairpin), ip saddr . iifname @masq4 masquerade;
 //!                for IPv6 first ip6 saddr . iifname @masq6 snat ip6 to oifname map @snat6-src (the
 //!                uplink's stable address, see snat6.rs; a failed lookup falls through), then masquerade
 //! While some attachment routes by mark (and only then, so that a network without routing adds no
@@ -185,8 +187,10 @@ const OUTPUT: u32 = 3;
 const POSTROUTING: u32 = 4;
 
 /// The regular chain a new connection to a local address jumps to from outside the node: its
-/// routing mark (while marks exist), then its DNAT. Its presence tells the layout is this one.
+/// routing mark (while marks exist), then its DNAT.
 pub const LOCAL_IN: &str = "local-in";
+/// Postrouting of traffic from a bridge; its presence tells the layout is this one.
+pub const FROM_BRIDGE: &str = "from-bridge";
 /// Where postrouting goes for traffic that stays on its own bridge: masqueraded only if DNAT'd.
 pub const OWN_BRIDGE: &str = "own-bridge";
 
@@ -195,6 +199,7 @@ pub const CHAINS: &[ChainSpec] = &[
     ChainSpec { name: "restore", hook: None },
     ChainSpec { name: LOCAL_IN, hook: None },
     ChainSpec { name: OWN_BRIDGE, hook: None },
+    ChainSpec { name: FROM_BRIDGE, hook: None },
     ChainSpec { name: "nat-pre", hook: Some(Hook { kind: "nat", hooknum: PREROUTING, priority: -100 }) },
     ChainSpec { name: "nat-out", hook: Some(Hook { kind: "nat", hooknum: OUTPUT, priority: -100 }) },
     ChainSpec { name: "nat-post", hook: Some(Hook { kind: "nat", hooknum: POSTROUTING, priority: 100 }) },

@@ -7,7 +7,7 @@
 //! and the one hook that sees every packet (mangle-pre, restoring marks) exists only while marks do.
 
 use super::expr::*;
-use super::layout::{RuleSpec, LOCAL_IN, OWN_BRIDGE, PICK_MARK};
+use super::layout::{RuleSpec, FROM_BRIDGE, LOCAL_IN, OWN_BRIDGE, PICK_MARK};
 
 fn one(e: Expr) -> Vec<Expr> {
     vec![e]
@@ -68,17 +68,18 @@ pub fn static_rules() -> Vec<RuleSpec> {
         // sees only a connection's first packet, which is the only one whose mark is picked.
         RuleSpec::new("nat-pre", "local", vec![daddr_is_local(), verdict(Verdict::Jump(LOCAL_IN.into()))]),
         RuleSpec::new("nat-out", "local", vec![daddr_is_local(), verdict(Verdict::Jump("to-pod".into()))]),
-        // Traffic that stays on its own bridge is not masqueraded, unless it was DNAT'd there
-        // (hairpin): one lookup decides both.
+        // Every translation but localhost's is of traffic from a bridge: one hash lookup lets
+        // every other new connection through (those DNAT'd from outside above all), without the
+        // interval lookups below (whose AVX2 code also saves the FPU state). What br_netfilter
+        // bridges (a hairpin DNAT'd back to its own bridge among it) reaches postrouting with no
+        // input interface and the bridge as output.
         RuleSpec::new(
             "nat-post",
-            "own4",
+            "from-bridge",
             vec![
-                v4.clone(),
-                one(address(false, true, reg(0))),
-                oifname(reg(1)),
-                lookup("own4", reg(0), None),
-                verdict(Verdict::Goto(OWN_BRIDGE.into())),
+                one(Expr::MetaLoad(MetaKey::IifName, reg(0))),
+                lookup("bridges", reg(0), None),
+                verdict(Verdict::Goto(FROM_BRIDGE.into())),
             ],
         ),
         RuleSpec::new(
@@ -94,8 +95,33 @@ pub fn static_rules() -> Vec<RuleSpec> {
                 one(Expr::Masquerade),
             ],
         ),
+        // After localhost's: the node's own connections also come with no input interface.
         RuleSpec::new(
             "nat-post",
+            "bridged",
+            vec![
+                one(Expr::MetaLoad(MetaKey::IifName, reg(0))),
+                one(Expr::Cmp { reg: reg(0), eq: true, data: vec![0] }),
+                oifname(reg(0)),
+                lookup("bridges", reg(0), None),
+                verdict(Verdict::Goto(FROM_BRIDGE.into())),
+            ],
+        ),
+        // From a bridge: traffic that stays on its own bridge is not masqueraded, unless it was
+        // DNAT'd there (hairpin): one lookup decides both. Then the pods' egress.
+        RuleSpec::new(
+            FROM_BRIDGE,
+            "own4",
+            vec![
+                v4.clone(),
+                one(address(false, true, reg(0))),
+                oifname(reg(1)),
+                lookup("own4", reg(0), None),
+                verdict(Verdict::Goto(OWN_BRIDGE.into())),
+            ],
+        ),
+        RuleSpec::new(
+            FROM_BRIDGE,
             "masq4",
             vec![
                 v4.clone(),
@@ -106,7 +132,7 @@ pub fn static_rules() -> Vec<RuleSpec> {
             ],
         ),
         RuleSpec::new(
-            "nat-post",
+            FROM_BRIDGE,
             "own6",
             vec![
                 v6.clone(),
@@ -119,7 +145,7 @@ pub fn static_rules() -> Vec<RuleSpec> {
         // Before the masquerade: where the uplink has a stable address (snat6.rs), the pods' IPv6
         // egress is translated to it; a failed lookup falls through to the masquerade.
         RuleSpec::new(
-            "nat-post",
+            FROM_BRIDGE,
             "snat6",
             vec![
                 v6.clone(),
@@ -132,7 +158,7 @@ pub fn static_rules() -> Vec<RuleSpec> {
             ],
         ),
         RuleSpec::new(
-            "nat-post",
+            FROM_BRIDGE,
             "masq6",
             vec![
                 v6.clone(),

@@ -17,7 +17,7 @@ pub enum Layout {
 /// Whether the table is there, and in this bridge-nat's layout: one lookup (of the chain only
 /// this layout has) on the common path, a second to tell an absent table from an earlier one.
 pub fn layout(nft: &mut Nft) -> Result<Layout> {
-    if nft.chain_exists(super::layout::LOCAL_IN)? {
+    if nft.chain_exists(super::layout::FROM_BRIDGE)? {
         return Ok(Layout::Current);
     }
     Ok(if nft.table_exists()? { Layout::Earlier } else { Layout::Absent })
