@@ -54,7 +54,10 @@ pub struct DataPlane {
 }
 
 /// Measures each contender alone on the node, from the fewest forwards to the most, and deletes
-/// every attachment it added before the next contender starts. The pods stay for the next one.
+/// every attachment it added before the next contender starts. The pods of the most forwards are
+/// all made first and stay: every contender meets the same bridge at every number of forwards
+/// (made as needed, the first contender's few forwards would find a quieter bridge than the
+/// others').
 pub fn run(
     plugins: &BTreeMap<Kind, Plugin>,
     kinds: &[Kind],
@@ -71,6 +74,9 @@ pub fn run(
         let ip = Attachment::pod_ip(first_pod + 1 + k as u32);
         PodSpec::of(&bare(ip), format!("{node_name}-bg{k}"), format!("dpb{k}"))
     };
+    let most = settings.forwards.iter().map(|&n| (n - 1).div_ceil(settings.per_attachment)).max().unwrap_or(0);
+    eprintln!("  making {most} pods on the bridge ...");
+    pods.extend_to(&(0..most).map(background_pod).collect::<Vec<_>>())?;
     for kind in [Kind::Nftables, Kind::Iptables, Kind::Portmap].into_iter().filter(|k| kinds.contains(k)) {
         eprintln!("=== data plane: {} ===", kind.label());
         let plugin = &plugins[&kind];
@@ -86,11 +92,6 @@ pub fn run(
         let mut background_forwards = 0;
         for &n in &settings.forwards {
             let started = Instant::now();
-            let attachments = (n - 1).div_ceil(settings.per_attachment);
-            if pods.len() < attachments {
-                eprintln!("  making pods {} → {attachments} on the bridge ...", pods.len());
-                pods.extend_to(&(0..attachments).map(background_pod).collect::<Vec<_>>())?;
-            }
             while background_forwards < n - 1 {
                 let m = settings.per_attachment.min(n - 1 - background_forwards);
                 let pod = background_pod(background.len());

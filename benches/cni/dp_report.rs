@@ -117,7 +117,7 @@ impl DataPlane {
              the pod's namespace). N forwards = the measured one, added last (the end of any chain that grows by \
              appending), plus N − 1 on other host ports of other attachments ({} mapping(s) each, {} attachments at \
              most, each a pod on the bridge), all installed by the contender's own ADDs; each contender is alone on \
-             the node. Before each ADD and after each DEL the port must refuse connections. Over the windows the \
+             the node, and the bridge holds the pods of the most forwards at every N, for every contender. Before each ADD and after each DEL the port must refuse connections. Over the windows the \
              client threads spent {:.0}% of their wall time in user space and {:.0}% in the kernel (their syscalls, \
              and the node's whole packet path, which veth runs in the sender's softirq). {}",
             WINDOW.as_millis(),

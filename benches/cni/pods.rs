@@ -100,11 +100,7 @@ pub struct Pods {
 }
 
 impl Pods {
-    pub fn len(&self) -> usize {
-        self.specs.len()
-    }
-
-    /// Makes the pods of `wanted` that are not there yet (by position: the first `len()` are).
+    /// Makes the pods of `wanted` that are not there yet (by position: those made before come first).
     pub fn extend_to(&mut self, wanted: &[PodSpec]) -> Result<(), String> {
         let new = &wanted[self.specs.len().min(wanted.len())..];
         // Recorded first, so that a half-made batch is still deleted.
